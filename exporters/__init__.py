@@ -1,0 +1,1 @@
+"""Exporters: compact ONNX export and onnxruntime latency benchmarks."""

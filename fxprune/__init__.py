@@ -1,0 +1,1 @@
+"""fxprune: structured pruning compiler for PyTorch."""

@@ -1,0 +1,1 @@
+"""Graph passes: capture, channel grouping, compaction."""
