@@ -1,0 +1,242 @@
+"""onnxruntime CPU latency benchmark for comparing dense and compacted models.
+
+Runs are interleaved model by model so that thermal drift, frequency scaling
+and noisy neighbours affect every model alike instead of biasing whichever
+model happened to run last.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+__all__ = ["BenchmarkResult", "BenchmarkRow", "benchmark"]
+
+_COLUMNS = ("model", "threads", "median ms", "p10 ms", "p90 ms", "speedup", "ideal", "speedup/ideal")
+
+# ONNX tensor type string -> numpy dtype, for generating random inputs.
+_ORT_DTYPES: dict[str, Any] = {
+    "tensor(float)": np.float32,
+    "tensor(double)": np.float64,
+    "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(int16)": np.int16,
+    "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8,
+    "tensor(bool)": np.bool_,
+}
+
+
+@dataclass(frozen=True)
+class BenchmarkRow:
+    """Latency of one model at one thread count."""
+
+    label: str
+    threads: int
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    speedup: float
+    ideal: float | None
+    efficiency: float | None
+
+
+@dataclass
+class BenchmarkResult:
+    """All rows of a benchmark, ordered by thread count then by model label."""
+
+    rows: list[BenchmarkRow] = field(default_factory=list)
+    baseline: str = ""
+
+    def as_dicts(self) -> list[dict[str, Any]]:
+        """Rows as plain dicts, e.g. for JSON or pandas."""
+        return [asdict(row) for row in self.rows]
+
+    def to_markdown(self) -> str:
+        """GitHub-flavoured markdown table."""
+        lines = [
+            "| " + " | ".join(_COLUMNS) + " |",
+            "|" + "|".join(["---"] + ["---:"] * (len(_COLUMNS) - 1)) + "|",
+        ]
+        lines += ["| " + " | ".join(cells) + " |" for cells in self._cells()]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        table = [list(_COLUMNS)] + self._cells()
+        widths = [max(len(r[i]) for r in table) for i in range(len(_COLUMNS))]
+        out = []
+        for n, cells in enumerate(table):
+            parts = [cells[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(cells[1:], widths[1:])]
+            out.append("  ".join(parts))
+            if n == 0:
+                out.append("  ".join("-" * w for w in widths))
+        return "\n".join(out)
+
+    def _cells(self) -> list[list[str]]:
+        def opt(value: float | None, fmt: str) -> str:
+            return "-" if value is None else format(value, fmt)
+
+        return [
+            [
+                row.label,
+                str(row.threads),
+                f"{row.median_ms:.3f}",
+                f"{row.p10_ms:.3f}",
+                f"{row.p90_ms:.3f}",
+                f"{row.speedup:.2f}x",
+                opt(row.ideal, ".2f"),
+                opt(row.efficiency, ".2f"),
+            ]
+            for row in self.rows
+        ]
+
+
+def benchmark(
+    models: dict[str, str],
+    *,
+    threads: Iterable[int] = (1, 2),
+    warmup: int = 10,
+    repeat: int = 50,
+    inputs: dict[str, np.ndarray] | None = None,
+    macs: dict[str, int] | None = None,
+    baseline: str | None = None,
+    seed: int = 0,
+) -> BenchmarkResult:
+    """Measure onnxruntime CPU latency of several models on identical inputs.
+
+    Parameters
+    ----------
+    models : dict of str to str
+        Label -> path of an ``.onnx`` file. All models must accept the same
+        inputs. The first label is the baseline unless ``baseline`` is given.
+    threads : iterable of int, default (1, 2)
+        ``intra_op_num_threads`` values; fresh sessions are built for each.
+    warmup : int, default 10
+        Untimed runs per model and thread count before measuring.
+    repeat : int, default 50
+        Timed rounds; each round runs every model once, in label order.
+    inputs : dict of str to numpy.ndarray, optional
+        Feed shared by all models. If None, random inputs are generated from
+        the baseline session's input metadata (float: standard normal;
+        integer: small non-negative ints; bool: False; unknown dims: 1).
+    macs : dict of str to int, optional
+        Multiply-accumulate count per label; enables ``ideal`` (the baseline's
+        MACs over the model's) and ``efficiency`` (speedup / ideal).
+    baseline : str, optional
+        Label that speedups are relative to.
+    seed : int, default 0
+        Seed of the generated inputs.
+
+    Returns
+    -------
+    BenchmarkResult
+        One row per (thread count, model) with median/p10/p90 in ms.
+
+    Raises
+    ------
+    ValueError
+        If ``models`` is empty, ``baseline`` is unknown, a path does not
+        exist, ``macs`` lacks a label, or counts are not positive.
+    """
+    import onnxruntime as ort
+
+    base = _validate(models, baseline, macs, warmup, repeat)
+    thread_counts = [int(t) for t in threads]
+    if not thread_counts or min(thread_counts) < 1:
+        raise ValueError(f"threads must be a non-empty sequence of positive ints, got {thread_counts}")
+
+    result = BenchmarkResult(baseline=base)
+    feed = inputs
+    for t in thread_counts:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = t
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        sessions = {
+            label: ort.InferenceSession(path, sess_options=options, providers=["CPUExecutionProvider"])
+            for label, path in models.items()
+        }
+        if feed is None:
+            feed = _random_inputs(sessions[base], seed)
+        for session in sessions.values():
+            for _ in range(warmup):
+                session.run(None, feed)
+
+        times: dict[str, list[float]] = {label: [] for label in sessions}
+        for _ in range(repeat):
+            for label, session in sessions.items():
+                start = time.perf_counter()
+                session.run(None, feed)
+                times[label].append((time.perf_counter() - start) * 1e3)
+
+        base_median = float(np.median(times[base]))
+        for label, samples in times.items():
+            median = float(np.median(samples))
+            speedup = 1.0 if label == base else base_median / median
+            ideal = macs[base] / macs[label] if macs is not None else None
+            result.rows.append(
+                BenchmarkRow(
+                    label=label,
+                    threads=t,
+                    median_ms=median,
+                    p10_ms=float(np.percentile(samples, 10)),
+                    p90_ms=float(np.percentile(samples, 90)),
+                    speedup=speedup,
+                    ideal=ideal,
+                    efficiency=None if ideal is None else speedup / ideal,
+                )
+            )
+    return result
+
+
+def _validate(
+    models: Mapping[str, str],
+    baseline: str | None,
+    macs: Mapping[str, int] | None,
+    warmup: int,
+    repeat: int,
+) -> str:
+    """Check arguments up front so a typo fails before minutes of timing."""
+    if not models:
+        raise ValueError("models is empty: pass at least one {label: path.onnx}")
+    for label, path in models.items():
+        if not os.path.isfile(path):
+            raise ValueError(f"model {label!r}: ONNX file does not exist: {path}")
+    base = next(iter(models)) if baseline is None else baseline
+    if base not in models:
+        raise ValueError(f"unknown baseline {base!r}; labels are {list(models)}")
+    if macs is not None:
+        missing = [label for label in models if label not in macs]
+        if missing:
+            raise ValueError(f"macs has no entry for {missing}; got labels {list(macs)}")
+        bad = {label: macs[label] for label in models if macs[label] <= 0}
+        if bad:
+            raise ValueError(f"macs must be positive, got {bad}")
+    if warmup < 0 or repeat < 1:
+        raise ValueError(f"need warmup >= 0 and repeat >= 1, got warmup={warmup}, repeat={repeat}")
+    return base
+
+
+def _random_inputs(session: Any, seed: int) -> dict[str, np.ndarray]:
+    """Build a feed from the session's declared inputs; symbolic dims become 1."""
+    rng = np.random.default_rng(seed)
+    feed: dict[str, np.ndarray] = {}
+    for meta in session.get_inputs():
+        shape = tuple(d if isinstance(d, int) and d > 0 else 1 for d in meta.shape)
+        dtype = _ORT_DTYPES.get(meta.type)
+        if dtype is None:
+            raise ValueError(f"input {meta.name!r}: cannot generate random data for type {meta.type}")
+        if np.issubdtype(dtype, np.floating):
+            feed[meta.name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype is np.bool_:
+            feed[meta.name] = np.zeros(shape, dtype=dtype)
+        else:
+            feed[meta.name] = rng.integers(0, 4, size=shape).astype(dtype)
+    return feed

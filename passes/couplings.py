@@ -1,0 +1,147 @@
+"""The vocabulary rules use to say how channel dimensions couple.
+
+A *value* is one tensor in the graph: a node's output, the i-th tensor of a node
+that returns several, or a parameter/buffer (keyed by its state_dict name, so two
+``get_attr`` nodes of one tied weight are one value). A *space* is ``(value, dim)``.
+An edge between two spaces carries an element map: two index arrays saying which
+element of one is the same channel as which element of the other. Identity,
+offset (cat/split/slice) and block (flatten, grouped conv) maps are all such pairs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from torch.fx import Node
+
+__all__ = ["Couplings", "Edge", "value_key", "PARAM_PREFIX"]
+
+PARAM_PREFIX = "param:"
+
+
+def value_key(arg) -> str | None:
+    """Key of a tensor value: a Node, a (Node, index) pair for multi-output nodes, or None."""
+    if isinstance(arg, tuple) and len(arg) == 2 and isinstance(arg[0], Node):
+        return f"{arg[0].name}#{arg[1]}"
+    if isinstance(arg, Node):
+        if arg.op == "get_attr":
+            return PARAM_PREFIX + str(arg.target)
+        return arg.name
+    return None
+
+
+@dataclass
+class Edge:
+    a: tuple[str, int]
+    b: tuple[str, int]
+    ia: np.ndarray
+    ib: np.ndarray
+
+
+@dataclass
+class Couplings:
+    """Edges and frozen spaces collected while walking the graph once."""
+
+    shapes: dict[str, tuple] = field(default_factory=dict)
+    edges: list[Edge] = field(default_factory=list)
+    frozen: dict[tuple[str, int], str] = field(default_factory=dict)
+    node: Node | None = None  # the node whose rule is running, for frozen reasons
+
+    # -- shapes ---------------------------------------------------------------
+    def shape(self, arg) -> tuple | None:
+        """Static shape of a tensor value (dims that are symbolic are None), or None if not a tensor."""
+        return self.shapes.get(value_key(arg)) if value_key(arg) is not None else None
+
+    def is_tensor(self, arg) -> bool:
+        return self.shape(arg) is not None
+
+    def is_param(self, arg) -> bool:
+        return isinstance(arg, Node) and arg.op == "get_attr"
+
+    # -- couplings ------------------------------------------------------------
+    def pairs(self, a, da: int, b, db: int, ia, ib) -> None:
+        """Couple element ``ia[k]`` of space (a, da) with element ``ib[k]`` of space (b, db)."""
+        ka, kb = value_key(a) if not isinstance(a, str) else a, value_key(b) if not isinstance(b, str) else b
+        sa, sb = self.shapes[ka], self.shapes[kb]
+        da, db = da % len(sa), db % len(sb)
+        self.edges.append(Edge((ka, da), (kb, db), np.asarray(ia, dtype=np.int64), np.asarray(ib, dtype=np.int64)))
+
+    def identity(self, a, da: int, b, db: int) -> None:
+        """Same channels, same order; a size mismatch freezes both (never guess)."""
+        sa, sb = self._shape_of(a), self._shape_of(b)
+        na, nb = sa[da % len(sa)], sb[db % len(sb)]
+        if na is None or nb is None or na != nb:
+            self.freeze(a, da, f"size mismatch {na} vs {nb}")
+            self.freeze(b, db, f"size mismatch {na} vs {nb}")
+            return
+        idx = np.arange(na)
+        self.pairs(a, da, b, db, idx, idx)
+
+    def offset(self, part, dp: int, whole, dw: int, start: int) -> None:
+        """``part`` along ``dp`` is elements ``start:start+n`` of ``whole`` along ``dw``."""
+        n = self._shape_of(part)[dp % len(self._shape_of(part))]
+        idx = np.arange(n)
+        self.pairs(part, dp, whole, dw, idx, start + idx)
+
+    def block(self, coarse, dc: int, fine, df: int, factor: int) -> None:
+        """Element i of ``coarse`` is elements ``i*factor:(i+1)*factor`` of ``fine``."""
+        n = self._shape_of(coarse)[dc % len(self._shape_of(coarse))]
+        self.pairs(coarse, dc, fine, df, np.repeat(np.arange(n), factor), np.arange(n * factor))
+
+    def freeze(self, arg, dim: int | None = None, reason: str = "") -> None:
+        """Mark one dim (or all dims) of a value as not prunable, with the reason."""
+        key = value_key(arg) if not isinstance(arg, str) else arg
+        if key is None or key not in self.shapes:
+            return
+        shape = self.shapes[key]
+        dims = range(len(shape)) if dim is None else [dim % len(shape)] if shape else []
+        where = ""
+        if self.node is not None:
+            from fxprune.passes.trace import source_line
+
+            where = f" [{self.node.target} at {source_line(self.node)}]" if self.node.op == "call_function" else f" [{self.node.op} {self.node.name}]"
+        for d in dims:
+            self.frozen.setdefault((key, d), reason + where)
+
+    def freeze_all(self, node: Node, reason: str) -> None:
+        """Freeze every dim of every tensor input and output of ``node``."""
+        for arg in _tensor_args(node):
+            self.freeze(arg, None, reason)
+        for key in self.output_keys(node):
+            self.freeze(key, None, reason)
+
+    def output_keys(self, node: Node) -> list[str]:
+        key = value_key(node)
+        if key in self.shapes:
+            return [key]
+        out, i = [], 0
+        while f"{node.name}#{i}" in self.shapes:
+            out.append(f"{node.name}#{i}")
+            i += 1
+        return out
+
+    def _shape_of(self, arg):
+        return self.shapes[arg] if isinstance(arg, str) else self.shapes[value_key(arg)]
+
+
+def _tensor_args(node: Node) -> list[Node]:
+    return _flat(node.args, node.kwargs)
+
+
+def _flat(args, kwargs):
+    out = []
+
+    def visit(a):
+        if isinstance(a, Node):
+            out.append(a)
+        elif isinstance(a, (list, tuple)):
+            for x in a:
+                visit(x)
+        elif isinstance(a, dict):
+            for x in a.values():
+                visit(x)
+
+    visit(args)
+    visit(kwargs)
+    return out

@@ -1,0 +1,240 @@
+"""Group pass: which channels must be removed together.
+
+One walk over the captured graph in topological order runs each node's rule
+(:mod:`fxprune.passes.rules`), giving channel spaces ``(value, dim)`` and element
+maps between them. networkx holds the space graph; element-level connected
+components (scipy) are the *atoms*: the smallest sets of channels that can be
+removed at once. A frozen space (model input/output, an op without a rule, a
+non-parametric reduction) freezes every atom it touches. A :class:`Group` is a
+connected set of spaces that still has free atoms and holds at least one parameter.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import networkx as nx
+import numpy as np
+import scipy.sparse
+import scipy.sparse.csgraph
+import torch
+from torch.fx import GraphModule
+
+from fxprune.passes.couplings import PARAM_PREFIX, Couplings, value_key
+from fxprune.passes.rules import apply_rule
+
+__all__ = ["Member", "Group", "Grouping", "group_channels"]
+
+
+@dataclass
+class Member:
+    """One parameter or buffer dim in a group.
+
+    ``atoms[i]`` is the group channel that index ``i`` of ``name`` along ``dim``
+    belongs to (``-1``: not prunable, always kept).
+    """
+
+    name: str
+    dim: int
+    atoms: np.ndarray
+    is_parameter: bool = True
+
+    def indices(self, channel: int) -> np.ndarray:
+        """Indices of this tensor along ``dim`` that make up group channel ``channel``."""
+        return np.flatnonzero(self.atoms == channel)
+
+    def __repr__(self) -> str:
+        per = np.bincount(self.atoms[self.atoms >= 0]).max() if (self.atoms >= 0).any() else 0
+        return f"Member({self.name!r}, dim={self.dim}, size={len(self.atoms)}, {per} per channel)"
+
+
+@dataclass
+class Group:
+    """Channels that must be removed together: ``size`` units, each a slice of every member."""
+
+    index: int
+    size: int
+    members: list[Member]
+    spaces: list[tuple[str, int]] = field(repr=False, default_factory=list)
+
+    @property
+    def parameters(self) -> list[Member]:
+        return [m for m in self.members if m.is_parameter]
+
+    def channel_range(self, member: Member, channel: int) -> tuple[int, int] | np.ndarray:
+        """(start, stop) when channel ``channel`` of ``member`` is contiguous, else its indices."""
+        idx = member.indices(channel)
+        if len(idx) and idx[-1] - idx[0] + 1 == len(idx):
+            return int(idx[0]), int(idx[-1]) + 1
+        return idx
+
+    def describe(self) -> str:
+        names = ", ".join(f"{m.name}[{m.dim}]" for m in self.parameters[:6])
+        more = "" if len(self.parameters) <= 6 else f", … (+{len(self.parameters) - 6})"
+        return f"group {self.index}: {self.size} channels over {names}{more}"
+
+
+@dataclass
+class Grouping:
+    """Result of the group pass."""
+
+    groups: list[Group]
+    space_atoms: dict[tuple[str, int], np.ndarray]  # global atom id per element, -1 frozen
+    atom_group: np.ndarray  # global atom -> (group index) ; -1 if frozen/unused
+    atom_local: np.ndarray  # global atom -> channel index inside its group
+    frozen: dict[tuple[str, int], str]  # every frozen space and why
+    blocked: dict[tuple[str, int], str]  # parameter dims that cannot be pruned and why
+    graph: nx.Graph
+    shapes: dict[str, tuple]
+    seconds: float
+
+
+def _collect_shapes(gm: GraphModule) -> dict[str, tuple]:
+    shapes: dict[str, tuple] = {}
+
+    def static(t) -> tuple:
+        return tuple(int(s) if isinstance(s, int) else None for s in t.shape)
+
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            value = _fetch(gm, node.target)
+            if isinstance(value, torch.Tensor):
+                shapes[value_key(node)] = tuple(value.shape)
+            continue
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            shapes[node.name] = static(val)
+        elif isinstance(val, (list, tuple)):
+            for i, v in enumerate(val):
+                if isinstance(v, torch.Tensor):
+                    shapes[f"{node.name}#{i}"] = static(v)
+    return shapes
+
+
+def _fetch(gm: torch.nn.Module, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def collect_couplings(gm: GraphModule) -> Couplings:
+    """Walk the graph once and run every node's rule."""
+    c = Couplings(shapes=_collect_shapes(gm))
+    for node in gm.graph.nodes:
+        c.node = node
+        if node.op == "placeholder":
+            c.freeze(node, None, "model input")
+        elif node.op == "output":
+            for arg in _flat(node.args):
+                c.freeze(arg, None, "model output")
+        elif node.op == "call_function":
+            apply_rule(node, c)
+        elif node.op == "call_module" and c.output_keys(node):
+            c.freeze_all(node, f"opaque submodule {node.target}")
+    for key, shape in c.shapes.items():
+        for d, size in enumerate(shape):
+            if size is None:
+                c.frozen.setdefault((key, d), "symbolic size")
+            elif size == 1:
+                c.frozen.setdefault((key, d), "size 1")
+    return c
+
+
+def _flat(args):
+    out = []
+    torch.fx.node.map_arg(args, out.append)
+    return out
+
+
+def group_channels(gm: GraphModule) -> Grouping:
+    """Run the group pass on a captured graph module.
+
+    Returns
+    -------
+    Grouping
+        The groups, every frozen space with its reason, and per-space atom maps
+        that the compact pass reads.
+    """
+    start = time.perf_counter()
+    c = collect_couplings(gm)
+
+    # element index space: every dim of every value gets a contiguous range
+    offsets, total = {}, 0
+    for key, shape in c.shapes.items():
+        for d, size in enumerate(shape):
+            offsets[(key, d)] = total
+            total += size or 1
+    rows = [np.zeros(0, dtype=np.int64)]
+    cols = [np.zeros(0, dtype=np.int64)]
+    graph = nx.Graph()
+    graph.add_nodes_from(offsets)
+    for e in c.edges:
+        rows.append(offsets[e.a] + e.ia)
+        cols.append(offsets[e.b] + e.ib)
+        graph.add_edge(e.a, e.b)
+    r, k = np.concatenate(rows), np.concatenate(cols)
+    adj = scipy.sparse.coo_matrix((np.ones(len(r), dtype=np.int8), (r, k)), shape=(total, total))
+    _, labels = scipy.sparse.csgraph.connected_components(adj, directed=False)
+
+    frozen_label_reason: dict[int, str] = {}
+    for space, reason in c.frozen.items():
+        lo = offsets[space]
+        size = c.shapes[space[0]][space[1]] or 1
+        for lab in np.unique(labels[lo:lo + size]):
+            frozen_label_reason.setdefault(int(lab), f"{_space_name(space)}: {reason}")
+    frozen_mask = np.zeros(labels.max() + 1 if total else 0, dtype=bool)
+    frozen_mask[list(frozen_label_reason)] = True
+
+    space_labels = {}
+    for space, lo in offsets.items():
+        size = c.shapes[space[0]][space[1]]
+        if size is None:
+            continue
+        labs = labels[lo:lo + size]
+        space_labels[space] = np.where(frozen_mask[labs], -1, labs)
+
+    free_spaces = [s for s, labs in space_labels.items() if (labs >= 0).any()]
+    sub = graph.subgraph(free_spaces)
+    atom_group = np.full(len(frozen_mask), -1, dtype=np.int64)
+    atom_local = np.full(len(frozen_mask), -1, dtype=np.int64)
+    order = {s: i for i, s in enumerate(offsets)}  # graph order
+    groups: list[Group] = []
+    for comp in nx.connected_components(sub):
+        spaces = sorted(comp, key=order.__getitem__)
+        params = [s for s in spaces if s[0].startswith(PARAM_PREFIX)]
+        if not params:
+            continue
+        gi = len(groups)
+        local = 0
+        for s in params + spaces:  # number channels in order of the first parameter
+            for lab in space_labels[s]:
+                if lab >= 0 and atom_group[lab] < 0:
+                    atom_group[lab], atom_local[lab] = gi, local
+                    local += 1
+        members = []
+        for key, dim in params:
+            name = key[len(PARAM_PREFIX):]
+            labs = space_labels[(key, dim)]
+            atoms = np.where(labs >= 0, atom_local[np.maximum(labs, 0)], -1)
+            members.append(Member(name, dim, atoms, _is_parameter(gm, name)))
+        groups.append(Group(gi, local, members, spaces))
+
+    space_atoms = {s: np.where(labs >= 0, labs, -1) for s, labs in space_labels.items()}
+    blocked = {}
+    for (key, dim), labs in space_labels.items():
+        if key.startswith(PARAM_PREFIX) and len(labs) > 1 and (labs < 0).all():
+            lab = labels[offsets[(key, dim)]]
+            blocked[(key[len(PARAM_PREFIX):], dim)] = frozen_label_reason.get(int(lab), "?")
+    return Grouping(groups, space_atoms, atom_group, atom_local, dict(c.frozen), blocked, graph,
+                    c.shapes, time.perf_counter() - start)
+
+
+def _space_name(space: tuple[str, int]) -> str:
+    key, dim = space
+    return f"{key[len(PARAM_PREFIX):] if key.startswith(PARAM_PREFIX) else key}[{dim}]"
+
+
+def _is_parameter(gm: GraphModule, name: str) -> bool:
+    return isinstance(_fetch(gm, name), torch.nn.Parameter)
