@@ -1,1 +1,24 @@
-"""fxprune: structured pruning compiler for PyTorch."""
+"""fxprune: structured pruning compiler for PyTorch.
+
+Capture with torch.export, group coupled channels with networkx, prune with
+registered pruners during fine-tuning, remove the channels for real, export a
+compact ONNX model and measure it with onnxruntime.
+"""
+
+from fxprune.api import Pruning, compile
+from fxprune.config import PruningConfig, parse_config, parse_pattern
+from fxprune.errors import (CaptureError, CompactionError, ConfigError, ExampleInputsError, FxPruneError,
+                            PruningError)
+from fxprune.exporters import BenchmarkResult, OnnxExport, benchmark, export_onnx
+from fxprune.pruners import (MagnitudePruner, PatternLockPruner, Pruner, SnipMomentumPruner, SnipPruner,
+                             TaylorPruner, get_pruner, register_pruners)
+from fxprune.report import Report
+
+__all__ = [
+    "compile", "Pruning", "PruningConfig", "parse_config", "parse_pattern", "Report",
+    "register_pruners", "get_pruner", "Pruner", "MagnitudePruner", "SnipPruner", "SnipMomentumPruner",
+    "TaylorPruner", "PatternLockPruner",
+    "export_onnx", "OnnxExport", "benchmark", "BenchmarkResult",
+    "FxPruneError", "CaptureError", "ConfigError", "ExampleInputsError", "PruningError", "CompactionError",
+]
+__version__ = "0.1.0"

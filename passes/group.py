@@ -57,6 +57,7 @@ class Group:
     size: int
     members: list[Member]
     spaces: list[tuple[str, int]] = field(repr=False, default_factory=list)
+    parts: list[np.ndarray] = field(repr=False, default_factory=list)  # channel sets of tensors made only of group channels
 
     @property
     def parameters(self) -> list[Member]:
@@ -219,7 +220,14 @@ def group_channels(gm: GraphModule) -> Grouping:
             labs = space_labels[(key, dim)]
             atoms = np.where(labs >= 0, atom_local[np.maximum(labs, 0)], -1)
             members.append(Member(name, dim, atoms, _is_parameter(gm, name)))
-        groups.append(Group(gi, local, members, spaces))
+        parts = {}
+        for s in spaces:
+            labs = space_labels[s]
+            if (labs >= 0).all():
+                part = np.unique(atom_local[labs])
+                if len(part) < local:
+                    parts[part.tobytes()] = part
+        groups.append(Group(gi, local, members, spaces, list(parts.values())))
 
     space_atoms = {s: np.where(labs >= 0, labs, -1) for s, labs in space_labels.items()}
     blocked = {}

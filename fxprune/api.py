@@ -1,0 +1,340 @@
+"""``fxprune.compile``: capture → group → prune (masks) → compact.
+
+The object it returns owns a masked copy of the user's model (``.model``), the
+channel groups (``.groups``), the pruners and their schedules, and the training
+loop hooks. Masks live on the eager model while it trains; ``compact()`` does the
+surgery once, on the captured graph, and checks it against the masked model.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import numpy as np
+import torch
+import torch.utils._pytree as pytree
+
+from fxprune.config import PruningConfig, parse_config
+from fxprune.errors import CompactionError, ConfigError, PruningError
+from fxprune.passes.compact import check_shapes, compact_graph
+from fxprune.passes.group import Group, Grouping, group_channels
+from fxprune.passes.macs import count_macs, count_params
+from fxprune.passes.trace import Captured, capture
+from fxprune.pruners import Pruner, get_pruner
+from fxprune.report import Report, build_report
+
+__all__ = ["compile", "Pruning"]
+
+
+def compile(model: torch.nn.Module, example_inputs: tuple, config: dict | PruningConfig | None = None, *,
+            inplace: bool = False) -> "Pruning":
+    """Prepare ``model`` for structured pruning.
+
+    Parameters
+    ----------
+    model : the model to prune. It is copied unless ``inplace=True``.
+    example_inputs : a tuple of positional arguments the model runs on; capture
+        and the compaction check use them.
+    config : INC-style pruning config (see :class:`fxprune.config.PruningConfig`);
+        keys given at top level apply to every entry of ``pruners``.
+    inplace : prune the user's own model instead of a copy.
+
+    Returns
+    -------
+    Pruning
+
+    Examples
+    --------
+    >>> import torch, fxprune
+    >>> net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    >>> p = fxprune.compile(net, (torch.randn(1, 8),), {"target_sparsity": 0.5, "pattern": "channelx1"})
+    >>> small = p.prune().compact()
+    >>> small.get_parameter("0.weight").shape
+    torch.Size([8, 8])
+    """
+    configs = parse_config(config)
+    work = model if inplace else copy.deepcopy(model)
+    captured = capture(work, example_inputs)
+    grouping = group_channels(captured.graph_module)
+    return Pruning(work, captured, grouping, configs)
+
+
+class Pruning:
+    """A model being pruned: masks, pruners, hooks, and the compact pass."""
+
+    def __init__(self, model: torch.nn.Module, captured: Captured, grouping: Grouping, configs: list[PruningConfig]):
+        self.model = model
+        self.captured = captured
+        self.grouping = grouping
+        self.configs = configs
+        self.groups: list[Group] = grouping.groups
+        self.example_inputs = captured.example_inputs
+        self._params = dict(model.named_parameters(remove_duplicate=False))
+        self._kept = {g.index: np.ones(g.size, dtype=bool) for g in self.groups}
+        self.pruners: list[Pruner] = self._make_pruners()
+        self.masks: dict[str, torch.Tensor] = {}
+        self.global_step = 0
+        self._hooks: list = []
+
+    # -- set-up -------------------------------------------------------------------------
+    def _layer_names(self) -> set[str]:
+        return {name.rpartition(".")[0] for name in self._params}
+
+    def _matches(self, group: Group, patterns) -> bool:
+        return any(re.search(p, m.name.rpartition(".")[0]) for m in group.parameters for p in patterns)
+
+    def _make_pruners(self) -> list[Pruner]:
+        layers = self._layer_names()
+        claimed: set[int] = set()
+        pruners = []
+        for i, cfg in enumerate(self.configs):
+            for key in ("names", "excluded_names"):
+                for pat in getattr(cfg, key):
+                    if not any(re.search(pat, layer) for layer in layers):
+                        raise ConfigError(f"{key} pattern {pat!r} matches no layer of the model "
+                                          f"(layers look like {sorted(layers)[:3]})")
+            chosen = []
+            for g in self.groups:
+                if g.index in claimed:
+                    continue
+                if cfg.names and not self._matches(g, cfg.names):
+                    continue
+                if cfg.excluded_names and self._matches(g, cfg.excluded_names):
+                    continue
+                if cfg.prune_layer_type and not self._has_type(g, cfg.prune_layer_type):
+                    continue
+                chosen.append(g)
+            claimed |= {g.index for g in chosen}
+            modules = {m.name: self._params[m.name] for g in chosen for m in g.parameters if m.name in self._params}
+            pruners.append(get_pruner(modules, cfg, chosen))
+        return pruners
+
+    def _has_type(self, group: Group, types) -> bool:
+        for m in group.parameters:
+            layer = m.name.rpartition(".")[0]
+            try:
+                cls = type(self.model.get_submodule(layer)).__name__
+            except AttributeError:
+                continue
+            if cls in types:
+                return True
+        return False
+
+    # -- masks --------------------------------------------------------------------------
+    @property
+    def kept_channels(self) -> dict[int, np.ndarray]:
+        """Group index -> indices of the channels kept."""
+        return {g: np.flatnonzero(k) for g, k in self._kept.items()}
+
+    def set_kept(self, kept: dict[int, np.ndarray]) -> None:
+        """Replace the kept channels of some groups (boolean masks) and re-mask the model."""
+        for g, mask in kept.items():
+            mask = np.asarray(mask, dtype=bool)
+            if mask.shape != self._kept[g].shape:
+                raise PruningError(f"group {g} has {self._kept[g].size} channels, got a mask of shape {mask.shape}")
+            if not mask.any():
+                raise PruningError(f"{self.groups[g].describe()} would lose all its channels; keep at least one")
+            for part in self.groups[g].parts:
+                if not mask[part].any():
+                    raise PruningError(f"{self.groups[g].describe()}: channels {part.tolist()} form one tensor "
+                                       "(e.g. a concat branch) and would all be removed; keep at least one")
+        for g, mask in kept.items():
+            self._kept[g] = np.asarray(mask, dtype=bool).copy()
+        self._build_masks()
+        self.apply_masks()
+
+    def _build_masks(self) -> None:
+        masks: dict[str, torch.Tensor] = {}
+        for g in self.groups:
+            keep = self._kept[g.index]
+            if keep.all():
+                continue
+            for m in g.parameters:
+                p = self._params.get(m.name)
+                if p is None:
+                    continue
+                along = torch.from_numpy(np.where(m.atoms >= 0, keep[np.maximum(m.atoms, 0)], True))
+                shape = [1] * p.dim()
+                shape[m.dim] = -1
+                mask = along.view(shape).expand_as(p)
+                masks[m.name] = mask if m.name not in masks else masks[m.name] & mask
+        self.masks = {k: v.contiguous().to(self._params[k].device) for k, v in masks.items()}
+        for pruner in self.pruners:
+            pruner.masks = {k: self.masks.get(k, torch.ones_like(v, dtype=torch.bool)) for k, v in pruner.modules.items()}
+
+    @torch.no_grad()
+    def apply_masks(self) -> None:
+        """Zero the pruned channels of every member parameter."""
+        for name, mask in self.masks.items():
+            self._params[name].mul_(mask)
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of prunable group channels currently removed."""
+        total = sum(k.size for k in self._kept.values())
+        return float(sum((~k).sum() for k in self._kept.values()) / total) if total else 0.0
+
+    def _atom_kept(self) -> np.ndarray:
+        kept = np.ones(len(self.grouping.atom_group), dtype=bool)
+        valid = self.grouping.atom_group >= 0
+        idx = np.flatnonzero(valid)
+        kept[idx] = [self._kept[g][c] for g, c in zip(self.grouping.atom_group[idx], self.grouping.atom_local[idx])]
+        return kept
+
+    # -- one-shot -----------------------------------------------------------------------
+    def prune(self, sparsity: float | None = None) -> "Pruning":
+        """One-shot pruning: every pruner removes channels up to its target now."""
+        self._require_channel("prune")
+        for pruner in self.pruners:
+            target = pruner.target_sparsity_ratio if sparsity is None else sparsity
+            self._step_pruner(pruner, target)
+        return self
+
+    def _step_pruner(self, pruner: Pruner, target: float) -> None:
+        kept = pruner.select(target)
+        self.set_kept(kept)
+        pruner.current_sparsity_ratio = target
+
+    def _require_channel(self, what: str) -> None:
+        for cfg in self.configs:
+            if not cfg.parsed_pattern.is_channel:
+                raise ConfigError(f"{what}() for pattern {cfg.pattern!r} is not implemented yet; "
+                                  "use 'channelx1' for channel pruning that compacts")
+
+    # -- training-loop hooks --------------------------------------------------------------
+    def on_train_begin(self) -> None:
+        """Start of fine-tuning: masks are applied so training starts from the masked model."""
+        self.apply_masks()
+
+    def on_epoch_begin(self, epoch: int | None = None) -> None:
+        """Nothing to do; present so every hook of the reference exists."""
+
+    def on_step_begin(self, step: int | None = None) -> None:
+        """Prune if ``step`` is one of a pruner's pruning steps (then masks change)."""
+        if step is not None:
+            self.global_step = step
+        for pruner in self.pruners:
+            pruner.global_step = self.global_step
+            if pruner.scheduler.is_pruning_step(self.global_step):
+                self._require_channel("on_step_begin")
+                self._step_pruner(pruner, pruner.scheduler.sparsity(self.global_step))
+
+    def on_before_optimizer_step(self) -> None:
+        """Scores from this step's gradients, then gradients of pruned weights are zeroed."""
+        for pruner in self.pruners:
+            pruner.on_before_optimizer_step()
+        for name, mask in self.masks.items():
+            grad = self._params[name].grad
+            if grad is not None:
+                grad.mul_(mask)
+
+    def on_after_optimizer_step(self) -> None:
+        """Re-zero pruned weights (momentum or weight decay may have moved them); count the step."""
+        self.apply_masks()
+        self.global_step += 1
+
+    def on_step_end(self) -> None:
+        """Nothing to do; present so every hook of the reference exists."""
+
+    def on_epoch_end(self) -> None:
+        """Nothing to do; present so every hook of the reference exists."""
+
+    def on_train_end(self) -> None:
+        """End of fine-tuning: masks applied once more."""
+        self.apply_masks()
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        """Wire every hook into a plain loop through ``optimizer.step``.
+
+        After ``attach``, each ``optimizer.step()`` runs ``on_before_optimizer_step``,
+        the real step, ``on_after_optimizer_step`` and the next ``on_step_begin``.
+        """
+        step = optimizer.step
+
+        def hooked_step(*args, **kwargs):
+            self.on_before_optimizer_step()
+            out = step(*args, **kwargs)
+            self.on_after_optimizer_step()
+            self.on_step_end()
+            self.on_step_begin()
+            return out
+
+        optimizer.step = hooked_step
+        self.on_train_begin()
+        self.on_step_begin()
+        return optimizer
+
+    # -- compaction ---------------------------------------------------------------------
+    def compact(self, check: bool = True, atol: float = 1e-4) -> torch.fx.GraphModule:
+        """Physically remove the pruned channels; returns a smaller graph module.
+
+        The result is checked node by node (shapes) and against the masked model's
+        outputs on the example inputs: max abs error <= ``atol * max(1, max|y|)``.
+        """
+        self._require_channel("compact")
+        state = dict(self.model.state_dict(keep_vars=False))
+        small = compact_graph(self.captured.graph_module, self.grouping, self._atom_kept(), state)
+        if check:
+            check_shapes(small, self.example_inputs)
+            self.compact_error = self._compare(small, atol)
+        return small
+
+    def _compare(self, small: torch.nn.Module, atol: float) -> float:
+        with torch.no_grad(), _eval(self.model):
+            ref = pytree.tree_leaves(self.model(*self.example_inputs))
+        with torch.no_grad():
+            out = pytree.tree_leaves(small(*self.example_inputs))
+        ref = [r for r in ref if isinstance(r, torch.Tensor)]
+        out = [o for o in out if isinstance(o, torch.Tensor)]
+        if len(ref) != len(out):
+            raise CompactionError(f"compact model returns {len(out)} tensors, the masked model {len(ref)}")
+        worst = 0.0
+        for i, (r, o) in enumerate(zip(ref, out)):
+            if r.shape != o.shape:
+                raise CompactionError(f"output {i}: compact shape {tuple(o.shape)} != masked shape {tuple(r.shape)}")
+            if r.is_floating_point():
+                err = float((r.double() - o.double()).abs().max()) if r.numel() else 0.0
+                scale = max(1.0, float(r.abs().max())) if r.numel() else 1.0
+                if not err <= atol * scale:
+                    raise CompactionError(f"output {i}: compact model differs from the masked model by {err:.3g} "
+                                          f"(tolerance {atol * scale:.3g})")
+                worst = max(worst, err)
+        return worst
+
+    # -- reporting ----------------------------------------------------------------------
+    def report(self) -> Report:
+        """Per-layer channels and sparsity, params and MACs before/after."""
+        dense = self.captured.graph_module
+        small = compact_graph(dense, self.grouping, self._atom_kept(), dict(self.model.state_dict()))
+        return build_report(self, count_params(dense), count_params(small),
+                            count_macs(dense, self.example_inputs), count_macs(small, self.example_inputs))
+
+    # -- state --------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Masks' source (kept channels per group), pruner scores and the step."""
+        return {"kept": {g: k.copy() for g, k in self._kept.items()}, "global_step": self.global_step,
+                "pruners": [p.state_dict() for p in self.pruners]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if set(state["kept"]) != set(self._kept):
+            raise PruningError("state was saved for a model with different groups")
+        self.global_step = state["global_step"]
+        for pruner, ps in zip(self.pruners, state["pruners"]):
+            pruner.load_state_dict(ps)
+        self.set_kept(state["kept"])
+
+
+class _eval:
+    """Context manager: eval mode inside, the original train/eval flags restored after."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __enter__(self):
+        self.modes = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()
+
+    def __exit__(self, *exc):
+        for m, mode in self.modes:
+            m.training = mode

@@ -1,0 +1,187 @@
+"""Registered pruners: how channel scores are computed.
+
+``@register_pruners("name")`` adds a class to the registry; ``get_pruner`` builds one
+from a config. A pruner owns the parameters of the groups it was given, keeps
+``scores`` up to date from the training-loop hooks, and on each pruning step turns
+scores into kept channels per group (:mod:`fxprune.selection`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from fxprune.errors import ConfigError
+from fxprune.importance import group_scores
+from fxprune.selection import choose_kept, prune_counts
+
+__all__ = ["PRUNERS", "register_pruners", "get_pruner", "registered_names", "Pruner", "MagnitudePruner",
+           "SnipPruner", "SnipMomentumPruner", "TaylorPruner", "PatternLockPruner"]
+
+PRUNERS: dict[str, type] = {}
+
+
+def register_pruners(name: str):
+    """Class decorator registering a :class:`Pruner` subclass under ``name``.
+
+    >>> @register_pruners("my_random")
+    ... class RandomPruner(Pruner):
+    ...     def channel_scores(self, group):
+    ...         return np.random.rand(group.size)
+    """
+
+    def register(cls):
+        if not (isinstance(cls, type) and issubclass(cls, Pruner)):
+            raise TypeError(f"register_pruners({name!r}) expects a Pruner subclass, got {cls!r}")
+        PRUNERS[name.lower()] = cls
+        cls.name = name.lower()
+        return cls
+
+    return register
+
+
+def registered_names() -> list[str]:
+    return sorted(PRUNERS)
+
+
+def get_pruner(modules: dict[str, torch.Tensor], config, groups=None) -> "Pruner":
+    """Build the registered pruner named by ``config.pruning_type``.
+
+    Raises
+    ------
+    ConfigError
+        The name is not registered; the message lists the registered names.
+    """
+    name = getattr(config, "pruning_type", None) or (config.get("pruning_type") if isinstance(config, dict) else None)
+    cls = PRUNERS.get(str(name).lower())
+    if cls is None:
+        raise ConfigError(f"unknown pruning_type {name!r}; registered pruners: {', '.join(registered_names())}")
+    return cls(modules, config, groups or [])
+
+
+class Pruner:
+    """Base pruner: magnitude-free plumbing shared by every criterion.
+
+    Attributes mirror the reference API: ``modules`` (name -> parameter), ``config``,
+    ``masks`` (name -> bool mask), ``scores`` (name -> per-element score),
+    ``pattern``, ``scheduler``, ``current_sparsity_ratio``, ``global_step``,
+    ``start_step``, ``end_step``, ``update_frequency_on_step``,
+    ``target_sparsity_ratio``, ``max_sparsity_ratio_per_layer``.
+    """
+
+    name = "base"
+
+    def __init__(self, modules: dict[str, torch.Tensor], config, groups=()):
+        self.modules = modules
+        self.config = config
+        self.groups = list(groups)
+        self.masks = {k: torch.ones_like(v, dtype=torch.bool) for k, v in modules.items()}
+        self.scores: dict[str, torch.Tensor] = {}
+        self.pattern = config.parsed_pattern
+        from fxprune.schedulers import get_scheduler
+
+        self.scheduler = get_scheduler(config)
+        self.current_sparsity_ratio = 0.0
+        self.global_step = 0
+        self.start_step = config.start_step
+        self.end_step = config.end_step
+        self.update_frequency_on_step = config.update_frequency_on_step
+        self.target_sparsity_ratio = config.target_sparsity
+        self.max_sparsity_ratio_per_layer = config.max_sparsity_ratio_per_layer
+
+    # -- scoring hooks (override what the criterion needs) ---------------------------
+    def on_before_optimizer_step(self) -> None:
+        """Gradients of this step are available here, before the weights change."""
+
+    def channel_scores(self, group) -> np.ndarray:
+        """Score per channel of ``group``; lower is pruned first."""
+        return group_scores(group, self.modules, self.config.magnitude_norm, self.scores or None)
+
+    # -- selection ------------------------------------------------------------------
+    def select(self, sparsity: float) -> dict[int, np.ndarray]:
+        """Kept-channel mask per group index at overall ``sparsity``."""
+        scores = {g.index: self.channel_scores(g) for g in self.groups}
+        counts = prune_counts(scores, sparsity, self.config.prune_domain, self.config.max_sparsity_ratio_per_layer,
+                              self.config.min_sparsity_ratio_per_op, self.config.round_to)
+        parts = {g.index: g.parts for g in self.groups}
+        return {g: choose_kept(scores[g], counts[g], parts[g]) for g in scores}
+
+    def state_dict(self) -> dict:
+        return {"scores": {k: v.clone() for k, v in self.scores.items()}, "global_step": self.global_step,
+                "current_sparsity_ratio": self.current_sparsity_ratio}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scores = {k: v.clone() for k, v in state["scores"].items()}
+        self.global_step = state["global_step"]
+        self.current_sparsity_ratio = state["current_sparsity_ratio"]
+
+
+@register_pruners("magnitude")
+class MagnitudePruner(Pruner):
+    """|W|: channels whose weights (over all group members) are smallest go first."""
+
+
+@register_pruners("snip")
+class SnipPruner(Pruner):
+    """|W * dL/dW| of the latest step, taken before the optimizer moves the weights."""
+
+    def on_before_optimizer_step(self) -> None:
+        for name, p in self.modules.items():
+            if p.grad is not None:
+                self.scores[name] = (p.detach() * p.grad.detach()).abs()
+
+
+@register_pruners("snip_momentum")
+class SnipMomentumPruner(Pruner):
+    """S <- 0.9 * S + |W * dL/dW| every step (momentum 0.9 on the old score)."""
+
+    momentum = 0.9
+
+    def on_before_optimizer_step(self) -> None:
+        for name, p in self.modules.items():
+            if p.grad is not None:
+                s = (p.detach() * p.grad.detach()).abs()
+                old = self.scores.get(name)
+                self.scores[name] = s if old is None else self.momentum * old + s
+
+
+@register_pruners("taylor")
+class TaylorPruner(Pruner):
+    """First-order Taylor: the loss change from removing a channel, |sum over the channel of W * dL/dW|,
+    accumulated over the steps since the last pruning step (Molchanov et al. 2019)."""
+
+    def on_before_optimizer_step(self) -> None:
+        for name, p in self.modules.items():
+            if p.grad is not None:
+                s = (p.detach() * p.grad.detach())
+                self.scores[name] = s if name not in self.scores else self.scores[name] + s
+
+    def channel_scores(self, group) -> np.ndarray:
+        if not self.scores:
+            return super().channel_scores(group)
+        total = np.zeros(group.size)
+        for m in group.parameters:
+            s = self.scores.get(m.name)
+            if s is None:
+                continue
+            flat = s.detach().double().movedim(m.dim, 0).reshape(s.shape[m.dim], -1).sum(1).numpy()
+            valid = m.atoms >= 0
+            total += np.bincount(m.atoms[valid], weights=flat[valid], minlength=group.size)
+        return np.abs(total)
+
+
+@register_pruners("pattern_lock")
+class PatternLockPruner(Pruner):
+    """Keeps the zero pattern the model already has: a channel is pruned iff all its weights are zero."""
+
+    def select(self, sparsity: float) -> dict[int, np.ndarray]:
+        kept = {}
+        for g in self.groups:
+            alive = np.zeros(g.size, dtype=bool)
+            for m in g.parameters:
+                t = self.modules[m.name].detach()
+                nz = (t != 0).movedim(m.dim, 0).reshape(t.shape[m.dim], -1).any(1).numpy()
+                valid = m.atoms >= 0
+                alive |= np.bincount(m.atoms[valid], weights=nz[valid], minlength=g.size) > 0
+            kept[g.index] = alive if alive.any() else np.ones(g.size, dtype=bool)
+        return kept
