@@ -11,6 +11,7 @@ model's (see :func:`fxprune.api.Pruning.compact`).
 from __future__ import annotations
 
 import copy
+import warnings
 
 import numpy as np
 import torch
@@ -176,7 +177,9 @@ def compact_graph(gm: GraphModule, grouping: Grouping, atom_kept: np.ndarray,
     state : current values of parameters/buffers by name (e.g. the masked model's
         state_dict after fine-tuning); names not in it keep the captured values.
     """
-    gm = copy.deepcopy(gm)
+    with warnings.catch_warnings():  # deepcopy of pytree specs warns about a torch-internal deprecation
+        warnings.simplefilter("ignore", FutureWarning)
+        gm = copy.deepcopy(gm)
     keep = space_keep(grouping, atom_kept)
     size = _Sizes(grouping.shapes, keep)
     state = state or {}

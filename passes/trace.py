@@ -20,7 +20,10 @@ from fxprune.errors import CaptureError, ExampleInputsError
 __all__ = ["Captured", "capture", "user_frame", "source_line"]
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
-_SKIP_DIRS = (_TORCH_DIR, os.path.dirname(os.path.dirname(__file__)), os.sep + "site-packages" + os.sep + "transformers")
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# frames in these folders are library code, not the line the user needs to see
+_SKIP_DIRS = (_TORCH_DIR + os.sep, os.path.dirname(os.path.abspath(__file__)) + os.sep,
+              os.path.join(_ROOT, "fxprune") + os.sep, os.path.join(_ROOT, "exporters") + os.sep)
 
 
 @dataclass
@@ -37,7 +40,7 @@ def user_frame(tb) -> traceback.FrameSummary | None:
     """The innermost frame of ``tb`` that lies in user code (not torch, not fxprune)."""
     frames = traceback.extract_tb(tb)
     for frame in reversed(frames):
-        if not frame.filename.startswith(_SKIP_DIRS[:2]):
+        if not os.path.abspath(frame.filename).startswith(_SKIP_DIRS) and "<" not in frame.filename:
             return frame
     return frames[-1] if frames else None
 

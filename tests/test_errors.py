@@ -1,0 +1,96 @@
+"""Bad input gets a clear error and changes nothing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fxprune
+from fxprune import CaptureError, ConfigError, ExampleInputsError, PruningError
+from tests.models import ARCHITECTURES
+
+
+@pytest.fixture
+def mlp():
+    factory, inputs = ARCHITECTURES["MLP"]
+    return factory(), inputs()
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"target_sparsity": 0.5, "taget_sparsity": 0.3}, "unknown config key 'taget_sparsity'.*did you mean 'target_sparsity'"),
+    ({"pattern": "3y2"}, "unknown pattern '3y2'"),
+    ({"target_sparsity": 1.0}, r"target_sparsity must be a number in \[0, 1\), got 1.0"),
+    ({"target_sparsity": -0.1}, r"target_sparsity must be a number in \[0, 1\)"),
+    ({"pruning_type": "magnitud"}, "unknown pruning_type 'magnitud'; registered pruners: .*magnitude"),
+    ({"prune_domain": "everywhere"}, "prune_domain must be 'global' or 'local'"),
+    ({"start_step": 5, "end_step": 2}, r"end_step \(2\) is before start_step \(5\)"),
+    ({"sparsity_decay_type": "quadratic"}, "sparsity_decay_type must be one of"),
+    ({"pattern": "2:4", "target_sparsity": 0.8}, "above what pattern 2:4 allows"),
+    ({"round_to": 0}, "round_to must be an integer >= 1"),
+    ({"pruners": [{"target_sparsity": 0.5, "bogus": 1}]}, r"unknown config key 'bogus' in pruners\[0\]"),
+])
+def test_bad_config_is_rejected_before_any_work(mlp, config, message):
+    model, x = mlp
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ConfigError, match=message):
+        fxprune.compile(model, x, config)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_name_pattern_matching_no_layer(mlp):
+    model, x = mlp
+    with pytest.raises(ConfigError, match="excluded_names pattern 'decoder' matches no layer"):
+        fxprune.compile(model, x, {"excluded_names": ["decoder"]})
+    with pytest.raises(ConfigError, match="names pattern 'nope' matches no layer"):
+        fxprune.compile(model, x, {"names": "nope"})
+
+
+def test_example_inputs_that_do_not_fit(mlp):
+    model, _ = mlp
+    with pytest.raises(ExampleInputsError, match=r"does not run on the example inputs \(Tensor\(2, 7\)\)"):
+        fxprune.compile(model, (torch.randn(2, 7),), {})
+    with pytest.raises(ExampleInputsError, match="must be a tuple"):
+        fxprune.compile(model, torch.randn(2, 64), {})
+
+
+class DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = self.fc(x)
+        if y.sum() > 0:  # branches on a tensor value: torch.export cannot capture this
+            return y * 2
+        return y
+
+
+def test_untraceable_model_names_the_source_line():
+    with pytest.raises(CaptureError) as info:
+        fxprune.compile(DataDependent(), (torch.randn(2, 4),), {})
+    text = str(info.value)
+    assert "test_errors.py" in text and "if y.sum() > 0" in text
+    assert "what to try" in text
+
+
+def test_plan_that_empties_a_group_or_branch_is_refused():
+    factory, inputs = ARCHITECTURES["InceptionLike"]
+    pruning = fxprune.compile(factory(), inputs(), {})
+    group = pruning.groups[0]
+    with pytest.raises(PruningError, match="would lose all its channels"):
+        pruning.set_kept({group.index: [False] * group.size})
+    branchy = next(g for g in pruning.groups if g.parts)
+    keep = [True] * branchy.size
+    for c in branchy.parts[0]:
+        keep[c] = False
+    with pytest.raises(PruningError, match="would all be removed"):
+        pruning.set_kept({branchy.index: keep})
+    assert pruning.sparsity == 0.0  # nothing was applied
+
+
+def test_mask_only_pattern_cannot_be_compacted(mlp):
+    model, x = mlp
+    pruning = fxprune.compile(model, x, {"pattern": "4x1"})
+    with pytest.raises(ConfigError, match="pattern '4x1'"):
+        pruning.compact()
