@@ -313,8 +313,8 @@ class Pruning:
     # -- state --------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Masks' source (kept channels per group), pruner scores and the step."""
-        return {"kept": {g: k.copy() for g, k in self._kept.items()}, "global_step": self.global_step,
-                "pruners": [p.state_dict() for p in self.pruners]}
+        return {"kept": {g: torch.from_numpy(k.copy()) for g, k in self._kept.items()},
+                "global_step": self.global_step, "pruners": [p.state_dict() for p in self.pruners]}
 
     def load_state_dict(self, state: dict) -> None:
         if set(state["kept"]) != set(self._kept):
@@ -322,7 +322,7 @@ class Pruning:
         self.global_step = state["global_step"]
         for pruner, ps in zip(self.pruners, state["pruners"]):
             pruner.load_state_dict(ps)
-        self.set_kept(state["kept"])
+        self.set_kept({g: np.asarray(k, dtype=bool) for g, k in state["kept"].items()})
 
 
 class _eval:

@@ -1,0 +1,192 @@
+"""Pruning during fine-tuning: schedules, pruners, hooks, state, DDP."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import fxprune
+from fxprune.config import PruningConfig
+from fxprune.schedulers import get_scheduler
+from tests.models import ARCHITECTURES
+
+
+@pytest.mark.parametrize("decay", ["exp", "cos", "linear", "cube"])
+def test_schedule_first_step_prunes_last_step_reaches_target(decay):
+    sched = get_scheduler(PruningConfig(target_sparsity=0.8, start_step=2, end_step=11, update_frequency_on_step=3,
+                                        sparsity_decay_type=decay))
+    steps = [s for s in range(20) if sched.is_pruning_step(s)]
+    assert steps == [2, 5, 8, 11]
+    values = [sched.sparsity(s) for s in steps]
+    assert values[0] > 0.0
+    assert values == sorted(values)
+    assert values[-1] == pytest.approx(0.8, abs=1e-12)
+    assert sched.sparsity(15) == pytest.approx(0.8)
+    if decay == "linear":
+        assert values == pytest.approx([0.2, 0.4, 0.6, 0.8])
+
+
+def test_oneshot_schedule():
+    sched = get_scheduler(PruningConfig(target_sparsity=0.3, start_step=4, end_step=4))
+    assert [s for s in range(10) if sched.is_pruning_step(s)] == [4]
+    assert sched.sparsity(3) == 0.0 and sched.sparsity(4) == pytest.approx(0.3)
+
+
+def _train(pruning, steps, seed=0, start=0):
+    gen = torch.Generator().manual_seed(seed)
+    batches = [(torch.randn(8, 64, generator=gen), torch.randint(0, 10, (8,), generator=gen)) for _ in range(start + steps)]
+    opt = torch.optim.SGD(pruning.model.parameters(), lr=0.05, momentum=0.9)
+    pruning.attach(opt)
+    pruning.model.train()
+    seen = []
+    for x, y in batches[start:]:
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(pruning.model(x), y).backward()
+        opt.step()
+        seen.append(pruning.sparsity)
+    return opt, seen
+
+
+@pytest.mark.parametrize("pruner", ["magnitude", "snip", "snip_momentum", "taylor"])
+def test_iterative_pruning_reaches_target_during_training(pruner):
+    factory, inputs = ARCHITECTURES["MLP"]
+    pruning = fxprune.compile(factory(), inputs(), {
+        "pruning_type": pruner, "target_sparsity": 0.5, "start_step": 2, "end_step": 10,
+        "update_frequency_on_step": 4, "prune_domain": "local", "sparsity_decay_type": "linear"})
+    _, seen = _train(pruning, 14)
+    assert seen == sorted(seen)                      # never un-prunes
+    assert 0 < seen[2] < 0.5                         # the first pruning step prunes
+    assert pruning.sparsity == pytest.approx(0.5)    # the last one reaches the target
+    for name, mask in pruning.masks.items():         # masked weights stayed zero while training
+        assert (pruning.model.get_parameter(name)[~mask] == 0).all()
+    small = pruning.compact()
+    x = inputs()
+    with torch.no_grad():
+        assert (small(*x) - pruning.model.eval()(*x)).abs().max() <= 1e-4
+
+
+def test_pattern_lock_keeps_existing_zero_channels():
+    factory, inputs = ARCHITECTURES["MLP"]
+    model = factory()
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    first = linears[0]
+    with torch.no_grad():  # a model saved from an earlier masked run: channels 0..31 are zero in every member
+        first.weight[:32] = 0
+        first.bias[:32] = 0
+        linears[1].weight[:, :32] = 0
+    pruning = fxprune.compile(model, inputs(), {"pruning_type": "pattern_lock"}).prune()
+    group = next(g for g in pruning.groups if any(m.dim == 0 and m.name.endswith("weight") and
+                                                 m.atoms.size == first.weight.shape[0] for m in g.parameters))
+    kept = pruning.kept_channels[group.index]
+    assert len(kept) == first.weight.shape[0] - 32 and kept.min() == 32
+
+
+def test_user_registered_pruner_works_like_a_builtin():
+    @fxprune.register_pruners("reverse_index")
+    class ReverseIndex(fxprune.Pruner):
+        """Prunes the highest-numbered channels first: easy to check."""
+
+        def channel_scores(self, group):
+            return -np.arange(group.size, dtype=float)
+
+    factory, inputs = ARCHITECTURES["MLP"]
+    pruning = fxprune.compile(factory(), inputs(), {"pruning_type": "reverse_index", "target_sparsity": 0.5,
+                                                     "prune_domain": "local"}).prune()
+    assert isinstance(pruning.pruners[0], ReverseIndex)
+    for g in pruning.groups:
+        assert list(pruning.kept_channels[g.index]) == list(range(g.size - g.size // 2))
+    pruning.compact()
+
+
+def test_get_pruner_unknown_name_lists_registered():
+    with pytest.raises(fxprune.ConfigError, match="registered pruners: .*snip_momentum"):
+        fxprune.get_pruner({}, {"pruning_type": "nope"})
+
+
+def test_several_pruners_local_settings_override_global():
+    factory, inputs = ARCHITECTURES["PlainCNN"]
+    pruning = fxprune.compile(factory(), inputs(), {
+        "target_sparsity": 0.5, "prune_domain": "local",
+        "pruners": [{"names": ["^conv1$"], "target_sparsity": 0.25}, {"excluded_names": ["fc"]}]})
+    assert [p.target_sparsity_ratio for p in pruning.pruners] == [0.25, 0.5]
+    pruning.prune()
+    conv1 = next(g for g in pruning.groups if any(m.name == "conv1.weight" and m.dim == 0 for m in g.parameters))
+    assert len(pruning.kept_channels[conv1.index]) == conv1.size - conv1.size // 4
+    fc_groups = [g for g in pruning.groups if any(m.name.startswith("fc") for m in g.parameters)]
+    assert all(len(pruning.kept_channels[g.index]) == g.size for g in fc_groups)
+
+
+def test_state_resumes_to_the_same_masks(tmp_path):
+    config = {"pruning_type": "snip_momentum", "target_sparsity": 0.5, "start_step": 1, "end_step": 13,
+              "update_frequency_on_step": 3, "prune_domain": "global"}
+    factory, inputs = ARCHITECTURES["MLP"]
+
+    straight = fxprune.compile(factory(), inputs(), config)
+    _train(straight, 16)
+
+    first = fxprune.compile(factory(), inputs(), config)
+    opt, _ = _train(first, 8)
+    torch.save({"pruning": first.state_dict(), "model": first.model.state_dict(), "opt": opt.state_dict()},
+               tmp_path / "ckpt.pt")
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    resumed = fxprune.compile(factory(), inputs(), config)
+    resumed.model.load_state_dict(ckpt["model"])
+    resumed.load_state_dict(ckpt["pruning"])
+    gen_opt = torch.optim.SGD(resumed.model.parameters(), lr=0.05, momentum=0.9)
+    gen_opt.load_state_dict(ckpt["opt"])
+    # continue the same data stream from step 8
+    gen = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(8, 64, generator=gen), torch.randint(0, 10, (8,), generator=gen)) for _ in range(16)]
+    resumed.attach(gen_opt)
+    resumed.model.train()
+    for x, y in batches[8:]:
+        gen_opt.zero_grad()
+        torch.nn.functional.cross_entropy(resumed.model(x), y).backward()
+        gen_opt.step()
+    assert resumed.global_step == straight.global_step == 16
+    for g in straight.kept_channels:
+        assert np.array_equal(straight.kept_channels[g], resumed.kept_channels[g])
+    for k, v in straight.model.state_dict().items():
+        assert torch.allclose(v, resumed.model.state_dict()[k], atol=1e-6), k
+
+
+def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    factory, inputs = ARCHITECTURES["MLP"]
+    pruning = fxprune.compile(factory(), inputs(), {"pruning_type": "snip_momentum", "target_sparsity": 0.5,
+                                                     "start_step": 1, "end_step": 7, "update_frequency_on_step": 2})
+    ddp = torch.nn.parallel.DistributedDataParallel(pruning.model)
+    opt = pruning.attach(torch.optim.SGD(ddp.parameters(), lr=0.05))
+    gen = torch.Generator().manual_seed(100 + rank)  # every rank sees different data
+    for _ in range(10):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(ddp(torch.randn(8, 64, generator=gen)),
+                                          torch.randint(0, 10, (8,), generator=gen)).backward()
+        opt.step()
+    kept = torch.cat([torch.from_numpy(pruning._kept[g]) for g in sorted(pruning._kept)]).to(torch.int64)
+    gathered = [torch.zeros_like(kept) for _ in range(world)]
+    dist.all_gather(gathered, kept)
+    if rank == 0:
+        torch.save({"kept": gathered, "sparsity": pruning.sparsity}, out)
+    dist.destroy_process_group()
+
+
+def test_ddp_two_processes_hold_the_same_masks(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "ddp.pt")
+    mp.spawn(_ddp_worker, args=(2, port, out), nprocs=2, join=True)
+    result = torch.load(out, weights_only=True)
+    assert torch.equal(result["kept"][0], result["kept"][1])
+    assert result["sparsity"] == pytest.approx(0.5, abs=0.02)
