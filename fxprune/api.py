@@ -74,6 +74,7 @@ class Pruning:
         self._kept = {g.index: np.ones(g.size, dtype=bool) for g in self.groups}
         self.pruners: list[Pruner] = self._make_pruners()
         self.masks: dict[str, torch.Tensor] = {}
+        self._element_masks: dict[str, torch.Tensor] = {}
         self.global_step = 0
         self._hooks: list = []
 
@@ -105,10 +106,28 @@ class Pruning:
                 if cfg.prune_layer_type and not self._has_type(g, cfg.prune_layer_type):
                     continue
                 chosen.append(g)
-            claimed |= {g.index for g in chosen}
-            modules = {m.name: self._params[m.name] for g in chosen for m in g.parameters if m.name in self._params}
+            if cfg.parsed_pattern.is_channel:
+                claimed |= {g.index for g in chosen}
+                modules = {m.name: self._params[m.name] for g in chosen for m in g.parameters if m.name in self._params}
+            else:
+                modules, chosen = self._element_modules(cfg), []
             pruners.append(get_pruner(modules, cfg, chosen))
         return pruners
+
+    def _element_modules(self, cfg: PruningConfig) -> dict[str, torch.nn.Parameter]:
+        """Weights that NxM / N:M patterns apply to: conv and linear weights (or prune_layer_type)."""
+        types = set(cfg.prune_layer_type) or {"Linear", "Conv1d", "Conv2d", "Conv3d"}
+        out = {}
+        for layer, module in self.model.named_modules():
+            w = getattr(module, "weight", None)
+            if not isinstance(w, torch.nn.Parameter) or w.dim() < 2 or type(module).__name__ not in types:
+                continue
+            if cfg.names and not any(re.search(p, layer) for p in cfg.names):
+                continue
+            if cfg.excluded_names and any(re.search(p, layer) for p in cfg.excluded_names):
+                continue
+            out[f"{layer}.weight" if layer else "weight"] = w
+        return out
 
     def _has_type(self, group: Group, types) -> bool:
         for m in group.parameters:
@@ -159,6 +178,8 @@ class Pruning:
                 shape[m.dim] = -1
                 mask = along.view(shape).expand_as(p)
                 masks[m.name] = mask if m.name not in masks else masks[m.name] & mask
+        for name, mask in self._element_masks.items():
+            masks[name] = mask if name not in masks else masks[name] & mask
         self.masks = {k: v.contiguous().to(self._params[k].device) for k, v in masks.items()}
         for pruner in self.pruners:
             pruner.masks = {k: self.masks.get(k, torch.ones_like(v, dtype=torch.bool)) for k, v in pruner.modules.items()}
@@ -175,6 +196,12 @@ class Pruning:
         total = sum(k.size for k in self._kept.values())
         return float(sum((~k).sum() for k in self._kept.values()) / total) if total else 0.0
 
+    @property
+    def weight_sparsity(self) -> float:
+        """Fraction of zeroed elements over the masked parameters (what NxM / N:M patterns are measured by)."""
+        total = sum(self._params[k].numel() for k in self.masks)
+        return float(sum((~m).sum() for m in self.masks.values()) / total) if total else 0.0
+
     def _atom_kept(self) -> np.ndarray:
         kept = np.ones(len(self.grouping.atom_group), dtype=bool)
         valid = self.grouping.atom_group >= 0
@@ -184,23 +211,27 @@ class Pruning:
 
     # -- one-shot -----------------------------------------------------------------------
     def prune(self, sparsity: float | None = None) -> "Pruning":
-        """One-shot pruning: every pruner removes channels up to its target now."""
-        self._require_channel("prune")
+        """One-shot pruning: every pruner prunes up to its target now."""
         for pruner in self.pruners:
             target = pruner.target_sparsity_ratio if sparsity is None else sparsity
             self._step_pruner(pruner, target)
         return self
 
     def _step_pruner(self, pruner: Pruner, target: float) -> None:
-        kept = pruner.select(target)
-        self.set_kept(kept)
+        if pruner.pattern.is_channel:
+            self.set_kept(pruner.select(target))
+        else:
+            self._element_masks.update({k: v.to(torch.bool) for k, v in pruner.element_masks(target).items()})
+            self._build_masks()
+            self.apply_masks()
         pruner.current_sparsity_ratio = target
 
     def _require_channel(self, what: str) -> None:
         for cfg in self.configs:
             if not cfg.parsed_pattern.is_channel:
-                raise ConfigError(f"{what}() for pattern {cfg.pattern!r} is not implemented yet; "
-                                  "use 'channelx1' for channel pruning that compacts")
+                raise ConfigError(f"{what}() cannot shrink pattern {cfg.pattern!r}: NxM and N:M patterns zero "
+                                  "weights inside layers (masks only, see pruning.masks); use 'channelx1' "
+                                  "to remove whole channels")
 
     # -- training-loop hooks --------------------------------------------------------------
     def on_train_begin(self) -> None:
@@ -217,7 +248,6 @@ class Pruning:
         for pruner in self.pruners:
             pruner.global_step = self.global_step
             if pruner.scheduler.is_pruning_step(self.global_step):
-                self._require_channel("on_step_begin")
                 self._step_pruner(pruner, pruner.scheduler.sparsity(self.global_step))
 
     def on_before_optimizer_step(self) -> None:
@@ -314,6 +344,7 @@ class Pruning:
     def state_dict(self) -> dict:
         """Masks' source (kept channels per group), pruner scores and the step."""
         return {"kept": {g: torch.from_numpy(k.copy()) for g, k in self._kept.items()},
+                "element_masks": {k: v.clone() for k, v in self._element_masks.items()},
                 "global_step": self.global_step, "pruners": [p.state_dict() for p in self.pruners]}
 
     def load_state_dict(self, state: dict) -> None:
@@ -322,6 +353,7 @@ class Pruning:
         self.global_step = state["global_step"]
         for pruner, ps in zip(self.pruners, state["pruners"]):
             pruner.load_state_dict(ps)
+        self._element_masks = {k: v.clone() for k, v in state.get("element_masks", {}).items()}
         self.set_kept({g: np.asarray(k, dtype=bool) for g, k in state["kept"].items()})
 
 

@@ -106,6 +106,18 @@ class Pruner:
         parts = {g.index: g.parts for g in self.groups}
         return {g: choose_kept(scores[g], counts[g], parts[g]) for g in scores}
 
+    def element_masks(self, sparsity: float) -> dict[str, torch.Tensor]:
+        """Masks of the mask-only patterns (NxM blocks, N:M) at ``sparsity``."""
+        from fxprune.patterns import n_of_m_masks, nxm_masks
+
+        scores = {n: (self.scores[n] if n in self.scores else p.detach()).abs() for n, p in self.modules.items()}
+        pat, cfg = self.pattern, self.config
+        if pat.kind == "block":
+            return nxm_masks(scores, sparsity, pat.n, pat.m, scope=cfg.prune_domain,
+                             max_ratio=cfg.max_sparsity_ratio_per_layer, min_ratio=cfg.min_sparsity_ratio_per_op)
+        return n_of_m_masks(scores, sparsity, pat.n, pat.m, scope=cfg.prune_domain,
+                            max_ratio=cfg.max_sparsity_ratio_per_layer)
+
     def state_dict(self) -> dict:
         return {"scores": {k: v.clone() for k, v in self.scores.items()}, "global_step": self.global_step,
                 "current_sparsity_ratio": self.current_sparsity_ratio}
@@ -185,3 +197,9 @@ class PatternLockPruner(Pruner):
                 alive |= np.bincount(m.atoms[valid], weights=nz[valid], minlength=g.size) > 0
             kept[g.index] = alive if alive.any() else np.ones(g.size, dtype=bool)
         return kept
+
+    def element_masks(self, sparsity: float) -> dict[str, torch.Tensor]:
+        from fxprune.patterns import pattern_lock_masks
+
+        return pattern_lock_masks({n: p.detach() for n, p in self.modules.items()}, self.pattern.kind,
+                                  self.pattern.n, self.pattern.m)

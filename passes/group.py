@@ -202,8 +202,11 @@ def group_channels(gm: GraphModule) -> Grouping:
     atom_local = np.full(len(frozen_mask), -1, dtype=np.int64)
     order = {s: i for i, s in enumerate(offsets)}  # graph order
     groups: list[Group] = []
-    for comp in nx.connected_components(sub):
-        spaces = sorted(comp, key=order.__getitem__)
+    # components come out in set order, which follows per-process string hashing: sort them so
+    # group indices are the same in every process (DDP ranks, a resumed run)
+    components = sorted((sorted(comp, key=order.__getitem__) for comp in nx.connected_components(sub)),
+                        key=lambda spaces: order[spaces[0]])
+    for spaces in components:
         params = [s for s in spaces if s[0].startswith(PARAM_PREFIX)]
         if not params:
             continue

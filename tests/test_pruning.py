@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import math
-import os
-
 import numpy as np
 import pytest
 import torch
@@ -156,9 +153,8 @@ def test_state_resumes_to_the_same_masks(tmp_path):
         assert torch.allclose(v, resumed.model.state_dict()[k], atol=1e-6), k
 
 
-def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _ddp_worker(rank: int, world: int, rendezvous: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     torch.manual_seed(0)
     factory, inputs = ARCHITECTURES["MLP"]
     pruning = fxprune.compile(factory(), inputs(), {"pruning_type": "snip_momentum", "target_sparsity": 0.5,
@@ -176,17 +172,39 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     dist.all_gather(gathered, kept)
     if rank == 0:
         torch.save({"kept": gathered, "sparsity": pruning.sparsity}, out)
+    dist.barrier()  # neither rank tears gloo down while the other still talks to it
     dist.destroy_process_group()
 
 
 def test_ddp_two_processes_hold_the_same_masks(tmp_path):
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = str(tmp_path / "ddp.pt")
-    mp.spawn(_ddp_worker, args=(2, port, out), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "rendezvous"), out), nprocs=2, join=True)
     result = torch.load(out, weights_only=True)
     assert torch.equal(result["kept"][0], result["kept"][1])
     assert result["sparsity"] == pytest.approx(0.5, abs=0.02)
+
+
+@pytest.mark.parametrize("pattern, pruner", [("4x1", "magnitude"), ("2:4", "snip_momentum"), ("1x1", "snip")])
+def test_mask_patterns_during_training(pattern, pruner):
+    from fxprune.patterns import check_masks
+
+    factory, inputs = ARCHITECTURES["PlainCNN"]
+    target = 0.5
+    pruning = fxprune.compile(factory(), inputs(), {"pruning_type": pruner, "pattern": pattern,
+                                                     "target_sparsity": target, "start_step": 1, "end_step": 7,
+                                                     "update_frequency_on_step": 3})
+    opt = pruning.attach(torch.optim.SGD(pruning.model.parameters(), lr=0.01, momentum=0.9))
+    pruning.model.train()
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(10):
+        opt.zero_grad()
+        pruning.model(torch.randn(4, 3, 32, 32, generator=gen)).square().mean().backward()
+        opt.step()
+    kind = fxprune.parse_pattern(pattern).kind
+    masks = {k: v for k, v in pruning.masks.items()}
+    assert set(masks) == {"conv1.weight", "conv2.weight", "conv3.weight", "fc1.weight", "fc2.weight"}
+    check_masks(masks, kind, *((4, 1) if pattern == "4x1" else (2, 4) if pattern == "2:4" else (1, 1)),
+                full=pattern == "2:4")
+    assert pruning.weight_sparsity == pytest.approx(target, abs=0.02)
+    for name, mask in masks.items():
+        assert (pruning.model.get_parameter(name)[~mask] == 0).all()
