@@ -22,9 +22,10 @@ For every model:
 
 fxprune and Torch-Pruning each run in a fresh worker process so that the peak RSS of one does
 not hide the other's and a crash in one (e.g. a segfault) is recorded instead of ending the run.
-Peak RSS is ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` of that worker, read right after the
-graph build step; the worker has imported torch/transformers and built the model before it, so
-"RSS increase" = that peak minus the current RSS (``/proc/self/statm``) just before the step.
+Peak RSS is the kernel's high-water mark VmHWM (/proc/self/status; what ``getrusage().ru_maxrss``
+reports, but without the parent's RSS that ru_maxrss inherits across fork+exec), reset through
+/proc/self/clear_refs just before the graph build and read right after it; the worker has imported
+torch/transformers and built the model before, so "RSS increase" = that peak minus VmRSS before.
 
 Usage::
 
@@ -61,16 +62,44 @@ WORKER_TIMEOUT_S = 1800
 # ------------------------------------------------------------------------------------------
 # helpers shared by the workers
 # ------------------------------------------------------------------------------------------
+def _status_mib(key: str) -> float | None:
+    """A Vm* line of /proc/self/status in MiB (VmRSS: current, VmHWM: peak resident set size)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 def _rss_mib() -> float:
     """Current resident set size of this process (MiB)."""
-    with open("/proc/self/statm") as f:
-        pages = int(f.read().split()[1])
-    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+    rss = _status_mib("VmRSS")
+    return rss if rss is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _peak_rss_mib() -> float:
-    """Peak RSS of this process so far (MiB); ru_maxrss is KiB on Linux."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak RSS of this process (MiB) since it started or since the last ``_reset_peak()``.
+
+    VmHWM, not ``getrusage().ru_maxrss``: in a process started by fork+exec, ru_maxrss also
+    counts the parent's RSS at exec time (the kernel carries the old mm's high-water mark into
+    signal->maxrss), so every worker would report at least the driver's RSS. VmHWM is the same
+    high-water counter for this process's own address space only.
+    """
+    hwm = _status_mib("VmHWM")
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _reset_peak() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0: write 5 to /proc/self/clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def _build(name: str, batch: int):
@@ -162,8 +191,9 @@ def worker_fxprune(args) -> dict:
     try:
         with torch.no_grad():
             model(x)  # warm the eager path so the compile step does not pay first-call costs
-        out["rss_before_mib"] = _rss_mib()
         out["peak_before_mib"] = _peak_rss_mib()
+        out["peak_reset"] = _reset_peak()
+        out["rss_before_mib"] = _rss_mib()
         stage = "compile"
         t0 = time.perf_counter()
         p = fxprune.compile(model, (x,), cfg)
@@ -263,8 +293,9 @@ def worker_tp(args) -> dict:
                 dg_seconds.append(time.perf_counter() - t0)
 
         tp.DependencyGraph.build_dependency = timed_build
-        out["rss_before_mib"] = _rss_mib()
         out["peak_before_mib"] = _peak_rss_mib()
+        out["peak_reset"] = _reset_peak()
+        out["rss_before_mib"] = _rss_mib()
         stage = "MagnitudePruner(...) / DependencyGraph build"
         importance = tp.importance.GroupMagnitudeImportance(p=2)
         t0 = time.perf_counter()
@@ -363,10 +394,13 @@ def model_section(name: str, fx: dict, tp: dict | None, bench, bench_error: str 
                      lambda r: _f(r["compile_wall_s"] if r["tool"] == "fxprune" else r["pruner_init_s"])))
     lines.append(row("prune s", lambda r: _f(r["prune_s"])))
     lines.append(row("compact s", lambda r: _f(r["compact_s"]) if r["tool"] == "fxprune" else "- (in place)"))
-    lines.append(row("peak RSS after graph build MiB", lambda r: _f(r["peak_after_build_mib"], ".0f")))
+    lines.append(row("RSS before graph build MiB (torch + transformers + model)",
+                     lambda r: _f(r["rss_before_mib"], ".0f")))
+    lines.append(row("peak RSS during graph build MiB", lambda r: _f(r["peak_after_build_mib"], ".0f")))
     lines.append(row("RSS increase during graph build MiB",
                      lambda r: _f(r["peak_after_build_mib"] - r["rss_before_mib"], ".0f")))
-    lines.append(row("peak RSS whole worker MiB", lambda r: _f(r["peak_end_mib"], ".0f")))
+    lines.append(row("peak RSS from build to end of worker MiB (incl. prune, compact, ONNX export)",
+                     lambda r: _f(r["peak_end_mib"], ".0f")))
     lines.append(row("params before → after (M)",
                      lambda r: f"{_mb(dense_params):.2f} → {_mb(r['params_after']):.2f}"))
     lines.append(row("params ratio", lambda r: _f(dense_params / r["params_after"])))
@@ -424,7 +458,7 @@ def model_section(name: str, fx: dict, tp: dict | None, bench, bench_error: str 
 
 
 def combined_table(rows: list[dict], threads: list[int]) -> str:
-    head = ["model", "method", "build s", "peak RSS MiB", "params M", "GMACs", "ideal"]
+    head = ["model", "method", "build s", "build peak RSS MiB", "params M", "GMACs", "ideal"]
     for t in threads:
         head += [f"ms @{t}t", f"speedup @{t}t", f"speedup/ideal @{t}t"]
     lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
@@ -496,6 +530,7 @@ def main(argv=None) -> int:
     run_peer = peer_note is None
 
     sections, rows = [], []
+    all_reset = True
     for name in args.models:
         print(f"== {name}", flush=True)
         with tempfile.TemporaryDirectory(prefix=f"bench_cnn_{name}_") as tmp:
@@ -531,6 +566,7 @@ def main(argv=None) -> int:
             else:
                 bench_error = "nothing to compare: the dense or every pruned ONNX export is missing"
         sections.append(model_section(name, fx, tp, bench, bench_error))
+        all_reset = all_reset and all(r.get("peak_reset", True) for r in (fx, tp or {}))
 
         by = {}
         if bench is not None:
@@ -567,9 +603,12 @@ def main(argv=None) -> int:
         f"threads {args.threads}, warmup {args.warmup}, repeat {args.repeat} (models interleaved per round)",
         "- build s: fxprune = `p.captured.seconds + p.grouping.seconds` (torch.export capture + group pass); "
         "Torch-Pruning = `DependencyGraph.build_dependency` inside `MagnitudePruner(...)`",
-        "- memory: peak RSS = `resource.getrusage(RUSAGE_SELF).ru_maxrss` of a fresh worker process per tool and "
-        "model, read right after the build step (it includes torch, transformers and the model itself); "
-        "'RSS increase' = that peak minus the RSS (/proc/self/statm) just before the step",
+        "- memory: each tool runs in a fresh worker process per model. Peak RSS = `VmHWM` of /proc/self/status "
+        "(the kernel high-water mark that `getrusage().ru_maxrss` reports; ru_maxrss itself is not used because "
+        "in a fork+exec'd worker it also counts the driver's RSS at exec), reset with /proc/self/clear_refs "
+        "just before the graph build and read right after it (so it includes torch, transformers and the model "
+        "already in memory); 'RSS increase' = that peak minus VmRSS just before the build"
+        + ("" if all_reset else " (WARNING: the reset failed in some worker: its peak counts from process start)"),
         "- ideal = dense MACs / pruned MACs (conv/linear/matmul MACs counted by fxprune's counter on a "
         "torch.export graph, for both tools); speedup/ideal = measured speedup / ideal",
         f"- total wall time of this run: {total / 60:.1f} min",

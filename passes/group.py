@@ -208,8 +208,8 @@ def group_channels(gm: GraphModule) -> Grouping:
                         key=lambda spaces: order[spaces[0]])
     for spaces in components:
         params = [s for s in spaces if s[0].startswith(PARAM_PREFIX)]
-        if not params:
-            continue
+        if not any(_is_parameter(gm, key[len(PARAM_PREFIX):]) for key, _ in params):
+            continue  # only buffers/constants: nothing to score and nothing worth removing
         gi = len(groups)
         local = 0
         for s in params + spaces:  # number channels in order of the first parameter

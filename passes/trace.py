@@ -72,6 +72,8 @@ def _describe(frame: traceback.FrameSummary | None) -> str:
 
 def _advice(err: BaseException) -> str:
     text = f"{type(err).__name__}: {err}"
+    if "Cache" in text and "not a known type" in text:
+        return "the model returns a key/value cache object; build it with use_cache=False (e.g. config.use_cache = False)"
     if "data-dependent" in text or "DataDependent" in text or "GuardOnDataDependent" in text:
         return ("the model branches or sizes a tensor on tensor *values*; make that branch depend on "
                 "shapes or constants, use torch.cond, or move it out of forward()")

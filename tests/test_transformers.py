@@ -1,0 +1,68 @@
+"""Hugging Face transformers (random init from configs): heads and FFN channels.
+
+Attention heads come out of the generic rules: q/k/v rows in head-sized blocks, the
+output projection's columns, and (with grouped-query attention) a key/value head
+together with the query heads that share it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fxprune
+
+transformers = pytest.importorskip("transformers")
+
+
+def _bert():
+    cfg = transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                                  vocab_size=100)
+    return transformers.BertModel(cfg), (torch.randint(0, 100, (1, 16)),), 4
+
+
+def _gpt2():
+    cfg = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_inner=128, vocab_size=100, use_cache=False,
+                                  bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2Model(cfg), (torch.randint(0, 100, (1, 16)),), 4  # FFN is 4 * n_embd
+
+
+def _vit():
+    cfg = transformers.ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                                 image_size=32, patch_size=8)
+    return transformers.ViTModel(cfg), (torch.randn(1, 3, 32, 32),), 4
+
+
+def _llama():
+    cfg = transformers.LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   intermediate_size=128, vocab_size=100, use_cache=False)
+    return transformers.LlamaForCausalLM(cfg), (torch.randint(0, 100, (1, 16)),), 2  # 2 kv heads, 2 q heads each
+
+
+@pytest.mark.parametrize("build", [_bert, _gpt2, _vit, _llama], ids=["bert", "gpt2", "vit", "llama-gqa"])
+def test_heads_and_ffn_prune_and_compact(build, tmp_path):
+    torch.manual_seed(0)
+    model, x, head_units = build()
+    model.eval()
+    pruning = fxprune.compile(model, x, {"target_sparsity": 0.5, "prune_domain": "local"})
+    sizes = sorted({g.size for g in pruning.groups})
+    assert head_units in sizes and max(sizes) == 128  # per-layer heads and FFN channels
+    head_groups = [g for g in pruning.groups if g.size == head_units]
+    assert len(head_groups) == 2  # one per layer
+    pruning.prune()
+    small = pruning.compact()
+    with torch.no_grad():
+        ref, out = pruning.model(*x), small(*x)
+    ref = ref[0] if not isinstance(ref, torch.Tensor) else ref
+    out = out[0] if not isinstance(out, torch.Tensor) else out
+    assert (ref - out).abs().max() <= 1e-4
+    report = pruning.report()
+    assert report.macs_ratio > 1.5
+    assert fxprune.export_onnx(small, tmp_path / "small.onnx", x).max_abs_error <= 1e-4
+
+
+def test_cache_output_gets_actionable_advice():
+    cfg = transformers.LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                   vocab_size=50, use_cache=True)
+    with pytest.raises(fxprune.CaptureError, match="use_cache=False"):
+        fxprune.compile(transformers.LlamaForCausalLM(cfg).eval(), (torch.randint(0, 50, (1, 8)),), {})
