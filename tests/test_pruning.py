@@ -208,3 +208,47 @@ def test_mask_patterns_during_training(pattern, pruner):
     assert pruning.weight_sparsity == pytest.approx(target, abs=0.02)
     for name, mask in masks.items():
         assert (pruning.model.get_parameter(name)[~mask] == 0).all()
+
+
+SCHEDULES = {"oneshot": {"start_step": 3, "end_step": 3},
+             "iterative-exp": {"start_step": 1, "end_step": 7, "update_frequency_on_step": 2, "sparsity_decay_type": "exp"},
+             "iterative-cube": {"start_step": 0, "end_step": 6, "update_frequency_on_step": 3, "sparsity_decay_type": "cube"}}
+
+
+@pytest.mark.parametrize("schedule", sorted(SCHEDULES))
+@pytest.mark.parametrize("pattern", ["channelx1", "4x1", "2:4"])
+@pytest.mark.parametrize("pruner", ["magnitude", "snip", "snip_momentum", "taylor"])
+def test_pruner_pattern_schedule_matrix(pruner, pattern, schedule):
+    """Every combination reaches its target with masks of the declared pattern."""
+    from fxprune.patterns import check_masks
+
+    factory, inputs = ARCHITECTURES["PlainCNN"]
+    target = 0.5
+    pruning = fxprune.compile(factory(), inputs(), {"pruning_type": pruner, "pattern": pattern, "target_sparsity": target,
+                                                     "prune_domain": "global", **SCHEDULES[schedule]})
+    opt = pruning.attach(torch.optim.SGD(pruning.model.parameters(), lr=0.01, momentum=0.9))
+    pruning.model.train()
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(8):
+        opt.zero_grad()
+        pruning.model(torch.randn(2, 3, 32, 32, generator=gen)).square().mean().backward()
+        opt.step()
+    for name, mask in pruning.masks.items():
+        assert (pruning.model.get_parameter(name)[~mask] == 0).all()
+    if pattern == "channelx1":
+        total = sum(g.size for g in pruning.groups)
+        assert pruning.sparsity == pytest.approx(int(total * target) / total)  # within one channel
+        for g in pruning.groups:  # whole channels across every member
+            dead = np.flatnonzero(~np.isin(np.arange(g.size), pruning.kept_channels[g.index]))
+            for m in g.parameters:
+                w = pruning.model.get_parameter(m.name)
+                for c in dead[:3]:
+                    assert (w.index_select(m.dim, torch.from_numpy(m.indices(c))) == 0).all()
+        small = pruning.compact()
+        x = inputs()
+        with torch.no_grad():
+            assert (small(*x) - pruning.model.eval()(*x)).abs().max() <= 1e-4
+    else:
+        n, m = (4, 1) if pattern == "4x1" else (2, 4)
+        check_masks(pruning.masks, fxprune.parse_pattern(pattern).kind, n, m, full=pattern == "2:4")
+        assert pruning.weight_sparsity == pytest.approx(target, abs=0.01)
