@@ -9,7 +9,9 @@ from fxprune.api import Pruning, compile
 from fxprune.config import PruningConfig, parse_config, parse_pattern
 from fxprune.errors import (CaptureError, CompactionError, ConfigError, ExampleInputsError, FxPruneError,
                             PruningError)
+from fxprune.explain import Explanation, explain
 from fxprune.exporters import BenchmarkResult, OnnxExport, benchmark, export_onnx
+from fxprune.plan import load_compact, load_plan, save_compact
 from fxprune.pruners import (MagnitudePruner, PatternLockPruner, Pruner, SnipMomentumPruner, SnipPruner,
                              TaylorPruner, get_pruner, register_pruners)
 from fxprune.report import Report
@@ -18,6 +20,7 @@ __all__ = [
     "compile", "Pruning", "PruningConfig", "parse_config", "parse_pattern", "Report",
     "register_pruners", "get_pruner", "Pruner", "MagnitudePruner", "SnipPruner", "SnipMomentumPruner",
     "TaylorPruner", "PatternLockPruner",
+    "explain", "Explanation", "save_compact", "load_compact", "load_plan",
     "export_onnx", "OnnxExport", "benchmark", "BenchmarkResult",
     "FxPruneError", "CaptureError", "ConfigError", "ExampleInputsError", "PruningError", "CompactionError",
 ]

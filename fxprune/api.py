@@ -76,7 +76,7 @@ class Pruning:
         self.masks: dict[str, torch.Tensor] = {}
         self._element_masks: dict[str, torch.Tensor] = {}
         self.global_step = 0
-        self._hooks: list = []
+        self._training = False
 
     # -- set-up -------------------------------------------------------------------------
     def _layer_names(self) -> set[str]:
@@ -236,13 +236,20 @@ class Pruning:
     # -- training-loop hooks --------------------------------------------------------------
     def on_train_begin(self) -> None:
         """Start of fine-tuning: masks are applied so training starts from the masked model."""
+        self._training = True
         self.apply_masks()
+
+    def _require_training(self, hook: str) -> None:
+        if not self._training:
+            raise PruningError(f"{hook}() was called before on_train_begin(); call on_train_begin() (or "
+                               "attach(optimizer)) once before the training loop")
 
     def on_epoch_begin(self, epoch: int | None = None) -> None:
         """Nothing to do; present so every hook of the reference exists."""
 
     def on_step_begin(self, step: int | None = None) -> None:
         """Prune if ``step`` is one of a pruner's pruning steps (then masks change)."""
+        self._require_training("on_step_begin")
         if step is not None:
             self.global_step = step
         for pruner in self.pruners:
@@ -252,6 +259,7 @@ class Pruning:
 
     def on_before_optimizer_step(self) -> None:
         """Scores from this step's gradients, then gradients of pruned weights are zeroed."""
+        self._require_training("on_before_optimizer_step")
         for pruner in self.pruners:
             pruner.on_before_optimizer_step()
         for name, mask in self.masks.items():
@@ -261,6 +269,7 @@ class Pruning:
 
     def on_after_optimizer_step(self) -> None:
         """Re-zero pruned weights (momentum or weight decay may have moved them); count the step."""
+        self._require_training("on_after_optimizer_step")
         self.apply_masks()
         self.global_step += 1
 
@@ -272,6 +281,8 @@ class Pruning:
 
     def on_train_end(self) -> None:
         """End of fine-tuning: masks applied once more."""
+        self._require_training("on_train_end")
+        self._training = False
         self.apply_masks()
 
     def attach(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -303,6 +314,9 @@ class Pruning:
         outputs on the example inputs: max abs error <= ``atol * max(1, max|y|)``.
         """
         self._require_channel("compact")
+        if all(k.all() for k in self._kept.values()):
+            raise PruningError("nothing is pruned yet: call prune(), set_kept() or fine-tune with the hooks "
+                               "before compact()")
         state = dict(self.model.state_dict(keep_vars=False))
         small = compact_graph(self.captured.graph_module, self.grouping, self._atom_kept(), state)
         if check:
@@ -339,6 +353,25 @@ class Pruning:
         small = compact_graph(dense, self.grouping, self._atom_kept(), dict(self.model.state_dict()))
         return build_report(self, count_params(dense), count_params(small),
                             count_macs(dense, self.example_inputs), count_macs(small, self.example_inputs))
+
+    # -- plans ----------------------------------------------------------------------------
+    def plan(self) -> dict:
+        """The kept channels of every group as JSON-ready data (see :mod:`fxprune.plan`)."""
+        from fxprune.plan import plan_of
+
+        return plan_of(self)
+
+    def save_plan(self, path) -> None:
+        from fxprune.plan import save_plan
+
+        save_plan(self, path)
+
+    def apply_plan(self, plan) -> "Pruning":
+        """Apply a plan (dict or JSON path) made on another copy of the same model."""
+        from fxprune.plan import apply_plan, load_plan
+
+        apply_plan(self, load_plan(plan) if not isinstance(plan, dict) else plan)
+        return self
 
     # -- state --------------------------------------------------------------------------
     def state_dict(self) -> dict:

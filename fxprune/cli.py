@@ -21,7 +21,21 @@ def main(argv=None) -> int:
     demo.add_argument("--repeat", type=int, default=30, help="timed runs per model and thread count")
     demo.add_argument("--round-to", type=int, default=8, help="kept channels are multiples of this")
     demo.add_argument("--out", default=None, help="folder for the ONNX files (default: a temp folder)")
+    exp = sub.add_parser("explain", help="show a model's channel groups and why other channels are frozen")
+    exp.add_argument("factory", help="module:callable returning the model, e.g. mypkg.models:build")
+    exp.add_argument("--input", default="1x3x224x224", help="example input shape, e.g. 1x3x224x224 (float)")
     args = parser.parse_args(argv)
+    if args.command == "explain":
+        import importlib
+
+        import torch
+
+        from fxprune.explain import explain
+
+        module, _, attr = args.factory.partition(":")
+        model = getattr(importlib.import_module(module), attr)()
+        shape = tuple(int(s) for s in args.input.lower().split("x"))
+        print(explain(model.eval(), (torch.randn(shape),)))
     if args.command == "demo":
         from fxprune.demo import run_demo
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from fxprune.errors import PruningError
 from fxprune.passes.group import Group
 
 __all__ = ["member_channel_scores", "group_scores"]
@@ -36,12 +37,11 @@ def group_scores(group: Group, tensors: dict[str, torch.Tensor], p: str = "l2",
         source = elementwise.get(m.name) if elementwise else None
         t = source if source is not None else tensors[m.name]
         s = member_channel_scores(t, m.atoms, m.dim, group.size, "l1" if source is not None else p)
+        if not np.isfinite(s).all():
+            raise PruningError(f"non-finite channel scores from {m.name} in {group.describe()}: "
+                               "its weights (or gradients) hold NaN/inf")
         mean = s.mean()
         if np.isfinite(mean) and mean > 0:
             total += s / mean
             count += 1
-    if not np.isfinite(total).all():
-        from fxprune.errors import PruningError
-
-        raise PruningError(f"non-finite channel scores in {group.describe()}: check the weights for NaN/inf")
     return total / max(count, 1)

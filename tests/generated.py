@@ -539,7 +539,7 @@ KINDS: dict[str, Kind] = {
 
 
 # parametric layers are drawn more often, so that most programs have prunable channels
-WEIGHTS = {"conv": 5, "linear": 4, "block": 2, "se": 1, "head": 2}
+WEIGHTS = {"conv": 8, "linear": 6, "block": 3, "head": 2, "add": 2, "cat": 2, "split": 2}
 
 
 # -- programs -----------------------------------------------------------------------------
@@ -610,11 +610,11 @@ def _merge(stack: list, n_out: int) -> list:
 
 
 @st.composite
-def programs(draw, stack: list, n_out: int, depth: int = 0, max_ops: int = 8):
+def programs(draw, stack: list, n_out: int, depth: int = 0, max_ops: int = 8, min_ops: int = 1):
     """(program, final stack) starting from ``stack`` and ending with ``n_out`` tensors."""
     stack = list(stack)
     program = []
-    for _ in range(draw(st.integers(1, max_ops))):
+    for _ in range(draw(st.integers(min_ops, max_ops))):
         choices = [name for name, k in KINDS.items()
                    if len(stack) >= k.arity and k.applies(stack[len(stack) - k.arity:], depth, len(stack))]
         kind = draw(st.sampled_from([name for name in choices for _ in range(WEIGHTS.get(name, 1))]))
@@ -627,15 +627,15 @@ def programs(draw, stack: list, n_out: int, depth: int = 0, max_ops: int = 8):
 
 
 @st.composite
-def architectures(draw, max_ops: int = 8):
+def architectures(draw, min_ops: int = 3, max_ops: int = 10):
     """Architecture dicts: ``input`` shape, ``program`` and weight ``seed``."""
-    if draw(st.booleans()):
+    if draw(st.sampled_from(["image", "image", "image", "mlp"])) == "image":
         shape = (1, 3, draw(st.sampled_from([8, 12, 16])), draw(st.sampled_from([8, 12, 16])))
         start = ("nchw", shape)
     else:
         shape = (2, draw(st.integers(MIN_W, MAX_W)))
         start = ("nc", shape)
-    program, _ = draw(programs([start], draw(st.sampled_from([1, 2])), 0, max_ops))
+    program, _ = draw(programs([start], draw(st.sampled_from([1, 2])), 0, max_ops, min_ops))
     return {"input": shape, "program": program, "seed": draw(st.integers(0, 2**16))}
 
 

@@ -1,0 +1,50 @@
+"""``fxprune.explain``: which ops the group pass understood, and what froze which layer."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+from fxprune.passes.group import group_channels
+from fxprune.passes.rules import RULES
+from fxprune.passes.trace import capture
+
+__all__ = ["Explanation", "explain"]
+
+
+@dataclass
+class Explanation:
+    ops_handled: Counter = field(default_factory=Counter)   # op -> count of nodes with a rule
+    ops_blocking: Counter = field(default_factory=Counter)  # op -> count of nodes without one (their dims froze)
+    blocked: dict = field(default_factory=dict)             # (parameter, dim) -> reason
+    groups: list = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"{len(self.groups)} prunable channel groups"]
+        for g in self.groups:
+            lines.append(f"  {g.describe()}")
+        lines.append(f"ops with a rule: {sum(self.ops_handled.values())} nodes of {len(self.ops_handled)} kinds")
+        if self.ops_blocking:
+            lines.append("ops without a rule (the channels they touch are frozen):")
+            lines += [f"  {op}: {n}" for op, n in self.ops_blocking.most_common()]
+        interesting = {k: v for k, v in self.blocked.items() if "kernel" not in v and "window" not in v}
+        if interesting:
+            lines.append("parameter dims that cannot be pruned:")
+            lines += [f"  {name}[{dim}]: {reason}" for (name, dim), reason in sorted(interesting.items())]
+        return "\n".join(lines)
+
+
+def explain(model: torch.nn.Module, example_inputs: tuple) -> Explanation:
+    """Capture and group ``model`` (no pruning) and say what is prunable and why not."""
+    gm = capture(model, example_inputs).graph_module
+    grouping = group_channels(gm)
+    out = Explanation(blocked=dict(grouping.blocked), groups=grouping.groups)
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        name = str(node.target) if isinstance(node.target, torch._ops.OpOverload) else getattr(
+            node.target, "__name__", str(node.target))
+        (out.ops_handled if node.target in RULES else out.ops_blocking)[name] += 1
+    return out

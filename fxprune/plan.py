@@ -1,0 +1,70 @@
+"""Pruning plans and compact-model persistence.
+
+A plan is the kept channels of every group, as small JSON. Re-applied to a freshly
+built copy of the same model it reproduces the identical compact model; the group
+layout is fingerprinted so a plan never lands on a different architecture.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import torch
+
+from fxprune.errors import PruningError
+
+__all__ = ["plan_of", "save_plan", "load_plan", "apply_plan", "save_compact", "load_compact"]
+
+PLAN_VERSION = 1
+
+
+def _fingerprint(groups) -> list:
+    return [[g.size, sorted(f"{m.name}:{m.dim}" for m in g.parameters)] for g in groups]
+
+
+def plan_of(pruning) -> dict:
+    """The kept channel indices of every group, with a fingerprint of the group layout."""
+    return {"version": PLAN_VERSION,
+            "groups": [{"index": g.index, "size": g.size, "members": sorted(f"{m.name}:{m.dim}" for m in g.parameters),
+                        "kept": pruning.kept_channels[g.index].tolist()} for g in pruning.groups]}
+
+
+def save_plan(pruning, path: str | os.PathLike) -> None:
+    with open(path, "w") as f:
+        json.dump(plan_of(pruning), f, indent=1)
+
+
+def load_plan(path: str | os.PathLike) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def apply_plan(pruning, plan: dict) -> None:
+    """Set ``pruning``'s kept channels from ``plan``; the group layout must match exactly."""
+    if plan.get("version") != PLAN_VERSION:
+        raise PruningError(f"plan version {plan.get('version')!r} is not supported (expected {PLAN_VERSION})")
+    entries = plan["groups"]
+    mine = _fingerprint(pruning.groups)
+    theirs = [[e["size"], e["members"]] for e in entries]
+    if mine != theirs:
+        diff = next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), min(len(mine), len(theirs)))
+        raise PruningError(f"the plan was made for a different model: its group {diff} does not match this model's "
+                           f"({len(theirs)} groups in the plan, {len(mine)} here)")
+    kept = {}
+    for g, e in zip(pruning.groups, entries):
+        mask = np.zeros(g.size, dtype=bool)
+        mask[np.asarray(e["kept"], dtype=np.int64)] = True
+        kept[g.index] = mask
+    pruning.set_kept(kept)
+
+
+def save_compact(module: torch.nn.Module, path: str | os.PathLike, example_inputs: tuple) -> None:
+    """Save a compact model as a torch.export ``.pt2``: it reloads without the original class."""
+    torch.export.save(torch.export.export(module, example_inputs, strict=False), path)
+
+
+def load_compact(path: str | os.PathLike) -> torch.nn.Module:
+    """Load a model saved by :func:`save_compact` as a callable module."""
+    return torch.export.load(path).module()
