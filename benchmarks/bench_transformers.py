@@ -376,7 +376,7 @@ def main(argv=None) -> int:
         f"prune_domain=local, round_to={args.round_to}, one-shot magnitude `prune()`. round_to=1 because "
         "a head group has only 12 channels (heads): round_to=8 would round the 6 kept heads up to 8.",
         "- per encoder layer fxprune groups the 12 attention heads (q/k/v output rows + attention-output "
-        "input columns, 64 weights rows per head) and the 3072 FFN channels; local pruning halves each group.",
+        "input columns, 64 weight rows per head) and the 3072 FFN channels; local pruning halves each group.",
         f"- inputs: bert-base input_ids 1x128 int64 (random ints < vocab_size, seed {SEED}), vit-base pixel_values "
         f"1x3x224x224 float32 (standard normal); batch {args.batch}",
         f"- onnxruntime CPUExecutionProvider, ORT_ENABLE_ALL, threads {args.threads}, warmup {args.warmup}, "

@@ -47,6 +47,7 @@ class Couplings:
     edges: list[Edge] = field(default_factory=list)
     frozen: dict[tuple[str, int], str] = field(default_factory=dict)
     node: Node | None = None  # the node whose rule is running, for frozen reasons
+    deferred: list = field(default_factory=list)  # reshape nodes, resolved after every other rule
 
     # -- shapes ---------------------------------------------------------------
     def shape(self, arg) -> tuple | None:

@@ -22,7 +22,7 @@ import torch
 from torch.fx import GraphModule
 
 from fxprune.passes.couplings import PARAM_PREFIX, Couplings, value_key
-from fxprune.passes.rules import apply_rule
+from fxprune.passes.rules import apply_rule, resolve_reshapes
 
 __all__ = ["Member", "Group", "Grouping", "group_channels"]
 
@@ -134,6 +134,7 @@ def collect_couplings(gm: GraphModule) -> Couplings:
             apply_rule(node, c)
         elif node.op == "call_module" and c.output_keys(node):
             c.freeze_all(node, f"opaque submodule {node.target}")
+    resolve_reshapes(c)
     for key, shape in c.shapes.items():
         for d, size in enumerate(shape):
             if size is None:

@@ -13,16 +13,16 @@ of two activations) freeze it, because a zeroed channel would still change them.
 
 from __future__ import annotations
 
-import math
 import operator
 
+import networkx as nx
 import numpy as np
 import torch
 from torch.fx import Node
 
-from fxprune.passes.couplings import Couplings
+from fxprune.passes.couplings import Couplings, value_key
 
-__all__ = ["RULES", "rule", "apply_rule"]
+__all__ = ["RULES", "rule", "apply_rule", "resolve_reshapes"]
 
 aten = torch.ops.aten
 RULES: dict = {}
@@ -378,31 +378,120 @@ def _softmax(node: Node, c: Couplings) -> None:
       aten.unflatten.int, aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.unsqueeze.default,
       aten.view_as.default, aten.reshape_as.default)
 def _reshape(node: Node, c: Couplings) -> None:
-    """Match dims by products. A flatten ties each outer channel to a block of features;
-    inner dims of a flatten/unflatten are frozen, so a channel is always a contiguous block."""
-    x = node.args[0]
-    a, b = c.shape(x), c.shape(node)
-    if any(s is None for s in a + b):
-        c.freeze_all(node, "reshape with symbolic sizes")
-        return
-    for ga, gb in _factor_groups(a, b):
-        if not ga or not gb:
+    """Dim-for-dim reshapes (squeeze, unsqueeze, views that keep every dim) couple now; ones that
+    merge or split dims are decided after every other rule has run (see :func:`resolve_reshapes`)."""
+    a, b = c.shape(node.args[0]), c.shape(node)
+    groups = _factor_groups(a, b) if None not in a + b else None
+    if groups is not None and all(len(ga) == 1 and len(gb) == 1 for ga, gb in groups):
+        for (da,), (db,) in groups:
+            c.identity(node.args[0], da, node, db)
+    else:
+        c.deferred.append(node)
+
+
+def resolve_reshapes(c: Couplings) -> None:
+    """Couple the dims of every reshape, in graph order.
+
+    Dims are matched by products; where several dims merge or split, both sides are
+    cut into their common refinement of factors (e.g. [B, H*D] -> [B*H, D] gives B, H,
+    D). Each dim can carry one factor across, so that a channel stays one index set:
+    the outermost factor whose two dims are not already frozen is tied (heads rather
+    than head_dim, the flattened channel rather than its pixels, E of a packed
+    [3, E] projection whose "3" is split by select); dims left without a factor are
+    frozen. Frozen-ness so far is tracked with a union-find over spaces.
+    """
+    uf = nx.utils.UnionFind()
+    for e in c.edges:
+        uf.union(e.a, e.b)
+    frozen_roots = {uf[s] for s in c.frozen}
+    live: dict = {}  # root -> {dim size: (stride, size)} of the factor a merged dim carries
+
+    def frozen(space):
+        return uf[space] in frozen_roots
+
+    def dead_factor(space, n, stride, size):
+        """A sub-factor of a merged dim other than the one that dim carries (B of B*H, say)."""
+        carried = live.get(uf[space], {}).get(n)
+        return size < n and carried is not None and carried != (stride, size)
+
+    for node in c.deferred:
+        c.node = node
+        x = node.args[0]
+        a, b = c.shape(x), c.shape(node)
+        if any(s is None for s in a + b):
+            c.freeze_all(node, "reshape with symbolic sizes")
+            frozen_roots |= {uf[(k, d)] for k in (value_key(x), node.name) for d in range(len(c.shapes[k]))}
             continue
-        if len(ga) == 1 and len(gb) == 1:
-            c.identity(x, ga[0], node, gb[0])
-        elif len(gb) == 1:
-            c.block(x, ga[0], node, gb[0], math.prod(a[d] for d in ga[1:]))
-            for d in ga[1:]:
-                c.freeze(x, d, "inner dim of a flatten")
-        elif len(ga) == 1:
-            c.block(node, gb[0], x, ga[0], math.prod(b[d] for d in gb[1:]))
-            for d in gb[1:]:
-                c.freeze(node, d, "inner dim of an unflatten")
-        else:
-            for d in ga:
-                c.freeze(x, d, "reshape that regroups several dims")
-            for d in gb:
-                c.freeze(node, d, "reshape that regroups several dims")
+        kx, kn = value_key(x), node.name
+        for ga, gb in _factor_groups(a, b):
+            if len(ga) == 1 and len(gb) == 1:
+                c.identity(x, ga[0], node, gb[0])
+                uf.union((kx, ga[0]), (kn, gb[0]))
+                continue
+            tied_a, tied_b = set(), set()
+            for size, da, sa, db, sb in _refine([(d, a[d]) for d in ga], [(d, b[d]) for d in gb]):
+                if da in tied_a or db in tied_b or frozen((kx, da)) or frozen((kn, db)):
+                    continue
+                if dead_factor((kx, da), a[da], sa, size) or dead_factor((kn, db), b[db], sb, size):
+                    continue
+                _tie_factor(c, x, da, a[da], sa, node, db, b[db], sb, size)
+                merged = {**live.pop(uf[(kx, da)], {}), **live.pop(uf[(kn, db)], {})}
+                uf.union((kx, da), (kn, db))
+                for n, stride in ((a[da], sa), (b[db], sb)):
+                    if size < n:
+                        merged[n] = (stride, size)
+                if merged:
+                    live[uf[(kx, da)]] = merged
+                tied_a.add(da)
+                tied_b.add(db)
+            for key, dims, tied, shape in ((kx, ga, tied_a, a), (kn, gb, tied_b, b)):
+                for d in dims:
+                    if d not in tied:
+                        c.freeze(key, d, "dim split or merged by a reshape")
+                        frozen_roots.add(uf[(key, d)])
+                    elif frozen((key, d)):
+                        frozen_roots.add(uf[(key, d)])
+
+
+def _refine(dims_a, dims_b):
+    """Common refinement of two factorisations of one size, outermost factor first.
+
+    Yields (size, dim_a, stride_in_a, dim_b, stride_in_b) for each factor.
+    """
+    def strides(dims):
+        out, s = [], 1
+        for d, n in reversed(dims):
+            out.append((d, s, n))
+            s *= n
+        return out, s
+
+    sa, total = strides(dims_a)
+    sb, _ = strides(dims_b)
+    cuts = sorted({s for _, s, _ in sa} | {s for _, s, _ in sb} | {total})
+    factors = []
+    for lo, hi in zip(cuts, cuts[1:]):
+        if hi % lo:
+            return []
+        da = next((d, lo // s) for d, s, n in sa if s <= lo < s * n)
+        db = next((d, lo // s) for d, s, n in sb if s <= lo < s * n)
+        factors.append((hi // lo, da[0], da[1], db[0], db[1]))
+    return list(reversed(factors))
+
+
+def _tie_factor(c: Couplings, x, da: int, na: int, sa: int, node, db: int, nb: int, sb: int, size: int) -> None:
+    """Elements of both dims that share this factor's index are one channel."""
+    ia, ib = np.arange(na), np.arange(nb)
+    fa, fb = (ia // sa) % size, (ib // sb) % size
+    c.pairs(x, da, node, db, ia, _first_with(fb, fa))
+    c.pairs(node, db, node, db, ib, _first_with(fb, fb))
+
+
+def _first_with(factor_index: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    """For each wanted factor index, the first position of ``factor_index`` holding it."""
+    first = np.full(factor_index.max() + 1, -1, dtype=np.int64)
+    values, positions = np.unique(factor_index, return_index=True)
+    first[values] = positions
+    return first[wanted]
 
 
 def _factor_groups(a, b):

@@ -51,7 +51,7 @@ def test_explain_lists_groups_and_frozen_reasons():
     factory, inputs = ARCHITECTURES["ShuffleNetLike"]
     text = str(fxprune.explain(factory(), inputs()))
     assert "4 prunable channel groups" in text
-    assert "inner dim of a flatten" in text and "models.py" in text
+    assert "dim split or merged by a reshape" in text and "models.py" in text
 
 
 def test_explain_cli(capsys):

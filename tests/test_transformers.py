@@ -66,3 +66,21 @@ def test_cache_output_gets_actionable_advice():
                                    vocab_size=50, use_cache=True)
     with pytest.raises(fxprune.CaptureError, match="use_cache=False"):
         fxprune.compile(transformers.LlamaForCausalLM(cfg).eval(), (torch.randint(0, 50, (1, 8)),), {})
+
+
+def test_torch_multihead_attention_heads_are_units():
+    """nn.MultiheadAttention packs q/k/v in one in_proj and merges batch with heads; heads still come out."""
+    from tests.models import ARCHITECTURES
+
+    factory, inputs = ARCHITECTURES["TwoLayerTransformer"]
+    pruning = fxprune.compile(factory(), inputs(), {"target_sparsity": 0.5, "prune_domain": "local"})
+    heads = [g for g in pruning.groups if any("in_proj_weight" in m.name for m in g.parameters)]
+    assert [g.size for g in heads] == [4, 4]
+    in_proj = next(m for m in heads[0].parameters if m.name.endswith("in_proj_weight"))
+    # head 1 is rows 8..15 of each of q, k and v
+    assert list(in_proj.indices(1)) == [*range(8, 16), *range(40, 48), *range(72, 80)]
+    pruning.prune()
+    small = pruning.compact()
+    x = inputs()
+    with torch.no_grad():
+        assert (small(*x) - pruning.model(*x)).abs().max() <= 1e-4
