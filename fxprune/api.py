@@ -324,6 +324,17 @@ class Pruning:
             self.compact_error = self._compare(small, atol)
         return small
 
+    def compact_eager(self, atol: float = 1e-4) -> torch.nn.Module:
+        """Remove pruned channels from a copy of the model's own class (see :mod:`fxprune.eager`).
+
+        Sizes in module attributes (and a Hugging Face config, when pruning kept layers
+        uniform) are updated; outputs are checked against the masked model.
+        """
+        from fxprune.eager import compact_eager
+
+        self._require_channel("compact_eager")
+        return compact_eager(self, atol)
+
     def _compare(self, small: torch.nn.Module, atol: float) -> float:
         with torch.no_grad(), _eval(self.model):
             ref = pytree.tree_leaves(self.model(*self.example_inputs))

@@ -126,3 +126,25 @@ def test_compact_after_fine_tuning_uses_trained_weights():
     small = pruning.compact()
     with torch.no_grad():
         assert _max_err(pruning.model.eval()(*x), small(*x)) <= ATOL
+
+
+@pytest.mark.parametrize("name", ["PlainCNN", "ResNetBottleneck", "DenseNetLike", "MobileNetV2Like", "ResNeXtLike",
+                                  "SENet", "hf_resnet_bottleneck", "hf_convnext", "hf_mobilenet_v2"])
+def test_eager_compaction_keeps_the_users_class(name):
+    factory, inputs = ALL[name]
+    model, x = factory(), inputs()
+    pruning = fxprune.compile(model, x, {"target_sparsity": 0.5, "prune_domain": "local"}).prune()
+    small = pruning.compact_eager()
+    assert type(small) is type(model)
+    assert count_params(small) < count_params(model)
+    with torch.no_grad():
+        assert _max_err(pruning.model(*x), small(*x)) <= ATOL
+    convs = [m for m in small.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(m.weight.shape[0] == m.out_channels and m.weight.shape[1] * m.groups == m.in_channels for m in convs)
+
+
+def test_eager_compaction_refuses_a_forward_with_fixed_split():
+    factory, inputs = ARCHITECTURES["ShuffleNetLike"]  # x.chunk(2) needs equal halves
+    pruning = fxprune.compile(factory(), inputs(), {"target_sparsity": 0.5, "prune_domain": "local"}).prune()
+    with pytest.raises(fxprune.CompactionError, match="hard-codes a width"):
+        pruning.compact_eager()

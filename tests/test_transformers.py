@@ -84,3 +84,33 @@ def test_torch_multihead_attention_heads_are_units():
     x = inputs()
     with torch.no_grad():
         assert (small(*x) - pruning.model(*x)).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("build", [_bert, _llama, _vit], ids=["bert", "llama-gqa", "vit"])
+def test_eager_compact_model_of_the_users_class(build):
+    torch.manual_seed(0)
+    model, x, _ = build()
+    pruning = fxprune.compile(model.eval(), x, {"target_sparsity": 0.5, "prune_domain": "local"}).prune()
+    small = pruning.compact_eager()
+    assert type(small) is type(model)
+    assert small.config.num_attention_heads == model.config.num_attention_heads // 2
+    assert small.config.intermediate_size == model.config.intermediate_size // 2
+    with torch.no_grad():
+        assert (small(*x)[0] - pruning.model(*x)[0]).abs().max() <= 1e-4
+    if build is not _llama:  # BERT/ViT derive head size from hidden_size // heads: the config cannot say it
+        assert any("config cannot express" in n for n in small.fxprune_notes)
+        return
+    assert small.fxprune_notes == []
+    rebuilt = type(model)(small.config).eval()  # what from_pretrained does with a saved slim model
+    rebuilt.load_state_dict(small.state_dict())
+    with torch.no_grad():
+        ref = pruning.model(*x)[0]
+        assert (rebuilt(*x)[0] - ref).abs().max() <= 1e-4
+
+
+def test_eager_compact_says_why_when_forward_hard_codes_a_width():
+    model, x, _ = _gpt2()  # GPT-2 splits its fused qkv by a stored split_size
+    pruning = fxprune.compile(model.eval(), x, {"target_sparsity": 0.5, "prune_domain": "local"}).prune()
+    with pytest.raises(fxprune.CompactionError, match="own forward does not run with the pruned sizes.*compact\\(\\)"):
+        pruning.compact_eager()
+    assert pruning.compact() is not None  # the graph-level compaction still works
