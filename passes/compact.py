@@ -19,8 +19,8 @@ import torch.utils._pytree as pytree
 from torch.fx import GraphModule, Node
 
 from fxprune.errors import CompactionError
-from fxprune.passes.couplings import PARAM_PREFIX, value_key
-from fxprune.passes.group import Grouping
+from fxprune.passes.couplings import PARAM_PREFIX, registrar, value_key
+from fxprune.passes.group import Grouping, _fetch
 from fxprune.passes.rules import _arg, _slice_bounds
 from fxprune.passes.trace import source_line
 
@@ -63,15 +63,7 @@ class _Sizes:
 # -- size-argument rewrites ---------------------------------------------------------------
 
 REWRITES: dict = {}
-
-
-def rewrite(*targets):
-    def register(fn):
-        for t in targets:
-            REWRITES[t] = fn
-        return fn
-
-    return register
+rewrite = registrar(REWRITES)  # every rewrite is registered in this module
 
 
 @rewrite(aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default)
@@ -153,16 +145,19 @@ def _drop_assert(node: Node, size: _Sizes) -> None:
 
 # -- the pass -----------------------------------------------------------------------------
 
-def _set_tensor(gm: torch.nn.Module, name: str, value: torch.Tensor) -> None:
+def _set_tensor(gm: torch.nn.Module, name: str, value: torch.Tensor) -> torch.Tensor:
     owner_name, _, attr = name.rpartition(".")
     owner = gm.get_submodule(owner_name) if owner_name else gm
     if attr in owner._parameters:
         old = owner._parameters[attr]
-        owner._parameters[attr] = torch.nn.Parameter(value, requires_grad=old.requires_grad)
+        if not isinstance(value, torch.nn.Parameter):
+            value = torch.nn.Parameter(value, requires_grad=old.requires_grad)
+        owner._parameters[attr] = value
     elif attr in owner._buffers:
         owner._buffers[attr] = value
     else:
         setattr(owner, attr, value)
+    return value
 
 
 def compact_graph(gm: GraphModule, grouping: Grouping, atom_kept: np.ndarray,
@@ -184,20 +179,20 @@ def compact_graph(gm: GraphModule, grouping: Grouping, atom_kept: np.ndarray,
     size = _Sizes(grouping.shapes, keep)
     state = state or {}
     targets = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    done: dict[int, torch.Tensor] = {}  # tied weights stay one tensor
     for name in sorted(targets):
-        tensor = state.get(name)
-        if tensor is None:
-            from fxprune.passes.group import _fetch
-
-            tensor = _fetch(gm, name)
-            if not isinstance(tensor, torch.Tensor):
-                continue
-        tensor = tensor.detach()
+        original = _fetch(gm, name)
+        if not isinstance(original, torch.Tensor):
+            continue
+        if id(original) in done:
+            _set_tensor(gm, name, done[id(original)])
+            continue
+        tensor = state.get(name, original).detach()
         for dim in range(tensor.dim()):
             mask = keep.get((PARAM_PREFIX + name, dim))
             if mask is not None:
                 tensor = tensor.index_select(dim, torch.from_numpy(np.flatnonzero(mask)).to(tensor.device))
-        _set_tensor(gm, name, tensor.clone())
+        done[id(original)] = _set_tensor(gm, name, tensor.clone())
     for node in list(gm.graph.nodes):
         fn = REWRITES.get(node.target) if node.op == "call_function" else None
         if fn is not None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from torch.fx import Node
 
-__all__ = ["Couplings", "Edge", "value_key", "PARAM_PREFIX"]
+__all__ = ["Couplings", "Edge", "value_key", "PARAM_PREFIX", "registrar"]
 
 PARAM_PREFIX = "param:"
 
@@ -29,6 +29,20 @@ def value_key(arg) -> str | None:
             return PARAM_PREFIX + str(arg.target)
         return arg.name
     return None
+
+
+def registrar(table: dict):
+    """A decorator factory filling ``table``: ``@register(op, op2)`` maps each op to the function."""
+
+    def register(*targets):
+        def add(fn):
+            for target in targets:
+                table[target] = fn
+            return fn
+
+        return add
+
+    return register
 
 
 @dataclass

@@ -123,6 +123,7 @@ def _fetch(gm: torch.nn.Module, target: str):
 def collect_couplings(gm: GraphModule) -> Couplings:
     """Walk the graph once and run every node's rule."""
     c = Couplings(shapes=_collect_shapes(gm))
+    _couple_aliases(gm, c)
     for node in gm.graph.nodes:
         c.node = node
         if node.op == "placeholder":
@@ -142,6 +143,21 @@ def collect_couplings(gm: GraphModule) -> Couplings:
             elif size == 1:
                 c.frozen.setdefault((key, d), "size 1")
     return c
+
+
+def _couple_aliases(gm: GraphModule, c: Couplings) -> None:
+    """Tied weights read under two names (embedding = LM head) are one tensor: couple every dim."""
+    first: dict[tuple, str] = {}
+    for target in sorted({n.target for n in gm.graph.nodes if n.op == "get_attr"}):
+        t = _fetch(gm, target)
+        if not isinstance(t, torch.Tensor) or t.numel() == 0:
+            continue
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+        if ident in first:
+            for d in range(t.dim()):
+                c.identity(first[ident], d, PARAM_PREFIX + target, d)
+        else:
+            first[ident] = PARAM_PREFIX + target
 
 
 def _flat(args):

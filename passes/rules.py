@@ -20,23 +20,13 @@ import numpy as np
 import torch
 from torch.fx import Node
 
-from fxprune.passes.couplings import Couplings, value_key
+from fxprune.passes.couplings import Couplings, registrar, value_key
 
 __all__ = ["RULES", "rule", "apply_rule", "resolve_reshapes"]
 
 aten = torch.ops.aten
 RULES: dict = {}
-
-
-def rule(*targets):
-    """Register ``fn`` as the rule of every op in ``targets`` (all listed in this module)."""
-
-    def register(fn):
-        for target in targets:
-            RULES[target] = fn
-        return fn
-
-    return register
+rule = registrar(RULES)  # every rule is registered in this module
 
 
 def apply_rule(node: Node, c: Couplings) -> None:

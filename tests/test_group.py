@@ -227,3 +227,30 @@ def test_model_outputs_keep_their_size():
     p = _compile(factory(), *inputs())
     last = [n for n, prm in p.model.named_parameters() if prm.dim() == 2][-1]
     assert "model output" in p.grouping.blocked[(last, 0)]
+
+
+class TiedHead(nn.Module):
+    """Input embedding and output head share one weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 16)
+        self.up = nn.Linear(16, 32)
+        self.down = nn.Linear(32, 16)
+        self.head = nn.Linear(16, 50, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.head(self.down(F.relu(self.up(self.emb(ids)))))
+
+
+def test_tied_weights_are_one_member():
+    p = _compile(TiedHead(), torch.randint(0, 50, (2, 5)))
+    g, m = _group_of(p, "emb.weight", 1)
+    assert g is not None and g.size == 16
+    assert _group_of(p, "up.weight", 1)[0] is g and _group_of(p, "down.weight", 0)[0] is g
+    assert _group_of(p, "head.weight", 1)[0] is g  # the same tensor under its second name
+    _exact(p)
+    small = p.compact()
+    assert small.get_parameter("emb.weight").shape == (50, 8)
+    assert small.get_parameter("head.weight") is small.get_parameter("emb.weight")  # still tied

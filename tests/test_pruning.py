@@ -193,13 +193,7 @@ def test_mask_patterns_during_training(pattern, pruner):
     pruning = fxprune.compile(factory(), inputs(), {"pruning_type": pruner, "pattern": pattern,
                                                      "target_sparsity": target, "start_step": 1, "end_step": 7,
                                                      "update_frequency_on_step": 3})
-    opt = pruning.attach(torch.optim.SGD(pruning.model.parameters(), lr=0.01, momentum=0.9))
-    pruning.model.train()
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(10):
-        opt.zero_grad()
-        pruning.model(torch.randn(4, 3, 32, 32, generator=gen)).square().mean().backward()
-        opt.step()
+    _fit_cnn(pruning, steps=10, batch=4, seed=0)
     kind = fxprune.parse_pattern(pattern).kind
     masks = {k: v for k, v in pruning.masks.items()}
     assert set(masks) == {"conv1.weight", "conv2.weight", "conv3.weight", "fc1.weight", "fc2.weight"}
@@ -226,13 +220,7 @@ def test_pruner_pattern_schedule_matrix(pruner, pattern, schedule):
     target = 0.5
     pruning = fxprune.compile(factory(), inputs(), {"pruning_type": pruner, "pattern": pattern, "target_sparsity": target,
                                                      "prune_domain": "global", **SCHEDULES[schedule]})
-    opt = pruning.attach(torch.optim.SGD(pruning.model.parameters(), lr=0.01, momentum=0.9))
-    pruning.model.train()
-    gen = torch.Generator().manual_seed(1)
-    for _ in range(8):
-        opt.zero_grad()
-        pruning.model(torch.randn(2, 3, 32, 32, generator=gen)).square().mean().backward()
-        opt.step()
+    _fit_cnn(pruning, steps=8, batch=2, seed=1)
     for name, mask in pruning.masks.items():
         assert (pruning.model.get_parameter(name)[~mask] == 0).all()
     if pattern == "channelx1":
@@ -252,3 +240,14 @@ def test_pruner_pattern_schedule_matrix(pruner, pattern, schedule):
         n, m = (4, 1) if pattern == "4x1" else (2, 4)
         check_masks(pruning.masks, fxprune.parse_pattern(pattern).kind, n, m, full=pattern == "2:4")
         assert pruning.weight_sparsity == pytest.approx(target, abs=0.01)
+
+
+def _fit_cnn(pruning, steps, batch, seed):
+    """A few momentum-SGD steps on random images with every hook attached."""
+    opt = pruning.attach(torch.optim.SGD(pruning.model.parameters(), lr=0.01, momentum=0.9))
+    pruning.model.train()
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        opt.zero_grad()
+        pruning.model(torch.randn(batch, 3, 32, 32, generator=gen)).square().mean().backward()
+        opt.step()
