@@ -42,8 +42,8 @@ def explain(model: torch.nn.Module, example_inputs: tuple) -> Explanation:
     grouping = group_channels(gm)
     out = Explanation(blocked=dict(grouping.blocked), groups=grouping.groups)
     for node in gm.graph.nodes:
-        if node.op != "call_function":
-            continue
+        if node.op != "call_function" or node.meta.get("val") is None:
+            continue  # nodes that return nothing (shape asserts) couple no channels
         name = str(node.target) if isinstance(node.target, torch._ops.OpOverload) else getattr(
             node.target, "__name__", str(node.target))
         (out.ops_handled if node.target in RULES else out.ops_blocking)[name] += 1
