@@ -187,6 +187,21 @@ def per_seed_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _processor() -> str:
+    """platform.processor(), or /proc/cpuinfo's model name where that is empty (Linux)."""
+    name = platform.processor()
+    if name and name not in ("x86_64", "aarch64"):
+        return name
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()} (from /proc/cpuinfo; platform.processor() = {name!r})"
+    except OSError:
+        pass
+    return name or "?"
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -221,7 +236,7 @@ def main(argv=None) -> None:
                 f"({verdict}); "
                 f"vs dense +F {s['mean_delta_long']:+.2f} points")
     dense_line = next(s for s in summary if s["method"] == "dense")
-    machine = (f"platform.processor() = {platform.processor() or '?'}, os.cpu_count() = {os.cpu_count()}, "
+    machine = (f"processor = {_processor()}, os.cpu_count() = {os.cpu_count()}, "
                f"torch threads = {torch.get_num_threads()}, platform = {platform.platform()}, "
                f"python = {platform.python_version()}, torch = {torch.__version__}, fxprune = {fxprune.__version__}")
     md = f"""## Digits accuracy benchmark: DigitsCNN, channel pruning with fine-tuning
