@@ -52,7 +52,17 @@ def get_pruner(modules: dict[str, torch.Tensor], config, groups=None) -> "Pruner
     ConfigError
         The name is not registered; the message lists the registered names.
     """
-    name = getattr(config, "pruning_type", None) or (config.get("pruning_type") if isinstance(config, dict) else None)
+    if isinstance(config, dict):
+        from fxprune.config import parse_config
+
+        name = str(config.get("pruning_type", config.get("prune_type", ""))).lower()
+        if name and name not in PRUNERS:
+            raise ConfigError(f"unknown pruning_type {name!r}; registered pruners: {', '.join(registered_names())}")
+        configs = parse_config(config)
+        if len(configs) != 1:
+            raise ConfigError("get_pruner builds one pruner: give a config without 'pruners'")
+        config = configs[0]
+    name = getattr(config, "pruning_type", None)
     cls = PRUNERS.get(str(name).lower())
     if cls is None:
         raise ConfigError(f"unknown pruning_type {name!r}; registered pruners: {', '.join(registered_names())}")

@@ -251,3 +251,13 @@ def _fit_cnn(pruning, steps, batch, seed):
         opt.zero_grad()
         pruning.model(torch.randn(batch, 3, 32, 32, generator=gen)).square().mean().backward()
         opt.step()
+
+
+def test_get_pruner_from_a_plain_dict_like_the_reference():
+    layer = torch.nn.Linear(8, 4)
+    pruner = fxprune.get_pruner({"fc.weight": layer.weight}, {"prune_type": "snip_momentum", "target_sparsity": 0.3,
+                                                             "start_step": 2, "end_step": 8})
+    assert isinstance(pruner, fxprune.SnipMomentumPruner)
+    assert (pruner.target_sparsity_ratio, pruner.start_step, pruner.end_step) == (0.3, 2, 8)
+    assert pruner.masks["fc.weight"].all() and pruner.masks["fc.weight"].shape == (4, 8)
+    assert pruner.scheduler.total == 7 and pruner.max_sparsity_ratio_per_layer == 0.98
