@@ -114,3 +114,42 @@ def test_eager_compact_says_why_when_forward_hard_codes_a_width():
     with pytest.raises(fxprune.CompactionError, match="own forward does not run with the pruned sizes.*compact\\(\\)"):
         pruning.compact_eager()
     assert pruning.compact() is not None  # the graph-level compaction still works
+
+
+def _distilbert():
+    cfg = transformers.DistilBertConfig(dim=64, n_layers=2, n_heads=4, hidden_dim=128, vocab_size=100)
+    return transformers.DistilBertModel(cfg), (torch.randint(0, 100, (1, 16)),), 4
+
+
+def _roberta():
+    cfg = transformers.RobertaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=128, vocab_size=100)
+    return transformers.RobertaModel(cfg), (torch.randint(3, 100, (1, 16)),), 4
+
+
+def _bert_classifier():
+    cfg = transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                                  vocab_size=100, num_labels=3)
+    return transformers.BertForSequenceClassification(cfg), (torch.randint(0, 100, (1, 16)),), 4
+
+
+@pytest.mark.parametrize("build", [_distilbert, _roberta, _bert_classifier],
+                         ids=["distilbert", "roberta", "bert-classifier"])
+def test_more_encoders(build, tmp_path):
+    test_heads_and_ffn_prune_and_compact(build, tmp_path)
+
+
+def test_separate_budgets_for_ffn_channels_and_heads():
+    """50% of FFN channels and 25% of heads in every layer, through two pruners selected by layer name."""
+    cfg = transformers.BertConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=8, intermediate_size=256,
+                                  vocab_size=100)
+    model, x = transformers.BertModel(cfg).eval(), (torch.randint(0, 100, (1, 16)),)
+    pruning = fxprune.compile(model, x, {"prune_domain": "local", "pruners": [
+        {"names": [r"intermediate\.dense$"], "target_sparsity": 0.5},
+        {"names": [r"attention\.self\.query$"], "target_sparsity": 0.25}]}).prune()
+    for g in pruning.groups:
+        kept = len(pruning.kept_channels[g.index])
+        assert (g.size, kept) in ((256, 128), (8, 6)), (g.describe(), kept)
+    small = pruning.compact()
+    query = [n for n, prm in small.named_parameters() if n.endswith("query.weight")]
+    assert all(small.get_parameter(n).shape == (6 * 16, 128) for n in query)
