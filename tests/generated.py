@@ -118,10 +118,10 @@ class Conv(Kind):
         grouped = [g for g in _divisors(cin) if 1 < g < cin]
         if kind == "depthwise":
             groups = cin
-            cout = cin * draw(st.sampled_from([m for m in (1, 2) if cin * m <= MAX_W]))
+            cout = cin * draw(st.sampled_from([1, 2] if 2 * cin <= MAX_W else [1]))
         elif kind == "grouped" and grouped:
             groups = draw(st.sampled_from(grouped))
-            cout = groups * draw(st.integers(1, MAX_W // groups))
+            cout = groups * draw(st.integers(1, max(1, MAX_W // groups)))
         else:
             groups, cout = 1, draw(_width())
         small = min(spatial(ins[0])) < 2
@@ -177,11 +177,17 @@ class LayerNorm(Kind):
 
 
 class GroupNorm(Kind):
+    """GroupNorm with groups dividing C, each group holding more than one value (torch requires it)."""
+
     def applies(self, ins, depth, n):
-        return ins[0][0] == "nchw"
+        return ins[0][0] == "nchw" and bool(self._groups(ins[0]))
+
+    def _groups(self, t) -> list[int]:
+        h, w = spatial(t)
+        return [g for g in _divisors(channels(t)) if channels(t) // g * h * w > 1]
 
     def draw(self, draw, ins, depth):
-        return {"groups": draw(st.sampled_from(_divisors(channels(ins[0]))))}
+        return {"groups": draw(st.sampled_from(self._groups(ins[0])))}
 
     def module(self, ins, a):
         return nn.GroupNorm(a["groups"], channels(ins[0]))
@@ -514,12 +520,16 @@ class Block(Kind):
 
     def draw(self, draw, ins, depth):
         body, (out,) = draw(programs([ins[0]], 1, depth + 1, max_ops=4))
-        options = ["none"]
+        if out[0] == ins[0][0] != "nhwc" and out != ins[0] and spatial(out) == spatial(ins[0]) and draw(st.booleans()):
+            back = ("conv", {"cout": channels(ins[0]), "k": 1, "stride": 1, "groups": 1, "bias": True,
+                             "norm": None, "act": None}) if out[0] == "nchw" else ("linear", {"fout": channels(ins[0]), "bias": True})
+            body, out = body + [back], ins[0]  # a bottleneck: back to the input width, so the residual can be identity
+        options = []
         if out == ins[0]:
-            options.append("identity")
+            options += ["identity"] * 3
         if out[0] == ins[0][0] == "nchw" and spatial(out) == spatial(ins[0]):
-            options.append("proj")
-        return {"body": body, "residual": draw(st.sampled_from(options))}
+            options += ["proj"] * 2
+        return {"body": body, "residual": draw(st.sampled_from(options + ["none"]))}
 
     def out(self, ins, a):
         return run_shapes(a["body"], [ins[0]])
@@ -538,8 +548,9 @@ KINDS: dict[str, Kind] = {
 }
 
 
-# parametric layers are drawn more often, so that most programs have prunable channels
-WEIGHTS = {"conv": 8, "linear": 6, "block": 3, "head": 2, "add": 2, "cat": 2, "split": 2}
+# parametric layers are drawn more often, so that most programs have prunable channels; binary ops
+# and the way back from channels-last are only offered when they apply, so they get a boost too
+WEIGHTS = {"conv": 8, "linear": 6, "block": 3, "head": 2, "add": 4, "mul": 3, "cat": 2, "split": 2, "to_nchw": 3}
 
 
 # -- programs -----------------------------------------------------------------------------
@@ -627,16 +638,19 @@ def programs(draw, stack: list, n_out: int, depth: int = 0, max_ops: int = 8, mi
 
 
 @st.composite
-def architectures(draw, min_ops: int = 3, max_ops: int = 10):
-    """Architecture dicts: ``input`` shape, ``program`` and weight ``seed``."""
+def architectures(draw, min_ops: int = 2, max_ops: int = 10):
+    """Architecture dicts: ``input`` shape, ``program`` (a stem conv/linear, then min_ops..max_ops drawn ops,
+    then the ops that merge the stack into the outputs) and weight ``seed``."""
     if draw(st.sampled_from(["image", "image", "image", "mlp"])) == "image":
         shape = (1, 3, draw(st.sampled_from([8, 12, 16])), draw(st.sampled_from([8, 12, 16])))
         start = ("nchw", shape)
     else:
         shape = (2, draw(st.integers(MIN_W, MAX_W)))
         start = ("nc", shape)
-    program, _ = draw(programs([start], draw(st.sampled_from([1, 2])), 0, max_ops, min_ops))
-    return {"input": shape, "program": program, "seed": draw(st.integers(0, 2**16))}
+    stem = ("conv" if start[0] == "nchw" else "linear",)  # a stem layer, so most programs have prunable channels
+    stem += (KINDS[stem[0]].draw(draw, [start], 0),)
+    program, _ = draw(programs(run_shapes([stem], [start]), draw(st.sampled_from([1, 2])), 0, max_ops, min_ops))
+    return {"input": shape, "program": [stem] + program, "seed": draw(st.integers(0, 2**16))}
 
 
 def build(arch: dict, dtype: torch.dtype = torch.float32):
