@@ -136,6 +136,21 @@ def _slice(node: Node, size: _Sizes) -> None:
     node.args, node.kwargs = (x, dim, new_start, new_start + int(mask[start:end].sum()), step), {}
 
 
+@rewrite(aten.narrow.default)
+def _narrow(node: Node, size: _Sizes) -> None:
+    """Kept channels may no longer be contiguous in count: narrow becomes the equivalent slice."""
+    x, dim, start, length = node.args[:4]
+    n = len(size.shapes[value_key(x)])
+    dim %= n
+    mask = size.keep.get((value_key(x), dim))
+    if mask is None:
+        return
+    start = start + len(mask) if start < 0 else start
+    new_start = int(mask[:start].sum())
+    node.target = aten.slice.Tensor
+    node.args, node.kwargs = (x, dim, new_start, new_start + int(mask[start:start + length].sum()), 1), {}
+
+
 @rewrite(aten._assert_tensor_metadata.default)
 def _drop_assert(node: Node, size: _Sizes) -> None:
     """Capture-time shape assertions would reject the new sizes."""

@@ -601,6 +601,45 @@ def _slice_bounds(node: Node, size: int):
     return start, end, step
 
 
+@rule(aten.narrow.default)
+def _narrow(node: Node, c: Couplings) -> None:
+    """narrow(x, dim, start, length) is slice(x, dim, start, start + length)."""
+    x, dim, start = node.args[0], node.args[1], node.args[2]
+    n = len(c.shape(x))
+    dim %= n
+    start = start + c.shape(x)[dim] if start < 0 else start
+    for d in range(n):
+        if d == dim:
+            c.offset(node, d, x, d, start)
+        else:
+            c.identity(x, d, node, d)
+
+
+@rule(aten.stack.default)
+def _stack(node: Node, c: Couplings) -> None:
+    """Every input's dims pass through; the new dim indexes the inputs (frozen: its size is their count)."""
+    tensors, dim = node.args[0], _arg(node, 1, "dim", 0)
+    n = len(c.shape(node))
+    dim %= n
+    for t in tensors:
+        for d in range(n - 1):
+            c.identity(t, d, node, d + (d >= dim))
+    c.freeze(node, dim, "stacking dim")
+
+
+@rule(aten.flip.default)
+def _flip(node: Node, c: Couplings) -> None:
+    """Flipped dims map index i to n-1-i."""
+    x, dims = node.args[0], node.args[1]
+    shape = c.shape(x)
+    flipped = {d % len(shape) for d in dims}
+    for d, size in enumerate(shape):
+        if d in flipped and size is not None:
+            c.pairs(x, d, node, d, np.arange(size), size - 1 - np.arange(size))
+        else:
+            c.identity(x, d, node, d)
+
+
 @rule(aten.select.int)
 def _select(node: Node, c: Couplings) -> None:
     x, dim = node.args[0], node.args[1]

@@ -254,3 +254,29 @@ def test_tied_weights_are_one_member():
     small = p.compact()
     assert small.get_parameter("emb.weight").shape == (50, 8)
     assert small.get_parameter("head.weight") is small.get_parameter("emb.weight")  # still tied
+
+
+class NarrowStackFlip(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 1)
+        self.a = nn.Conv2d(6, 4, 1)
+        self.b = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        y = F.relu(self.conv(x))
+        s = torch.stack([y, y.flip(1)], 0).sum(0)  # channel c meets channel 15 - c
+        return self.a(y.narrow(1, 2, 6)) + self.b(s)
+
+
+def test_narrow_stack_and_flip():
+    p = _compile(NarrowStackFlip(), torch.randn(1, 3, 5, 5))
+    g, conv = _group_of(p, "conv.weight", 0)
+    assert g.size == 8 and list(conv.indices(conv.atoms[0])) == [0, 15]  # flip pairs channel 0 with 15
+    keep = np.ones(8, dtype=bool)
+    keep[conv.atoms[[3, 5]]] = False  # removes channels 3, 12 and 5, 10
+    p.set_kept({g.index: keep})
+    small = p.compact()
+    sl = next(n for n in small.graph.nodes if n.target == torch.ops.aten.slice.Tensor)
+    assert sl.args[2:4] == (2, 6)  # narrow(2, 6) over channels 2..7 lost 3 and 5: 4 left
+    assert p.compact_error <= 1e-5
