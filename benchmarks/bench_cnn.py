@@ -38,17 +38,14 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import importlib.util
-import json
 import os
-import platform
-import resource
-import shlex
-import subprocess
 import sys
 import tempfile
 import time
-import traceback
-from datetime import datetime, timezone
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _measure  # noqa: E402
+from _measure import _checksum, _err, _export, _f, _first_line, _mb, _peak_rss_mib, machine  # noqa: E402
 
 MODELS = {
     "resnet50": ("ResNetModel", "ResNetConfig"),
@@ -56,52 +53,11 @@ MODELS = {
     "mobilenetv2": ("MobileNetV2Model", "MobileNetV2Config"),
 }
 SEED = 0
-WORKER_TIMEOUT_S = 1800
 
 
 # ------------------------------------------------------------------------------------------
-# helpers shared by the workers
+# helpers shared by the workers (peak-RSS probes, ONNX export, the fxprune steps: _measure.py)
 # ------------------------------------------------------------------------------------------
-def _status_mib(key: str) -> float | None:
-    """A Vm* line of /proc/self/status in MiB (VmRSS: current, VmHWM: peak resident set size)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
-def _rss_mib() -> float:
-    """Current resident set size of this process (MiB)."""
-    rss = _status_mib("VmRSS")
-    return rss if rss is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _peak_rss_mib() -> float:
-    """Peak RSS of this process (MiB) since it started or since the last ``_reset_peak()``.
-
-    VmHWM, not ``getrusage().ru_maxrss``: in a process started by fork+exec, ru_maxrss also
-    counts the parent's RSS at exec time (the kernel carries the old mm's high-water mark into
-    signal->maxrss), so every worker would report at least the driver's RSS. VmHWM is the same
-    high-water counter for this process's own address space only.
-    """
-    hwm = _status_mib("VmHWM")
-    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _reset_peak() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0: write 5 to /proc/self/clear_refs)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def _build(name: str, batch: int):
     import torch
     import transformers
@@ -111,55 +67,6 @@ def _build(name: str, batch: int):
     model = getattr(transformers, model_cls)(getattr(transformers, config_cls)()).eval()
     x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(SEED))
     return model, x
-
-
-def _checksum(model) -> float:
-    """Sum of |w| over all parameters: shows both workers pruned identical weights."""
-    import torch
-
-    with torch.no_grad():
-        return float(sum(p.detach().double().abs().sum() for p in model.parameters()))
-
-
-def _err(exc: BaseException) -> str:
-    return "".join(traceback.format_exception(exc)).strip()
-
-
-def _export(module, path, x) -> dict:
-    """``fxprune.export_onnx`` with its default check (atol=1e-4, absolute).
-
-    If only that check fails (OnnxMismatchError), the error is recorded and the export is redone
-    with the tolerance scaled to the output (atol = 1e-4 * max(1, max|y|), the rule ``compact()``
-    uses) so the latency benchmark can still run; the table marks such exports.
-    """
-    import torch
-    import torch.utils._pytree as pytree
-
-    import fxprune
-    from fxprune.exporters import OnnxMismatchError
-
-    t0 = time.perf_counter()
-    info = {}
-    try:
-        e = fxprune.export_onnx(module, path, (x,))
-    except OnnxMismatchError as exc:
-        with torch.no_grad():
-            ys = [t for t in pytree.tree_leaves(module(x)) if isinstance(t, torch.Tensor)]
-        scale = max([1.0] + [float(t.abs().max()) for t in ys if t.numel()])
-        info["check_error"] = _err(exc)
-        info["retry_atol"] = 1e-4 * scale
-        e = fxprune.export_onnx(module, path, (x,), atol=1e-4 * scale)
-    info.update(path=e.path, opset=e.opset, max_abs_error=e.max_abs_error, num_nodes=e.num_nodes,
-                size_bytes=e.size_bytes, seconds=time.perf_counter() - t0)
-    return info
-
-
-def _reasons(blocked: dict, top: int = 4) -> list:
-    """Most common reasons in fxprune's blocked-dims dict ('origin[d]: reason [op at file:line]')."""
-    import collections
-
-    c = collections.Counter(str(v).split(": ", 1)[-1].split(" [")[0] for v in blocked.values())
-    return c.most_common(top)
 
 
 def _macs_params(module, x) -> tuple[int, int]:
@@ -187,50 +94,10 @@ def worker_fxprune(args) -> dict:
     cfg = {"target_sparsity": args.sparsity, "pattern": "channelx1", "prune_domain": "local",
            "round_to": args.round_to}
     out["config"] = cfg
-    stage = "build"
-    try:
-        with torch.no_grad():
-            model(x)  # warm the eager path so the compile step does not pay first-call costs
-        out["peak_before_mib"] = _peak_rss_mib()
-        out["peak_reset"] = _reset_peak()
-        out["rss_before_mib"] = _rss_mib()
-        stage = "compile"
-        t0 = time.perf_counter()
-        p = fxprune.compile(model, (x,), cfg)
-        out["compile_wall_s"] = time.perf_counter() - t0
-        out["peak_after_build_mib"] = _peak_rss_mib()
-        out["capture_s"] = p.captured.seconds
-        out["group_s"] = p.grouping.seconds
-        out["build_s"] = p.captured.seconds + p.grouping.seconds
-        out["groups"] = len(p.groups)
-        del model  # compile() works on its own copy
-
-        stage = "export dense"
-        out["dense_onnx"] = _export(p.captured.graph_module, os.path.join(args.tmp, "dense.onnx"), x)
-
-        stage = "prune"
-        t0 = time.perf_counter()
-        p.prune()
-        out["prune_s"] = time.perf_counter() - t0
-        out["channel_sparsity"] = p.sparsity
-        stage = "compact"
-        t0 = time.perf_counter()
-        small = p.compact()
-        out["compact_s"] = time.perf_counter() - t0
-        out["compact_error"] = getattr(p, "compact_error", None)
-        stage = "report"
-        t0 = time.perf_counter()
-        r = p.report()
-        out["report_s"] = time.perf_counter() - t0
-        out.update(params_before=r.params_before, params_after=r.params_after, macs_before=r.macs_before,
-                   macs_after=r.macs_after, ideal=r.macs_ratio, params_ratio=r.params_ratio,
-                   blocked=len(r.blocked), blocked_reasons=_reasons(r.blocked))
-        stage = "export compact"
-        out["onnx"] = _export(small, os.path.join(args.tmp, "fxprune.onnx"), x)
-    except BaseException as exc:  # noqa: BLE001 - recorded, not hidden
-        out["error_stage"] = stage
-        out["error"] = _err(exc)
-    out["peak_end_mib"] = _peak_rss_mib()
+    model_box = [model]
+    del model  # the pipeline drops the model once compile() has copied it
+    # the warm-up forward keeps the compile step from paying eager first-call costs
+    _measure.fxprune_pipeline(out, model_box, x, cfg, args.tmp, warm=lambda m: m(x), peak_before=True)
     if "build_s" in out and args.build_repeat:  # warm-process repeats of the build timing (fresh model each)
         reps = []
         for _ in range(args.build_repeat):
@@ -301,9 +168,7 @@ def worker_tp(args) -> dict:
                 dg_seconds.append(time.perf_counter() - t0)
 
         tp.DependencyGraph.build_dependency = timed_build
-        out["peak_before_mib"] = _peak_rss_mib()
-        out["peak_reset"] = _reset_peak()
-        out["rss_before_mib"] = _rss_mib()
+        _measure.mark_build_start(out, peak_before=True)
         stage = "MagnitudePruner(...) / DependencyGraph build"
         importance = tp.importance.GroupMagnitudeImportance(p=2)
         t0 = time.perf_counter()
@@ -352,45 +217,14 @@ def worker_tp(args) -> dict:
 # driver
 # ------------------------------------------------------------------------------------------
 def run_worker(kind: str, model: str, args, tmp: str) -> dict:
-    result_path = os.path.join(tmp, f"{kind}.json")
-    cmd = [sys.executable, os.path.abspath(__file__), "--_worker", kind, "--models", model,
-           "--sparsity", str(args.sparsity), "--build-repeat", str(args.build_repeat), "--batch", str(args.batch), "--round-to", str(args.round_to),
-           "--_tmp", tmp, "--_result", result_path]
-    t0 = time.perf_counter()
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        return {"tool": kind, "error_stage": "worker", "error": f"worker timed out after {WORKER_TIMEOUT_S} s"}
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0 or not os.path.exists(result_path):
-        tail = (proc.stderr or proc.stdout or "").strip()[-4000:]
-        return {"tool": kind, "error_stage": "worker",
-                "error": f"worker exited with status {proc.returncode}\n{tail}", "worker_s": wall}
-    with open(result_path) as f:
-        res = json.load(f)
-    res["worker_s"] = wall
-    return res
-
-
-def _f(v, fmt=".2f", unit=""):
-    if v is None:
-        return "-"
-    return f"{format(v, fmt)}{unit}"
-
-
-def _mb(n):
-    return None if n is None else n / 1e6
+    return _measure.run_worker(__file__, kind, model, args, tmp,
+                               ["--_worker", kind, "--build-repeat", str(args.build_repeat)])
 
 
 def _median(v):
     import statistics
 
     return statistics.median(v) if v else None
-
-
-def _first_line(err: str) -> str:
-    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
-    return lines[-1].strip() if lines else err
 
 
 def model_section(name: str, fx: dict, tp: dict | None, bench, bench_error: str | None) -> str:
@@ -445,13 +279,8 @@ def model_section(name: str, fx: dict, tp: dict | None, bench, bench_error: str 
                   f"max abs error vs torch {d['max_abs_error']:.1e}"
                   + (" (default atol failed, see below)" if d.get("check_error") else "")
                   + f", export {d['seconds']:.1f} s."]
-    notes = []
-    if fx.get("output_absmax") is not None:
-        notes.append(f"dense output max |last_hidden_state| = {fx['output_absmax']:.3g} (random init; the ONNX errors "
-                     "above are absolute, compare them with this scale).")
-    if fx.get("loadavg"):
-        notes.append(f"1-min load average before / after the latency benchmark: {fx['loadavg'][0]:.2f} / "
-                     f"{fx['loadavg'][1]:.2f} (other processes shared the {os.cpu_count()} cores).")
+    notes = _measure.run_notes(fx, " (random init; the ONNX errors above are absolute, compare them with this scale).",
+                               f" (other processes shared the {os.cpu_count()} cores).")
     if fx.get("groups") is not None:
         notes.append(f"fxprune: {fx['groups']} channel groups, channel sparsity {fx.get('channel_sparsity', 0):.1%}, "
                      f"{fx.get('blocked', 0)} blocked parameter dims, compact-vs-masked max error "
@@ -504,53 +333,24 @@ def combined_table(rows: list[dict], threads: list[int]) -> str:
     return "\n".join(lines)
 
 
-def machine() -> dict:
-    import onnxruntime
-    import torch
-    import transformers
-
-    cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
-        if names:
-            cpu = f"{cpu} ({names[0]})" if cpu else names[0]
-    except OSError:
-        pass
-    return {"platform.processor()": cpu, "os.cpu_count()": os.cpu_count(), "platform": platform.platform(),
-            "python": platform.python_version(), "torch": torch.__version__,
-            "onnxruntime": onnxruntime.__version__, "transformers": transformers.__version__}
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    ap.add_argument("--sparsity", type=float, default=0.5)
-    ap.add_argument("--threads", nargs="+", type=int, default=[1, 2])
-    ap.add_argument("--repeat", type=int, default=30)
-    ap.add_argument("--warmup", type=int, default=10)
-    ap.add_argument("--batch", type=int, default=1)
+    _measure.add_run_args(ap, MODELS)
     ap.add_argument("--round-to", type=int, default=8)
     ap.add_argument("--build-repeat", type=int, default=3,
                     help="extra graph-build timings per tool in the warm worker (median reported)")
     ap.add_argument("--out", default=None, help="write the markdown fragment here")
     ap.add_argument("--no-peer", action="store_true", help="skip Torch-Pruning")
-    ap.add_argument("--_worker", choices=["fxprune", "tp"], help=argparse.SUPPRESS)
-    ap.add_argument("--_tmp", help=argparse.SUPPRESS)
-    ap.add_argument("--_result", help=argparse.SUPPRESS)
+    _measure.add_worker_args(ap, choices=["fxprune", "tp"])
     args = ap.parse_args(argv)
 
     if args._worker:
-        args.model, args.tmp = args.models[0], args._tmp
-        res = (worker_fxprune if args._worker == "fxprune" else worker_tp)(args)
-        with open(args._result, "w") as f:
-            json.dump(res, f, indent=1, default=str)
-        return 0
+        return _measure.worker_main(args, worker_fxprune if args._worker == "fxprune" else worker_tp)
 
     import fxprune
 
     t_start = time.perf_counter()
-    command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__)] + sys.argv[1:])
+    command = _measure.command_line(__file__)
     info = machine()
     peer_note = None
     if args.no_peer:
@@ -598,10 +398,7 @@ def main(argv=None) -> int:
         sections.append(model_section(name, fx, tp, bench, bench_error))
         all_reset = all_reset and all(r.get("peak_reset", True) for r in (fx, tp or {}))
 
-        by = {}
-        if bench is not None:
-            for b in bench.rows:
-                by.setdefault(b.label, {})[b.threads] = b
+        by = _measure.rows_by_label(bench)
         rows.append({"model": name, "method": "dense", "build_s": None, "peak_mib": None,
                      "params": fx.get("params_before"), "macs": fx.get("macs_before"), "ideal": 1.0,
                      "bench": by.get("dense", {})})
@@ -621,11 +418,7 @@ def main(argv=None) -> int:
                          "error": tp.get("error") and f"{tp.get('error_stage')}"})
 
     total = time.perf_counter() - t_start
-    header = [
-        "## CNN benchmark: fxprune vs Torch-Pruning (Hugging Face models, random init)", "",
-        "```", command, "```", "",
-        f"- date (UTC): {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M')}",
-        "- machine: " + ", ".join(f"{k} = {v}" for k, v in info.items()),
+    details = [
         f"- fxprune {fxprune.__version__}; config: target_sparsity={args.sparsity}, pattern=channelx1, "
         f"prune_domain=local, round_to={args.round_to}, one-shot magnitude (L2)",
         (f"- peer: Torch-Pruning {importlib.metadata.version('torch-pruning')}, MagnitudePruner + "
@@ -645,17 +438,9 @@ def main(argv=None) -> int:
         + ("" if all_reset else " (WARNING: the reset failed in some worker: its peak counts from process start)"),
         "- ideal = dense MACs / pruned MACs (conv/linear/matmul MACs counted by fxprune's counter on a "
         "torch.export graph, for both tools); speedup/ideal = measured speedup / ideal",
-        f"- total wall time of this run: {total / 60:.1f} min",
-        "",
-        "### Summary", "",
-        combined_table(rows, args.threads), "",
     ]
-    text = "\n".join(header + ["\n\n".join(sections), ""])
-    print(text)
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write(text)
+    _measure.write_report(args.out, "## CNN benchmark: fxprune vs Torch-Pruning (Hugging Face models, random init)",
+                          command, info, details, total, combined_table(rows, args.threads), sections)
     return 0
 
 

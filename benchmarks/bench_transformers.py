@@ -21,8 +21,9 @@ For every model, in a fresh worker process (a crash is recorded instead of endin
 4. dense and compact ONNX files are timed in one interleaved ``fxprune.benchmark`` call per model on
    the same input the model was compiled with (thread counts from ``--threads``).
 
-Helpers (peak-RSS probes, ONNX export with retry, formatting, machine description) are imported
-from ``bench_cnn.py`` in this folder.
+The measured steps above, the worker plumbing and the helpers (peak-RSS probes, ONNX export with
+retry, formatting, machine description) are shared with ``bench_cnn.py`` through ``_measure.py``
+in this folder.
 
 Usage::
 
@@ -33,25 +34,20 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shlex
-import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_cnn import (_checksum, _err, _export, _f, _first_line, _mb, _peak_rss_mib,  # noqa: E402
-                       _reasons, _reset_peak, _rss_mib, machine)
+import _measure  # noqa: E402
+from _measure import _checksum, _err, _f, _first_line, _mb, machine  # noqa: E402
 
 MODELS = {
     "bert-base": ("BertModel", "BertConfig"),
     "vit-base": ("ViTModel", "ViTConfig"),
 }
 SEED = 0
-WORKER_TIMEOUT_S = 1800
 BUILD_TARGET_S = {"bert-base": 2.0}  # trace + group target
 EFFICIENCY_TARGET = 0.9  # speedup / ideal
 
@@ -92,7 +88,6 @@ def _group_summary(p, config) -> dict:
 # ------------------------------------------------------------------------------------------
 def worker(args) -> dict:
     import numpy as np
-    import torch
 
     import fxprune
 
@@ -105,50 +100,14 @@ def worker(args) -> dict:
     cfg = {"target_sparsity": args.sparsity, "pattern": "channelx1", "prune_domain": "local",
            "round_to": args.round_to}
     out["config"] = cfg
-    stage = "build"
-    try:
-        with torch.no_grad():
-            out["output_absmax"] = float(model(x).last_hidden_state.abs().max())  # also warms eager
-        out["peak_reset"] = _reset_peak()
-        out["rss_before_mib"] = _rss_mib()
-        stage = "compile"
-        t0 = time.perf_counter()
-        p = fxprune.compile(model, (x,), cfg)
-        out["compile_wall_s"] = time.perf_counter() - t0
-        out["peak_after_build_mib"] = _peak_rss_mib()
-        out["capture_s"] = p.captured.seconds
-        out["group_s"] = p.grouping.seconds
-        out["build_s"] = p.captured.seconds + p.grouping.seconds
-        out["groups"] = len(p.groups)
-        del model  # compile() works on its own copy
+    model_box = [model]
+    del model  # the pipeline drops the model once compile() has copied it
 
-        stage = "export dense"
-        out["dense_onnx"] = _export(p.captured.graph_module, os.path.join(args.tmp, "dense.onnx"), x)
+    def warm(m):  # the dense output scale, for the ONNX error figures; also warms the eager path
+        out["output_absmax"] = float(m(x).last_hidden_state.abs().max())
 
-        stage = "prune"
-        t0 = time.perf_counter()
-        p.prune()
-        out["prune_s"] = time.perf_counter() - t0
-        out["channel_sparsity"] = p.sparsity
-        out.update(_group_summary(p, config))
-        stage = "compact"
-        t0 = time.perf_counter()
-        small = p.compact()
-        out["compact_s"] = time.perf_counter() - t0
-        out["compact_error"] = getattr(p, "compact_error", None)
-        stage = "report"
-        t0 = time.perf_counter()
-        r = p.report()
-        out["report_s"] = time.perf_counter() - t0
-        out.update(params_before=r.params_before, params_after=r.params_after, macs_before=r.macs_before,
-                   macs_after=r.macs_after, ideal=r.macs_ratio, params_ratio=r.params_ratio,
-                   blocked=len(r.blocked), blocked_reasons=_reasons(r.blocked, top=6))
-        stage = "export compact"
-        out["onnx"] = _export(small, os.path.join(args.tmp, "fxprune.onnx"), x)
-    except BaseException as exc:  # noqa: BLE001 - recorded, not hidden
-        out["error_stage"] = stage
-        out["error"] = _err(exc)
-    out["peak_end_mib"] = _peak_rss_mib()
+    _measure.fxprune_pipeline(out, model_box, x, cfg, args.tmp, warm=warm,
+                              after_prune=lambda p: _group_summary(p, config), reasons_top=6)
     return out
 
 
@@ -156,24 +115,7 @@ def worker(args) -> dict:
 # driver
 # ------------------------------------------------------------------------------------------
 def run_worker(model: str, args, tmp: str) -> dict:
-    result_path = os.path.join(tmp, "fxprune.json")
-    cmd = [sys.executable, os.path.abspath(__file__), "--_worker", "--models", model,
-           "--sparsity", str(args.sparsity), "--batch", str(args.batch), "--round-to", str(args.round_to),
-           "--_tmp", tmp, "--_result", result_path]
-    t0 = time.perf_counter()
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        return {"tool": "fxprune", "error_stage": "worker", "error": f"worker timed out after {WORKER_TIMEOUT_S} s"}
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0 or not os.path.exists(result_path):
-        tail = (proc.stderr or proc.stdout or "").strip()[-4000:]
-        return {"tool": "fxprune", "error_stage": "worker",
-                "error": f"worker exited with status {proc.returncode}\n{tail}", "worker_s": wall}
-    with open(result_path) as f:
-        res = json.load(f)
-    res["worker_s"] = wall
-    return res
+    return _measure.run_worker(__file__, "fxprune", model, args, tmp, ["--_worker"])
 
 
 def _onnx_input_names(path: str) -> list[str]:
@@ -234,13 +176,8 @@ def model_section(name: str, fx: dict, bench, bench_error: str | None, threads: 
     lines.append(row("peak RSS to end of worker MiB", lambda r: _f(r["peak_end_mib"], ".0f")))
     lines.append(row("worker wall s", lambda r: _f(r.get("worker_s"), ".1f")))
 
-    notes = []
-    if fx.get("output_absmax") is not None:
-        notes.append(f"dense output max |last_hidden_state| = {fx['output_absmax']:.3g} (random init); "
-                     "`export_onnx` tolerance is atol 1e-4 x max(1, max|y|).")
-    if fx.get("loadavg"):
-        notes.append(f"1-min load average before / after the latency benchmark: {fx['loadavg'][0]:.2f} / "
-                     f"{fx['loadavg'][1]:.2f} ({os.cpu_count()} cores).")
+    notes = _measure.run_notes(fx, " (random init); `export_onnx` tolerance is atol 1e-4 x max(1, max|y|).",
+                               f" ({os.cpu_count()} cores).")
     if fx.get("blocked_reasons"):
         notes.append(f"{fx.get('blocked', 0)} blocked parameter dims, most common reasons: "
                      + "; ".join(f"{n}x {why}" for why, n in fx["blocked_reasons"]) + ".")
@@ -297,26 +234,15 @@ def summary_table(results: list[tuple[str, dict, dict]], threads: list[int]) -> 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    ap.add_argument("--sparsity", type=float, default=0.5)
-    ap.add_argument("--threads", nargs="+", type=int, default=[1, 2])
-    ap.add_argument("--repeat", type=int, default=30)
-    ap.add_argument("--warmup", type=int, default=10)
-    ap.add_argument("--batch", type=int, default=1)
+    _measure.add_run_args(ap, MODELS)
     ap.add_argument("--round-to", type=int, default=1,
                     help="fxprune round_to (default 1: with 12 heads, 8 would keep 8 heads instead of 6)")
     ap.add_argument("--out", default=None, help="write the markdown fragment here")
-    ap.add_argument("--_worker", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--_tmp", help=argparse.SUPPRESS)
-    ap.add_argument("--_result", help=argparse.SUPPRESS)
+    _measure.add_worker_args(ap, action="store_true")
     args = ap.parse_args(argv)
 
     if args._worker:
-        args.model, args.tmp = args.models[0], args._tmp
-        res = worker(args)
-        with open(args._result, "w") as f:
-            json.dump(res, f, indent=1, default=str)
-        return 0
+        return _measure.worker_main(args, worker)
 
     import numpy as np
 
@@ -324,7 +250,7 @@ def main(argv=None) -> int:
 
     t_start = time.perf_counter()
     load_start = os.getloadavg()
-    command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__)] + sys.argv[1:])
+    command = _measure.command_line(__file__)
     info = machine()
 
     sections, results = [], []
@@ -357,19 +283,12 @@ def main(argv=None) -> int:
             else:
                 bench_error = "nothing to compare: the dense or the compact ONNX export is missing"
         sections.append(model_section(name, fx, bench, bench_error, args.threads))
-        by: dict = {}
-        if bench is not None:
-            for b in bench.rows:
-                by.setdefault(b.label, {})[b.threads] = b
+        by = _measure.rows_by_label(bench)
         results.append((name, fx, by))
 
     total = time.perf_counter() - t_start
     load_end = os.getloadavg()
-    header = [
-        "## Transformer benchmark: fxprune on BERT-base and ViT-base (Hugging Face models, random init)", "",
-        "```", command, "```", "",
-        f"- date (UTC): {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M')}",
-        "- machine: " + ", ".join(f"{k} = {v}" for k, v in info.items()),
+    details = [
         f"- load average (1/5/15 min) at start: {' / '.join(f'{v:.2f}' for v in load_start)}; at end: "
         f"{' / '.join(f'{v:.2f}' for v in load_end)} (other processes shared the {os.cpu_count()} cores)",
         f"- fxprune {fxprune.__version__}; config: target_sparsity={args.sparsity}, pattern=channelx1, "
@@ -386,17 +305,10 @@ def main(argv=None) -> int:
         f"trace + group < {BUILD_TARGET_S['bert-base']:g} s",
         "- ideal = dense MACs / compact MACs (fxprune's counter: linear/conv/matmul MACs incl. attention "
         f"matmuls); speedup/ideal = measured speedup / ideal (target >= {EFFICIENCY_TARGET})",
-        f"- total wall time of this run: {total / 60:.1f} min",
-        "",
-        "### Summary", "",
-        summary_table(results, args.threads), "",
     ]
-    text = "\n".join(header + ["\n\n".join(sections), ""])
-    print(text)
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write(text)
+    _measure.write_report(
+        args.out, "## Transformer benchmark: fxprune on BERT-base and ViT-base (Hugging Face models, random init)",
+        command, info, details, total, summary_table(results, args.threads), sections)
     return 0
 
 
