@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import re
+import types
 
 import numpy as np
 import torch
@@ -296,16 +297,21 @@ class Pruning:
         the real step, ``on_after_optimizer_step`` and the next ``on_step_begin``.
         """
         step = optimizer.step
+        pruning = self
 
-        def hooked_step(*args, **kwargs):
-            self.on_before_optimizer_step()
+        def hooked_step(opt, *args, **kwargs):
+            pruning.on_before_optimizer_step()
             out = step(*args, **kwargs)
-            self.on_after_optimizer_step()
-            self.on_step_end()
-            self.on_step_begin()
+            pruning.on_after_optimizer_step()
+            pruning.on_step_end()
+            pruning.on_step_begin()
             return out
 
-        optimizer.step = hooked_step
+        # a bound method, as LR schedulers expect (they wrap optimizer.step.__func__); keep the mark a
+        # scheduler created earlier left on step, or it warns that step was overridden
+        if getattr(step, "_wrapped_by_lr_sched", False):
+            hooked_step._wrapped_by_lr_sched = True
+        optimizer.step = types.MethodType(hooked_step, optimizer)
         self.on_train_begin()
         self.on_step_begin()
         return optimizer

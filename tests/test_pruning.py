@@ -261,3 +261,23 @@ def test_get_pruner_from_a_plain_dict_like_the_reference():
     assert (pruner.target_sparsity_ratio, pruner.start_step, pruner.end_step) == (0.3, 2, 8)
     assert pruner.masks["fc.weight"].all() and pruner.masks["fc.weight"].shape == (4, 8)
     assert pruner.scheduler.total == 7 and pruner.max_sparsity_ratio_per_layer == 0.98
+
+
+@pytest.mark.parametrize("scheduler_first", [True, False])
+def test_attach_works_with_lr_schedulers_in_either_order(scheduler_first):
+    factory, inputs = ARCHITECTURES["MLP"]
+    pruning = fxprune.compile(factory(), inputs(), {"target_sparsity": 0.5, "start_step": 2, "end_step": 2})
+    opt = torch.optim.SGD(pruning.model.parameters(), lr=0.1)
+    if scheduler_first:
+        sched = torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5)
+        pruning.attach(opt)
+    else:
+        pruning.attach(opt)
+        sched = torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5)
+    for _ in range(4):
+        opt.zero_grad()
+        pruning.model(*inputs()).square().mean().backward()
+        opt.step()
+        sched.step()
+    assert pruning.global_step == 4 and pruning.sparsity == pytest.approx(0.5, abs=0.01)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5 ** 4)
