@@ -37,7 +37,6 @@ import platform
 import shlex
 import sys
 import time
-import types
 from datetime import datetime, timezone
 
 import numpy as np
@@ -52,29 +51,6 @@ from fxprune.demo import DigitsCNN, accuracy, load_digits_split, train  # noqa: 
 
 TARGET_SPARSITY = 0.5
 TARGET_POINTS = 1.0  # the project's target: at 50% channels, within 1 point of dense
-
-
-class _SchedulerSafePruning:
-    """Hands ``fxprune.demo.train`` a pruning object whose ``attach`` leaves ``opt.step`` a bound method.
-
-    ``Pruning.attach`` replaces ``optimizer.step`` with a plain function; ``train`` then builds a
-    ``CosineAnnealingLR``, whose constructor wraps ``optimizer.step`` through ``step.__func__`` and so
-    raises ``AttributeError: 'function' object has no attribute '__func__'`` (torch 2.13; the same code
-    path makes ``fxprune.demo.run_demo`` fail). Re-binding the hooked step as a method of the optimizer
-    keeps every hook call exactly as ``attach`` wired it and lets the scheduler wrap it.
-    """
-
-    def __init__(self, pruning):
-        self.pruning = pruning
-
-    def attach(self, optimizer):
-        self.pruning.attach(optimizer)
-        hooked = optimizer.step
-        optimizer.step = types.MethodType(lambda _opt, *a, **k: hooked(*a, **k), optimizer)
-        return optimizer
-
-    def __getattr__(self, name):
-        return getattr(self.pruning, name)
 
 
 def method_configs(sparsity: float, ft_steps: int, round_to: int, global_sparsities) -> list[tuple[str, dict]]:
@@ -122,7 +98,7 @@ def run_seed(seed: int, args) -> list[dict]:
                 p.prune()
                 before = p.sparsity
             train(p.model, xtr, ytr, args.finetune_steps, lr=args.finetune_lr, batch=args.batch, seed=seed + 1,
-                  pruning=_SchedulerSafePruning(p), desc=f"{name} {sparsity}")
+                  pruning=p, desc=f"{name} {sparsity}")
             if name.startswith("magnitude"):
                 assert abs(p.sparsity - before) < 1e-12, "one-shot masks changed during fine-tuning"
             acc = accuracy(p.model, xte, yte)

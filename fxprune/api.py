@@ -230,6 +230,7 @@ class Pruning:
             self._build_masks()
             self.apply_masks()
         pruner.current_sparsity_ratio = target
+        pruner.on_pruning_step()
 
     def _require_channel(self, what: str) -> None:
         for cfg in self.configs:

@@ -88,7 +88,8 @@ def run_demo(sparsity: float = 0.5, pruner: str = "snip_momentum", steps: int = 
 
     example = (xte[:batch],)
     config = {"pruning_type": pruner, "pattern": "channelx1", "target_sparsity": sparsity,
-              "start_step": 10, "end_step": finetune_steps // 2, "update_frequency_on_step": 20,
+              "start_step": min(10, finetune_steps // 4), "end_step": finetune_steps // 2,
+              "update_frequency_on_step": max(1, finetune_steps // 15),
               "sparsity_decay_type": "cos", "prune_domain": "local", "round_to": round_to}
     pruning = fxprune.compile(model, example, config)
     print(f"captured and grouped in {pruning.captured.seconds + pruning.grouping.seconds:.2f} s: "

@@ -103,6 +103,9 @@ class Pruner:
     def on_before_optimizer_step(self) -> None:
         """Gradients of this step are available here, before the weights change."""
 
+    def on_pruning_step(self) -> None:
+        """Called after each pruning step; criteria that accumulate per interval reset here."""
+
     def channel_scores(self, group) -> np.ndarray:
         """Score per channel of ``group``; lower is pruned first."""
         return group_scores(group, self.modules, self.config.magnitude_norm, self.scores or None)
@@ -190,6 +193,9 @@ class TaylorPruner(Pruner):
             valid = m.atoms >= 0
             total += np.bincount(m.atoms[valid], weights=flat[valid], minlength=group.size)
         return np.abs(total)
+
+    def on_pruning_step(self) -> None:
+        self.scores = {}  # the next interval accumulates afresh
 
 
 @register_pruners("pattern_lock")

@@ -281,3 +281,14 @@ def test_attach_works_with_lr_schedulers_in_either_order(scheduler_first):
         sched.step()
     assert pruning.global_step == 4 and pruning.sparsity == pytest.approx(0.5, abs=0.01)
     assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5 ** 4)
+
+
+def test_taylor_scores_restart_after_each_pruning_step():
+    factory, inputs = ARCHITECTURES["MLP"]
+    pruning = fxprune.compile(factory(), inputs(), {"pruning_type": "taylor", "target_sparsity": 0.5,
+                                                     "start_step": 3, "end_step": 3})
+    _train(pruning, 3)  # steps 0..2 accumulate, the pruning at step 3 happens inside the third step()
+    assert pruning.sparsity > 0 and pruning.pruners[0].scores == {}
+    pruning.model(*inputs()).square().mean().backward()
+    pruning.on_before_optimizer_step()
+    assert set(pruning.pruners[0].scores) == set(pruning.pruners[0].modules)
