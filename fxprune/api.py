@@ -328,6 +328,7 @@ class Pruning:
         if all(k.all() for k in self._kept.values()):
             raise PruningError("nothing is pruned yet: call prune(), set_kept() or fine-tune with the hooks "
                                "before compact()")
+        self.apply_masks()  # weights changed outside the hooks (own loop, loaded checkpoint) are masked again
         state = dict(self.model.state_dict(keep_vars=False))
         small = compact_graph(self.captured.graph_module, self.grouping, self._atom_kept(), state)
         if check:
@@ -344,6 +345,7 @@ class Pruning:
         from fxprune.eager import compact_eager
 
         self._require_channel("compact_eager")
+        self.apply_masks()
         return compact_eager(self, atol)
 
     def _compare(self, small: torch.nn.Module, atol: float) -> float:

@@ -148,3 +148,17 @@ def test_eager_compaction_refuses_a_forward_with_fixed_split():
     pruning = fxprune.compile(factory(), inputs(), {"target_sparsity": 0.5, "prune_domain": "local"}).prune()
     with pytest.raises(fxprune.CompactionError, match="hard-codes a width"):
         pruning.compact_eager()
+
+
+def test_compact_remasks_weights_changed_outside_the_hooks():
+    factory, inputs = ARCHITECTURES["ResNetBasic"]
+    x = inputs()
+    pruning = fxprune.compile(factory(), x, {"target_sparsity": 0.5, "prune_domain": "local"}).prune()
+    with torch.no_grad():  # e.g. an optimizer step taken without the hooks
+        for p in pruning.model.parameters():
+            p.add_(0.01)
+    small = pruning.compact()
+    for name, mask in pruning.masks.items():
+        assert (pruning.model.get_parameter(name)[~mask] == 0).all()
+    with torch.no_grad():
+        assert _max_err(pruning.model.eval()(*x), small(*x)) <= ATOL
