@@ -8,6 +8,7 @@ the CPU kernels like; every group keeps at least one channel.
 
 from __future__ import annotations
 
+import heapq
 import math
 
 import numpy as np
@@ -44,15 +45,39 @@ def prune_counts(scores: dict[int, np.ndarray], target: float, scope: str = "glo
         budget = int(math.floor(sum(sizes.values()) * target + 1e-9))
         counts = dict(floors)
         budget -= sum(floors.values())
-        order = sorted(((s, g, i) for g, sc in scores.items() for i, s in enumerate(np.sort(sc))),
-                       key=lambda t: t[0])
-        for _, g, i in order:
-            if budget <= 0:
-                break
-            if i >= counts[g] and counts[g] < caps[g]:
-                counts[g] += 1
-                budget -= 1
+        counts = _allocate_global({g: np.sort(sc) for g, sc in scores.items()}, sizes, caps, counts, budget,
+                                  round_to)
     return {g: sizes[g] - max(1, _round(sizes[g] - c, sizes[g], round_to)) for g, c in counts.items()}
+
+
+def _allocate_global(sorted_scores, sizes, caps, counts, budget, round_to):
+    """Hand out the budget in the cheapest chunks first.
+
+    A chunk is the next channels a group can lose while its kept count stays a
+    multiple of ``round_to`` (single channels when ``round_to`` is 1, or for groups no
+    larger than it), scored by their mean. Rounding inside the allocation, not after
+    it, keeps the total within half a chunk of the budget; a capped group's share
+    goes to the others.
+    """
+    heap = []
+
+    def push(g):
+        n, c = sizes[g], counts[g]
+        unit = 1 if n <= round_to else ((n - c) % round_to or round_to)
+        if c + unit > caps[g] or (n > round_to and n - c - unit < round_to):
+            return
+        heapq.heappush(heap, (float(sorted_scores[g][c:c + unit].mean()), g, unit))
+
+    for g in sorted_scores:
+        push(g)
+    while heap and budget > 0:
+        _, g, unit = heapq.heappop(heap)
+        if unit - budget > budget:  # overshooting by more than we would fall short: try smaller chunks
+            continue
+        counts[g] += unit
+        budget -= unit
+        push(g)
+    return counts
 
 
 def choose_kept(scores: np.ndarray, n_prune: int, parts=()) -> np.ndarray:

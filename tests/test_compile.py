@@ -162,3 +162,18 @@ def test_compact_remasks_weights_changed_outside_the_hooks():
         assert (pruning.model.get_parameter(name)[~mask] == 0).all()
     with torch.no_grad():
         assert _max_err(pruning.model.eval()(*x), small(*x)) <= ATOL
+
+
+@pytest.mark.parametrize("name, target", [("ResNetBasic", 0.6), ("ResNetBottleneck", 0.3), ("DenseNetLike", 0.75)])
+def test_global_scope_with_round_to_meets_target_within_half_a_chunk(name, target):
+    """Rounding after a global allocation missed these budgets by 5 to 9 channels."""
+    factory, inputs = ARCHITECTURES[name]
+    pruning = fxprune.compile(factory(), inputs(), {"target_sparsity": target, "prune_domain": "global",
+                                                     "round_to": 8}).prune()
+    total = sum(g.size for g in pruning.groups)
+    removed = sum(g.size - len(pruning.kept_channels[g.index]) for g in pruning.groups)
+    assert abs(removed - int(total * target)) <= 4
+    for g in pruning.groups:  # concat branches each keep a channel, which may break alignment (correctness first)
+        kept = len(pruning.kept_channels[g.index])
+        assert g.size <= 8 or g.parts or kept % 8 == 0, (g.describe(), kept)
+    pruning.compact()
