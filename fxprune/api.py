@@ -79,6 +79,7 @@ class Pruning:
         self._element_masks: dict[str, torch.Tensor] = {}
         self.global_step = 0
         self._training = False
+        self.compact_error: float | None = None  # max abs error of the last checked compact()
 
     # -- set-up -------------------------------------------------------------------------
     def _layer_names(self) -> set[str]:

@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from torch.fx import Node
+from torch.fx.node import map_arg
 
-__all__ = ["Couplings", "Edge", "value_key", "PARAM_PREFIX", "registrar"]
+__all__ = ["Couplings", "Edge", "value_key", "PARAM_PREFIX", "registrar", "nodes_in"]
 
 PARAM_PREFIX = "param:"
 
@@ -121,7 +122,7 @@ class Couplings:
 
     def freeze_all(self, node: Node, reason: str) -> None:
         """Freeze every dim of every tensor input and output of ``node``."""
-        for arg in _tensor_args(node):
+        for arg in nodes_in(node.args, node.kwargs):
             self.freeze(arg, None, reason)
         for key in self.output_keys(node):
             self.freeze(key, None, reason)
@@ -140,23 +141,8 @@ class Couplings:
         return self.shapes[arg] if isinstance(arg, str) else self.shapes[value_key(arg)]
 
 
-def _tensor_args(node: Node) -> list[Node]:
-    return _flat(node.args, node.kwargs)
-
-
-def _flat(args, kwargs):
-    out = []
-
-    def visit(a):
-        if isinstance(a, Node):
-            out.append(a)
-        elif isinstance(a, (list, tuple)):
-            for x in a:
-                visit(x)
-        elif isinstance(a, dict):
-            for x in a.values():
-                visit(x)
-
-    visit(args)
-    visit(kwargs)
+def nodes_in(*trees) -> list[Node]:
+    """Every Node inside nested args/kwargs (lists, tuples, dicts), in order."""
+    out: list[Node] = []
+    map_arg(trees, out.append)
     return out

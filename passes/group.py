@@ -21,7 +21,7 @@ import scipy.sparse.csgraph
 import torch
 from torch.fx import GraphModule
 
-from fxprune.passes.couplings import PARAM_PREFIX, Couplings, value_key
+from fxprune.passes.couplings import PARAM_PREFIX, Couplings, nodes_in, value_key
 from fxprune.passes.rules import apply_rule, resolve_reshapes
 
 __all__ = ["Member", "Group", "Grouping", "group_channels"]
@@ -129,7 +129,7 @@ def collect_couplings(gm: GraphModule) -> Couplings:
         if node.op == "placeholder":
             c.freeze(node, None, "model input")
         elif node.op == "output":
-            for arg in _flat(node.args):
+            for arg in nodes_in(node.args):
                 c.freeze(arg, None, "model output")
         elif node.op == "call_function":
             apply_rule(node, c)
@@ -158,12 +158,6 @@ def _couple_aliases(gm: GraphModule, c: Couplings) -> None:
                 c.identity(first[ident], d, PARAM_PREFIX + target, d)
         else:
             first[ident] = PARAM_PREFIX + target
-
-
-def _flat(args):
-    out = []
-    torch.fx.node.map_arg(args, out.append)
-    return out
 
 
 def group_channels(gm: GraphModule) -> Grouping:
