@@ -18,7 +18,8 @@ import torch.utils._pytree as pytree
 
 from fxprune.config import PruningConfig, parse_config
 from fxprune.errors import CompactionError, ConfigError, PruningError
-from fxprune.passes.compact import check_shapes, compact_graph
+from fxprune.norms import sync_norms
+from fxprune.passes.compact import check_shapes, compact_graph, space_keep
 from fxprune.passes.group import Group, Grouping, group_channels
 from fxprune.passes.macs import count_macs, count_params
 from fxprune.passes.trace import Captured, capture
@@ -108,6 +109,8 @@ class Pruning:
                     continue
                 if cfg.prune_layer_type and not self._has_type(g, cfg.prune_layer_type):
                     continue
+                if g.normalized and not cfg.prune_hidden_size:
+                    continue  # LayerNorm/RMSNorm statistics span it: pruned only on request
                 chosen.append(g)
             if cfg.parsed_pattern.is_channel:
                 claimed |= {g.index for g in chosen}
@@ -115,6 +118,7 @@ class Pruning:
             else:
                 modules, chosen = self._element_modules(cfg), []
             pruners.append(get_pruner(modules, cfg, chosen))
+        self._claimed = claimed
         return pruners
 
     def _element_modules(self, cfg: PruningConfig) -> dict[str, torch.nn.Parameter]:
@@ -189,6 +193,8 @@ class Pruning:
         self._pruned = {k: ~v for k, v in self.masks.items()}
         for pruner in self.pruners:
             pruner.masks = {k: self.masks.get(k, torch.ones_like(v, dtype=torch.bool)) for k, v in pruner.modules.items()}
+        if any(g.normalized for g in self.groups):
+            sync_norms(self.model, self.grouping, space_keep(self.grouping, self._atom_kept()))
 
     @torch.no_grad()
     def apply_masks(self) -> None:
@@ -198,9 +204,10 @@ class Pruning:
 
     @property
     def sparsity(self) -> float:
-        """Fraction of prunable group channels currently removed."""
-        total = sum(k.size for k in self._kept.values())
-        return float(sum((~k).sum() for k in self._kept.values()) / total) if total else 0.0
+        """Fraction of channels removed, over the groups the pruners work on and any group pruned by hand."""
+        kept = [k for g, k in self._kept.items() if g in self._claimed or not k.all()]
+        total = sum(k.size for k in kept)
+        return float(sum((~k).sum() for k in kept) / total) if total else 0.0
 
     @property
     def weight_sparsity(self) -> float:

@@ -88,6 +88,7 @@ class PruningConfig:
     prune_layer_type: tuple = ()
     round_to: int = 1
     magnitude_norm: str = "l2"
+    prune_hidden_size: bool = False  # also prune groups spanned by LayerNorm/RMSNorm statistics
 
     @property
     def parsed_pattern(self) -> Pattern:
@@ -121,6 +122,8 @@ class PruningConfig:
             raise ConfigError(f"round_to must be an integer >= 1, got {self.round_to!r}")
         if self.magnitude_norm not in ("l1", "l2"):
             raise ConfigError(f"magnitude_norm must be 'l1' or 'l2', got {self.magnitude_norm!r}")
+        if not isinstance(self.prune_hidden_size, bool):
+            raise ConfigError(f"prune_hidden_size must be True or False, got {self.prune_hidden_size!r}")
         pattern = self.parsed_pattern
         if pattern.kind == "n:m" and s > pattern.n / pattern.m:
             raise ConfigError(f"target_sparsity {s} is above what pattern {self.pattern} allows ({pattern.n / pattern.m})")

@@ -17,12 +17,14 @@ import torch
 import torch.nn as nn
 
 from fxprune.errors import CompactionError
+from fxprune.norms import STATE, unpatch_norms
 from fxprune.passes.compact import space_keep
 from fxprune.passes.couplings import PARAM_PREFIX
 
 __all__ = ["compact_eager"]
 
 _HEAD_COUNTS = ("num_heads", "num_attention_heads", "n_head")
+_HIDDEN = ("hidden_size", "n_embd", "dim", "d_model")
 _HEAD_SIZES = ("head_dim", "attention_head_size")
 _QUERY = ("q_proj", "query", "q")
 _KEY = ("k_proj", "key", "k")
@@ -105,7 +107,19 @@ def _attention_widths(model: nn.Module) -> dict[str, set]:
     return widths
 
 
-def _update_config(model: nn.Module, ffn_layers: list[str]) -> list[str]:
+def _resize_norms(model: nn.Module) -> None:
+    """Norm layers switched to kept channels (:mod:`fxprune.norms`) become plain layers of the new width."""
+    for module in model.modules():
+        state = module.__dict__.get(STATE)
+        shape = getattr(module, "normalized_shape", None)
+        if state is not None and isinstance(shape, (tuple, list)) and -len(shape) <= state[1]:
+            new = list(shape)
+            new[state[1]] = len(state[3])
+            module.normalized_shape = type(shape)(new)
+    unpatch_norms(model)
+
+
+def _update_config(model: nn.Module, ffn_layers: list[str], hidden: dict[int, int]) -> list[str]:
     """Hugging Face configs hold one width for all layers: update each only when pruning kept it uniform."""
     config = getattr(model, "config", None)
     if config is None:
@@ -113,6 +127,9 @@ def _update_config(model: nn.Module, ffn_layers: list[str]) -> list[str]:
     widths = _attention_widths(model)
     if ffn_layers:
         widths["intermediate_size"] = {model.get_submodule(n).weight.shape[0] for n in ffn_layers}
+    for key in _HIDDEN:
+        if isinstance(getattr(config, key, None), int) and getattr(config, key) in hidden:
+            widths[key] = {hidden[getattr(config, key)]}
     notes = []
     for key, values in widths.items():
         if not hasattr(config, key):
@@ -159,9 +176,13 @@ def compact_eager(pruning, atol: float = 1e-4) -> nn.Module:
     before = {name: {a: getattr(m, a) for a in ("out_channels", "groups", "num_channels", "num_groups")
                      if hasattr(m, a)} for name, m in model.named_modules()}
     _slice_tensors(model, keep)
+    _resize_norms(model)
     for name, module in model.named_modules():
         _update_attributes(module, before[name])
-    model.fxprune_notes = _update_config(model, ffn_layers)
+    # a pruned hidden size: the width of the group the norm layers span, when it is the only one
+    normalized = [g for g in pruning.groups if g.normalized and not pruning._kept[g.index].all()]
+    hidden = {g.size: int(pruning._kept[g.index].sum()) for g in normalized} if len(normalized) == 1 else {}
+    model.fxprune_notes = _update_config(model, ffn_layers, hidden)
     try:
         pruning._compare(model, atol)
     except CompactionError:

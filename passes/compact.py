@@ -109,6 +109,15 @@ def _group_norm(node: Node, size: _Sizes) -> None:
     node.args = (x, size(x, 1) // per, *node.args[2:])
 
 
+@rewrite(aten.layer_norm.default, aten.native_layer_norm.default, aten.rms_norm.default)
+def _norm_shape(node: Node, size: _Sizes) -> None:
+    """The normalised shape is the new size of the input's last dims."""
+    x, shape = node.args[:2]
+    n = len(size.shapes[value_key(x)])
+    new = [size(x, d) for d in range(n - len(shape), n)]
+    node.args = (x, new, *node.args[2:])
+
+
 @rewrite(aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.split.sizes,
          aten.unsafe_split.Tensor)
 def _split(node: Node, size: _Sizes) -> None:

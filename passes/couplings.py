@@ -16,7 +16,7 @@ import numpy as np
 from torch.fx import Node
 from torch.fx.node import map_arg
 
-__all__ = ["Couplings", "Edge", "value_key", "PARAM_PREFIX", "registrar", "nodes_in"]
+__all__ = ["Couplings", "Edge", "NormSite", "value_key", "PARAM_PREFIX", "registrar", "nodes_in", "norm_module"]
 
 PARAM_PREFIX = "param:"
 
@@ -54,6 +54,36 @@ class Edge:
     ib: np.ndarray
 
 
+@dataclass(frozen=True)
+class NormSite:
+    """A reduction over a channel dim inside a norm module (LayerNorm/RMSNorm statistics).
+
+    Removing a channel there is exact only if the masked model computes the
+    statistics over kept channels alone; :mod:`fxprune.norms` makes the module do so.
+    ``dim`` is the reduced dim and ``input_dim`` the same channels on the module's input (they
+    differ when the module permutes inside), both counted from the end.
+    """
+
+    space: tuple[str, int]
+    module: str
+    cls: str
+    dim: int
+    input_dim: int
+
+
+def norm_module(node: Node) -> tuple[str, str] | None:
+    """(path, class) of the innermost module around ``node`` if it is a norm layer, else None."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return None
+    path, cls = list(stack.values())[-1]
+    cls = cls if isinstance(cls, str) else getattr(cls, "__qualname__", str(cls))
+    name = cls.rpartition(".")[2]
+    if not path or "norm" not in name.lower() or name.lower().startswith(("batchnorm", "instancenorm", "groupnorm")):
+        return None
+    return path, cls
+
+
 @dataclass
 class Couplings:
     """Edges and frozen spaces collected while walking the graph once."""
@@ -63,6 +93,7 @@ class Couplings:
     frozen: dict[tuple[str, int], str] = field(default_factory=dict)
     node: Node | None = None  # the node whose rule is running, for frozen reasons
     deferred: list = field(default_factory=list)  # reshape nodes, resolved after every other rule
+    norms: list[NormSite] = field(default_factory=list)  # statistics over channel dims inside norm modules
 
     # -- shapes ---------------------------------------------------------------
     def shape(self, arg) -> tuple | None:
@@ -119,6 +150,16 @@ class Couplings:
             where = f" [{self.node.target} at {source_line(self.node)}]" if self.node.op == "call_function" else f" [{self.node.op} {self.node.name}]"
         for d in dims:
             self.frozen.setdefault((key, d), reason + where)
+
+    def normalise(self, arg, dim: int, reason: str) -> None:
+        """Statistics of a norm layer span (arg, dim): a NormSite if inside a norm module, else frozen."""
+        where = norm_module(self.node) if self.node is not None else None
+        key = value_key(arg) if not isinstance(arg, str) else arg
+        if where is None or key not in self.shapes:
+            self.freeze(arg, dim, reason)
+            return
+        n = len(self.shapes[key])
+        self.norms.append(NormSite((key, dim % n), where[0], where[1], dim % n - n, dim % n - n))
 
     def freeze_all(self, node: Node, reason: str) -> None:
         """Freeze every dim of every tensor input and output of ``node``."""

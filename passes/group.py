@@ -12,7 +12,7 @@ connected set of spaces that still has free atoms and holds at least one paramet
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import networkx as nx
 import numpy as np
@@ -21,7 +21,7 @@ import scipy.sparse.csgraph
 import torch
 from torch.fx import GraphModule
 
-from fxprune.passes.couplings import PARAM_PREFIX, Couplings, nodes_in, value_key
+from fxprune.passes.couplings import PARAM_PREFIX, Couplings, NormSite, nodes_in, value_key
 from fxprune.passes.rules import apply_rule, resolve_reshapes
 
 __all__ = ["Member", "Group", "Grouping", "group_channels"]
@@ -58,6 +58,12 @@ class Group:
     members: list[Member]
     spaces: list[tuple[str, int]] = field(repr=False, default_factory=list)
     parts: list[np.ndarray] = field(repr=False, default_factory=list)  # channel sets of tensors made only of group channels
+    norms: list[NormSite] = field(repr=False, default_factory=list)  # norm statistics spanning these channels
+
+    @property
+    def normalized(self) -> bool:
+        """Norm statistics span these channels (a transformer's hidden size): pruned only on request."""
+        return bool(self.norms)
 
     @property
     def parameters(self) -> list[Member]:
@@ -73,7 +79,9 @@ class Group:
     def describe(self) -> str:
         names = ", ".join(f"{m.name}[{m.dim}]" for m in self.parameters[:6])
         more = "" if len(self.parameters) <= 6 else f", … (+{len(self.parameters) - 6})"
-        return f"group {self.index}: {self.size} channels over {names}{more}"
+        normed = (f"; spanned by {len({n.module for n in self.norms})} norm layers (pruned only with "
+                  "prune_hidden_size=True)") if self.norms else ""
+        return f"group {self.index}: {self.size} channels over {names}{more}{normed}"
 
 
 @dataclass
@@ -244,6 +252,12 @@ def group_channels(gm: GraphModule) -> Grouping:
         groups.append(Group(gi, local, members, spaces, list(parts.values())))
 
     space_atoms = {s: np.where(labs >= 0, labs, -1) for s, labs in space_labels.items()}
+    for site in _align_norm_sites(gm, c.norms, space_atoms, c.shapes):
+        labs = space_atoms.get(site.space)
+        owners = set() if labs is None else set(atom_group[labs[labs >= 0]].tolist()) - {-1}
+        for gi in sorted(owners):
+            if site not in groups[gi].norms:
+                groups[gi].norms.append(site)
     blocked = {}
     for (key, dim), labs in space_labels.items():
         if key.startswith(PARAM_PREFIX) and len(labs) > 1 and (labs < 0).all():
@@ -251,6 +265,34 @@ def group_channels(gm: GraphModule) -> Grouping:
             blocked[(key[len(PARAM_PREFIX):], dim)] = frozen_label_reason.get(int(lab), "?")
     return Grouping(groups, space_atoms, atom_group, atom_local, dict(c.frozen), blocked, graph,
                     c.shapes, time.perf_counter() - start)
+
+
+def _align_norm_sites(gm: GraphModule, sites: list[NormSite], space_atoms: dict, shapes: dict) -> list[NormSite]:
+    """Express each site's dim on its module's input (a norm may permute inside, e.g. channels-first)."""
+    if not sites:
+        return []
+    wanted = {s.module for s in sites}
+    inside: dict[str, set] = {p: set() for p in wanted}
+    first_input: dict[str, str] = {}
+    for node in gm.graph.nodes:
+        paths = [v[0] for v in (node.meta.get("nn_module_stack") or {}).values() if v[0] in wanted]
+        for path in paths:
+            inside[path].add(node.name)
+            if path not in first_input:
+                for arg in nodes_in(node.args, node.kwargs):
+                    if arg.op != "get_attr" and arg.name not in inside[path] and arg.name in shapes:
+                        first_input[path] = arg.name
+                        break
+    out = []
+    for site in sites:
+        key = first_input.get(site.module)
+        atoms = space_atoms.get(site.space)
+        for d in range(len(shapes[key]) if key is not None else 0):
+            if np.array_equal(space_atoms.get((key, d)), atoms):
+                site = replace(site, input_dim=d - len(shapes[key]))
+                break
+        out.append(site)
+    return out
 
 
 def _space_name(space: tuple[str, int]) -> str:

@@ -7,8 +7,11 @@ freezes every dim it touches: unknown means frozen, never guessed.
 A dim may be coupled through a *reduction* only where a parameter sits on the
 reducing side (conv/linear input channels, a matmul against a weight): masking that
 parameter makes the removed channels contribute nothing, so removing them is exact.
-Non-parametric reductions over a dim (LayerNorm statistics, softmax, mean, a matmul
-of two activations) freeze it, because a zeroed channel would still change them.
+Non-parametric reductions over a dim (softmax, mean, a matmul of two activations)
+freeze it, because a zeroed channel would still change them. The exception is a
+reduction inside a norm module (LayerNorm/RMSNorm statistics): it becomes a
+:class:`NormSite`, and its group may be pruned on request, with the masked model
+computing those statistics over kept channels only (:mod:`fxprune.norms`).
 """
 
 from __future__ import annotations
@@ -268,7 +271,7 @@ def _layer_norm(node: Node, c: Couplings) -> None:
             for i in range(1, len(c.shape(p)) + 1):
                 c.identity(p, -i, out, -i)
     for d in range(n - len(shape), n):
-        c.freeze(out, d, "normalisation statistics span this dim")
+        c.normalise(x, d, "normalisation statistics span this dim")
 
 
 @rule(aten.group_norm.default)
@@ -345,7 +348,7 @@ def _reduce(node: Node, c: Couplings) -> None:
     j = 0
     for d in range(n):
         if d in dims:
-            c.freeze(x, d, "reduction over this dim")
+            c.normalise(x, d, "reduction over this dim")
             j += keep
         else:
             c.identity(x, d, node, j)

@@ -1,0 +1,119 @@
+"""Norm layers that compute their statistics over kept channels only.
+
+Zeroing a channel of a transformer's hidden size does not remove it from
+LayerNorm/RMSNorm statistics: the mean and variance still count it. A model with
+the channel *removed* normalises over fewer channels. So that pruning the hidden
+size stays exact (compact model == masked model), the masked model's norm layers
+whose statistics span pruned channels are switched to run on the kept channels
+(and their slice of weight and bias) and write zeros elsewhere. This is what the
+compact model computes, and what fine-tuning then adapts to.
+
+The switch is an instance-level ``forward`` on those modules only; it reads its
+state from the module (so ``.to(device)``, ``deepcopy`` and DDP carry it) and is
+removed again when the layer's channels are all kept.
+"""
+
+from __future__ import annotations
+
+import types
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from fxprune.errors import PruningError
+from fxprune.passes.couplings import PARAM_PREFIX
+
+__all__ = ["sync_norms", "unpatch_norms", "STATE"]
+
+STATE = "_fxprune_norm"
+
+
+def _masked_norm_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs):
+    dim, stat_dim, size, index, params = getattr(self, STATE)
+    if not isinstance(x, torch.Tensor) or x.dim() < -dim or x.shape[dim] != size:
+        raise PruningError(f"{type(self).__name__} was pruned for inputs with {size} channels at dim {dim}, got "
+                           f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if index.device != x.device:
+        index = index.to(x.device)
+        setattr(self, STATE, (dim, stat_dim, size, index, params))
+    saved = {}
+    shape = getattr(self, "normalized_shape", None)
+    try:
+        for name, (pdim, pindex) in params.items():
+            saved[name] = p = self._parameters[name]
+            self._parameters[name] = p.index_select(pdim, pindex.to(p.device))
+        if isinstance(shape, (tuple, list)) and -len(shape) <= stat_dim:
+            new = list(shape)
+            new[stat_dim] = len(index)
+            self.normalized_shape = type(shape)(new)
+        y = type(self).forward(self, x.index_select(dim, index), *args, **kwargs)
+    finally:
+        self._parameters.update(saved)
+        if shape is not None:
+            self.normalized_shape = shape
+    if not isinstance(y, torch.Tensor) or y.dim() != x.dim() or y.shape[dim] != len(index):
+        raise PruningError(f"{type(self).__name__} does not keep its input's channels at dim {dim}; "
+                           "its statistics cannot be restricted to kept channels")
+    out_shape = list(y.shape)
+    out_shape[dim] = size
+    return y.new_zeros(out_shape).index_copy(dim % y.dim(), index, y)
+
+
+def _install(module: nn.Module, state: tuple) -> None:
+    setattr(module, STATE, state)
+    if "forward" not in module.__dict__:
+        module.forward = types.MethodType(_masked_norm_forward, module)
+
+
+def unpatch_norms(model: nn.Module) -> None:
+    """Give every switched norm layer its own forward back."""
+    for module in model.modules():
+        if STATE in module.__dict__:
+            del module.__dict__[STATE]
+            module.__dict__.pop("forward", None)
+
+
+def sync_norms(model: nn.Module, grouping, keep: dict) -> list[str]:
+    """Switch the norm layers whose statistics span pruned channels; returns their names.
+
+    ``keep`` maps a space ``(value, dim)`` to its boolean keep mask (spaces that lose
+    nothing are absent), as :func:`fxprune.passes.compact.space_keep` gives it.
+    """
+    plans: dict[str, tuple] = {}
+    for group in grouping.groups:
+        for site in group.norms:
+            mask = keep.get(site.space)
+            if mask is None:
+                continue
+            index = np.flatnonzero(mask)
+            if site.module in plans:
+                if not np.array_equal(plans[site.module][3], index):
+                    raise PruningError(f"norm layer {site.module} is applied to differently pruned channels at "
+                                       "two call sites; it cannot be restricted to both")
+                continue
+            plans[site.module] = (site.input_dim, site.dim, len(mask), index)
+    modules = dict(model.named_modules())
+    switched = []
+    for path, (dim, stat_dim, size, index) in plans.items():
+        module = modules.get(path)
+        if module is None:
+            raise PruningError(f"norm layer {path} of the captured graph is not a submodule of the model")
+        params = {}
+        for name, p in module.named_parameters(recurse=False):
+            for d in range(p.dim()):
+                m = keep.get((PARAM_PREFIX + f"{path}.{name}", d))
+                if m is not None:
+                    params[name] = (d, torch.from_numpy(np.flatnonzero(m)))
+        _install(module, (dim, stat_dim, size, torch.from_numpy(index).to(_device(module)), params))
+        switched.append(path)
+    for path, module in modules.items():
+        if path not in plans and STATE in module.__dict__:
+            del module.__dict__[STATE]
+            module.__dict__.pop("forward", None)
+    return switched
+
+
+def _device(module: nn.Module) -> torch.device:
+    t = next(module.parameters(), None)
+    return t.device if t is not None else torch.device("cpu")
