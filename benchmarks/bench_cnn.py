@@ -31,6 +31,7 @@ Usage::
 
     python benchmarks/bench_cnn.py --models resnet50 --repeat 5              # quick
     python benchmarks/bench_cnn.py --repeat 30 --out benchmarks/results_cnn.md
+    python benchmarks/bench_cnn.py --models convnext-tiny --prune-hidden-size --out benchmarks/results_cnn_hidden.md
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ def worker_fxprune(args) -> dict:
     with torch.no_grad():
         out["output_absmax"] = float(model(x).last_hidden_state.abs().max())
     cfg = {"target_sparsity": args.sparsity, "pattern": "channelx1", "prune_domain": "local",
-           "round_to": args.round_to}
+           "round_to": args.round_to, "prune_hidden_size": args.prune_hidden_size}
     out["config"] = cfg
     model_box = [model]
     del model  # the pipeline drops the model once compile() has copied it
@@ -218,7 +219,8 @@ def worker_tp(args) -> dict:
 # ------------------------------------------------------------------------------------------
 def run_worker(kind: str, model: str, args, tmp: str) -> dict:
     return _measure.run_worker(__file__, kind, model, args, tmp,
-                               ["--_worker", kind, "--build-repeat", str(args.build_repeat)])
+                               ["--_worker", kind, "--build-repeat", str(args.build_repeat)]
+                               + (["--prune-hidden-size"] if args.prune_hidden_size else []))
 
 
 def _median(v):
@@ -341,6 +343,8 @@ def main(argv=None) -> int:
                     help="extra graph-build timings per tool in the warm worker (median reported)")
     ap.add_argument("--out", default=None, help="write the markdown fragment here")
     ap.add_argument("--no-peer", action="store_true", help="skip Torch-Pruning")
+    ap.add_argument("--prune-hidden-size", action="store_true",
+                    help="fxprune also prunes channels that LayerNorm statistics span (ConvNeXt's residual stream)")
     _measure.add_worker_args(ap, choices=["fxprune", "tp"])
     args = ap.parse_args(argv)
 
@@ -420,7 +424,8 @@ def main(argv=None) -> int:
     total = time.perf_counter() - t_start
     details = [
         f"- fxprune {fxprune.__version__}; config: target_sparsity={args.sparsity}, pattern=channelx1, "
-        f"prune_domain=local, round_to={args.round_to}, one-shot magnitude (L2)",
+        f"prune_domain=local, round_to={args.round_to}, prune_hidden_size={args.prune_hidden_size}, "
+        "one-shot magnitude (L2)",
         (f"- peer: Torch-Pruning {importlib.metadata.version('torch-pruning')}, MagnitudePruner + "
          f"GroupMagnitudeImportance(p=2), pruning_ratio={args.sparsity}, round_to={args.round_to}, local"
          if run_peer else f"- {peer_note}"),

@@ -29,6 +29,8 @@ Usage::
 
     python benchmarks/bench_transformers.py --models bert-base --repeat 5               # quick
     python benchmarks/bench_transformers.py --repeat 40 --out benchmarks/results_transformers.md
+    python benchmarks/bench_transformers.py --models bert-base-cls vit-base-cls --hidden-sparsity 0.25 \\
+        --out benchmarks/results_transformers_hidden.md                                 # + hidden size
 """
 
 from __future__ import annotations
@@ -46,7 +48,11 @@ from _measure import _checksum, _err, _f, _first_line, _mb, machine  # noqa: E40
 MODELS = {
     "bert-base": ("BertModel", "BertConfig"),
     "vit-base": ("ViTModel", "ViTConfig"),
+    # with a classification head the hidden size is not a model output, so --hidden-sparsity can prune it
+    "bert-base-cls": ("BertForSequenceClassification", "BertConfig"),
+    "vit-base-cls": ("ViTForImageClassification", "ViTConfig"),
 }
+DEFAULT_MODELS = ["bert-base", "vit-base"]
 SEED = 0
 BUILD_TARGET_S = {"bert-base": 2.0}  # trace + group target
 EFFICIENCY_TARGET = 0.9  # speedup / ideal
@@ -99,12 +105,14 @@ def worker(args) -> dict:
     out["checksum"] = _checksum(model)
     cfg = {"target_sparsity": args.sparsity, "pattern": "channelx1", "prune_domain": "local",
            "round_to": args.round_to}
+    if args.hidden_sparsity:  # heads and FFN as above, plus the hidden size in multiples of 64
+        cfg["pruners"] = [{}, {"prune_hidden_size": True, "target_sparsity": args.hidden_sparsity, "round_to": 64}]
     out["config"] = cfg
     model_box = [model]
     del model  # the pipeline drops the model once compile() has copied it
 
     def warm(m):  # the dense output scale, for the ONNX error figures; also warms the eager path
-        out["output_absmax"] = float(m(x).last_hidden_state.abs().max())
+        out["output_absmax"] = float(m(x)[0].abs().max())
 
     _measure.fxprune_pipeline(out, model_box, x, cfg, args.tmp, warm=warm,
                               after_prune=lambda p: _group_summary(p, config), reasons_top=6)
@@ -115,7 +123,8 @@ def worker(args) -> dict:
 # driver
 # ------------------------------------------------------------------------------------------
 def run_worker(model: str, args, tmp: str) -> dict:
-    return _measure.run_worker(__file__, "fxprune", model, args, tmp, ["--_worker"])
+    return _measure.run_worker(__file__, "fxprune", model, args, tmp,
+                               ["--_worker", "--hidden-sparsity", str(args.hidden_sparsity)])
 
 
 def _onnx_input_names(path: str) -> list[str]:
@@ -237,7 +246,10 @@ def main(argv=None) -> int:
     _measure.add_run_args(ap, MODELS)
     ap.add_argument("--round-to", type=int, default=1,
                     help="fxprune round_to (default 1: with 12 heads, 8 would keep 8 heads instead of 6)")
+    ap.add_argument("--hidden-sparsity", type=float, default=0.0,
+                    help="also prune this fraction of the hidden size (prune_hidden_size; use a *-cls model)")
     ap.add_argument("--out", default=None, help="write the markdown fragment here")
+    ap.set_defaults(models=DEFAULT_MODELS)
     _measure.add_worker_args(ap, action="store_true")
     args = ap.parse_args(argv)
 
@@ -292,7 +304,9 @@ def main(argv=None) -> int:
         f"- load average (1/5/15 min) at start: {' / '.join(f'{v:.2f}' for v in load_start)}; at end: "
         f"{' / '.join(f'{v:.2f}' for v in load_end)} (other processes shared the {os.cpu_count()} cores)",
         f"- fxprune {fxprune.__version__}; config: target_sparsity={args.sparsity}, pattern=channelx1, "
-        f"prune_domain=local, round_to={args.round_to}, one-shot magnitude `prune()`. round_to=1 because "
+        f"prune_domain=local, round_to={args.round_to}, one-shot magnitude `prune()`"
+        + (f"; hidden size: a second pruner with prune_hidden_size=True, target_sparsity={args.hidden_sparsity}, "
+           "round_to=64" if args.hidden_sparsity else "") + ". round_to=1 because "
         "a head group has only 12 channels (heads): round_to=8 would round the 6 kept heads up to 8.",
         "- per encoder layer fxprune groups the 12 attention heads (q/k/v output rows + attention-output "
         "input columns, 64 weight rows per head) and the 3072 FFN channels; local pruning halves each group.",

@@ -218,3 +218,27 @@ def test_prune_hidden_size_must_be_a_bool():
     model, x = _bert()
     with pytest.raises(fxprune.ConfigError, match="prune_hidden_size must be True or False"):
         fxprune.compile(model.eval(), x, {"prune_hidden_size": "yes"})
+
+
+class _InlineNorm(torch.nn.Module):
+    """A block that normalises inline (F.layer_norm in its own forward): no norm module to switch."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(100, 32)
+        self.scale = torch.nn.Parameter(torch.rand(32) + 0.5)
+        self.fc = torch.nn.Linear(32, 32)
+        self.head = torch.nn.Linear(32, 3)
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        h = h + self.fc(torch.nn.functional.layer_norm(h, (32,), self.scale))
+        return self.head(h.mean(1))
+
+
+def test_a_norm_computed_inline_stays_frozen_and_says_where():
+    pruning = fxprune.compile(_InlineNorm().eval(), IDS, HIDDEN)
+    assert not any(g.normalized for g in pruning.groups)
+    reason = pruning.grouping.blocked[("embed.weight", 1)]
+    assert "normalisation statistics span this dim" in reason
+    assert "test_hidden_size.py" in reason  # the source line of the inline norm
