@@ -167,13 +167,14 @@ class BatchNorm(Kind):
 
 
 class LayerNorm(Kind):
-    """LayerNorm over the last dim (channels for nhwc / nc, width for nchw)."""
+    """LayerNorm or RMSNorm over the last dim (channels for nhwc / nc, width for nchw)."""
 
     def draw(self, draw, ins, depth):
-        return {"affine": draw(st.booleans())}
+        return {"affine": draw(st.booleans()), "rms": draw(st.booleans())}
 
     def module(self, ins, a):
-        return nn.LayerNorm(ins[0][1][-1], elementwise_affine=a["affine"])
+        norm = nn.RMSNorm if a.get("rms") else nn.LayerNorm
+        return norm(ins[0][1][-1], elementwise_affine=a["affine"])
 
 
 class GroupNorm(Kind):

@@ -32,6 +32,7 @@ from hypothesis import HealthCheck, Phase, assume, event, example, given, settin
 from hypothesis import strategies as st
 
 import fxprune
+from fxprune.norms import STATE
 from fxprune.passes.macs import count_macs, count_params
 from tests.generated import architectures, build
 
@@ -124,6 +125,8 @@ def _record(p, small) -> None:
     assume(small is not None)  # spend the example budget on models with prunable channels
     event(f"groups: {min(len(p.groups), 5)}{'+' if len(p.groups) >= 5 else ''}")
     event(f"channels removed: {'<25%' if p.sparsity < 0.25 else '25-75%' if p.sparsity <= 0.75 else '>75%'}")
+    switched = sum(STATE in m.__dict__ for m in p.model.modules())
+    event(f"norm layers computing over kept channels only: {min(switched, 2)}{'+' if switched >= 2 else ''}")
     if LOG:
         with open(LOG, "a") as f:
             f.write(f"groups={len(p.groups)} sparsity={p.sparsity:.2f} err={p.compact_error:.2e}\n")
