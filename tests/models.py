@@ -540,6 +540,25 @@ class MLP(nn.Module):
         return self.fc3(x)
 
 
+class PreNormMLP(nn.Module):
+    """A pre-norm residual stream of width 32 (LayerNorm and RMSNorm) with two MLP blocks and a head."""
+
+    def __init__(self, in_features: int = 64, width: int = 32, num_classes: int = 10):
+        super().__init__()
+        self.proj = nn.Linear(in_features, width)
+        self.norms = nn.ModuleList([nn.LayerNorm(width), nn.RMSNorm(width)])
+        self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width))
+                                     for _ in range(2)])
+        self.final = nn.LayerNorm(width)
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x):
+        h = self.proj(x)
+        for norm, block in zip(self.norms, self.blocks):
+            h = h + block(norm(h))
+        return self.head(self.final(h))
+
+
 # --------------------------------------------------------------------------- #
 # ConvNeXt-like
 # --------------------------------------------------------------------------- #

@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 import fxprune
 from fxprune.config import PruningConfig
 from fxprune.schedulers import get_scheduler
-from tests.models import ARCHITECTURES
+from tests.models import ARCHITECTURES, PreNormMLP
 
 
 @pytest.mark.parametrize("decay", ["exp", "cos", "linear", "cube"])
@@ -153,12 +153,14 @@ def test_state_resumes_to_the_same_masks(tmp_path):
         assert torch.allclose(v, resumed.model.state_dict()[k], atol=1e-6), k
 
 
-def _ddp_worker(rank: int, world: int, rendezvous: str, out: str) -> None:
+def _ddp_worker(rank: int, world: int, rendezvous: str, out: str, hidden: bool) -> None:
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     torch.manual_seed(0)
-    factory, inputs = ARCHITECTURES["MLP"]
-    pruning = fxprune.compile(factory(), inputs(), {"pruning_type": "snip_momentum", "target_sparsity": 0.5,
-                                                     "start_step": 1, "end_step": 7, "update_frequency_on_step": 2})
+    model = PreNormMLP().eval() if hidden else ARCHITECTURES["MLP"][0]()
+    x = (torch.randn(2, 64, generator=torch.Generator().manual_seed(0)),)
+    pruning = fxprune.compile(model, x, {"pruning_type": "snip_momentum", "target_sparsity": 0.5,
+                                         "start_step": 1, "end_step": 7, "update_frequency_on_step": 2,
+                                         "prune_hidden_size": hidden})
     ddp = torch.nn.parallel.DistributedDataParallel(pruning.model)
     opt = pruning.attach(torch.optim.SGD(ddp.parameters(), lr=0.05))
     gen = torch.Generator().manual_seed(100 + rank)  # every rank sees different data
@@ -171,17 +173,23 @@ def _ddp_worker(rank: int, world: int, rendezvous: str, out: str) -> None:
     gathered = [torch.zeros_like(kept) for _ in range(world)]
     dist.all_gather(gathered, kept)
     if rank == 0:
-        torch.save({"kept": gathered, "sparsity": pruning.sparsity}, out)
+        pruning.model.eval()
+        pruning.compact()  # masked (norms over kept channels, under DDP) == compact
+        torch.save({"kept": gathered, "sparsity": pruning.sparsity, "compact_error": pruning.compact_error,
+                    "hidden_kept": [int(pruning._kept[g.index].sum()) for g in pruning.groups if g.normalized]}, out)
     dist.barrier()  # neither rank tears gloo down while the other still talks to it
     dist.destroy_process_group()
 
 
-def test_ddp_two_processes_hold_the_same_masks(tmp_path):
+@pytest.mark.parametrize("hidden", [False, True], ids=["mlp", "pre-norm-hidden-size"])
+def test_ddp_two_processes_hold_the_same_masks(tmp_path, hidden):
     out = str(tmp_path / "ddp.pt")
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "rendezvous"), out), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "rendezvous"), out, hidden), nprocs=2, join=True)
     result = torch.load(out, weights_only=True)
     assert torch.equal(result["kept"][0], result["kept"][1])
     assert result["sparsity"] == pytest.approx(0.5, abs=0.02)
+    assert result["compact_error"] <= 1e-4
+    assert len(result["hidden_kept"]) == hidden and all(0 < k < 32 for k in result["hidden_kept"])
 
 
 @pytest.mark.parametrize("pattern, pruner", [("4x1", "magnitude"), ("2:4", "snip_momentum"), ("1x1", "snip")])
