@@ -15,8 +15,6 @@ removed again when the layer's channels are all kept.
 
 from __future__ import annotations
 
-import types
-
 import numpy as np
 import torch
 import torch.nn as nn
@@ -60,10 +58,21 @@ def _masked_norm_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs):
     return y.new_zeros(out_shape).index_copy(dim % y.dim(), index, y)
 
 
+class _KeptChannelsForward:
+    """The instance-level ``forward``: an object rather than a bound method, so that ``deepcopy`` and
+    ``torch.save`` of the model carry it, pointing at the copy."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def __call__(self, x, *args, **kwargs):
+        return _masked_norm_forward(self.module, x, *args, **kwargs)
+
+
 def _install(module: nn.Module, state: tuple) -> None:
     setattr(module, STATE, state)
     if "forward" not in module.__dict__:
-        module.forward = types.MethodType(_masked_norm_forward, module)
+        module.forward = _KeptChannelsForward(module)
 
 
 def unpatch_norms(model: nn.Module) -> None:
@@ -88,6 +97,9 @@ def sync_norms(model: nn.Module, grouping, keep: dict) -> list[str]:
                 continue
             index = np.flatnonzero(mask)
             if site.module in plans:
+                if plans[site.module][1] != site.dim:
+                    raise PruningError(f"norm layer {site.module} normalises over more than one pruned dim; "
+                                       "only one can be restricted to kept channels")
                 if not np.array_equal(plans[site.module][3], index):
                     raise PruningError(f"norm layer {site.module} is applied to differently pruned channels at "
                                        "two call sites; it cannot be restricted to both")

@@ -242,3 +242,16 @@ def test_a_norm_computed_inline_stays_frozen_and_says_where():
     reason = pruning.grouping.blocked[("embed.weight", 1)]
     assert "normalisation statistics span this dim" in reason
     assert "test_hidden_size.py" in reason  # the source line of the inline norm
+
+
+def test_switched_model_survives_deepcopy_and_torch_save(tmp_path):
+    model, x = _bert()
+    pruning = fxprune.compile(model.eval(), x, HIDDEN).prune()
+    with torch.no_grad():
+        ref = _first(pruning.model(*x))
+    torch.save(pruning.model, tmp_path / "masked.pt")
+    for other in (copy.deepcopy(pruning.model), torch.load(tmp_path / "masked.pt", weights_only=False)):
+        norm = other.bert.embeddings.LayerNorm
+        assert norm.forward.module is norm  # the switch points at the copy, not at the original
+        with torch.no_grad():
+            assert torch.equal(_first(other(*x)), ref)
