@@ -40,3 +40,26 @@ def test_zoo_model_compacts_exactly(name):
     report = pruning.report()
     assert report.macs_ratio > 1.5
     assert pruning.sparsity >= 0.45
+
+
+HIDDEN_ZOO = {
+    "convnext-tiny": ZOO["convnext-tiny"],
+    "bert-base-cls": (lambda: transformers.BertForSequenceClassification(transformers.BertConfig()),
+                      lambda: (torch.randint(0, 30522, (1, 128)),)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HIDDEN_ZOO))
+def test_zoo_hidden_size_compacts_exactly(name):
+    """Full-size models with the norm-spanned channels pruned too (prune_hidden_size)."""
+    torch.manual_seed(0)
+    build, inputs = HIDDEN_ZOO[name]
+    model, x = build().eval(), inputs()
+    pruning = fxprune.compile(model, x, {"target_sparsity": 0.25, "prune_domain": "local", "round_to": 8,
+                                         "prune_hidden_size": True})
+    hidden = [g for g in pruning.groups if g.normalized]
+    assert hidden
+    pruning.prune()
+    pruning.compact()  # raises if compact != masked beyond 1e-4 x output scale
+    assert all(len(pruning.kept_channels[g.index]) < g.size for g in hidden)
+    assert pruning.report().params_ratio > 1.3
