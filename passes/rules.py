@@ -194,6 +194,22 @@ def _addmm(node: Node, c: Couplings) -> None:
             c.identity(bias, -i, node, -i)
 
 
+# ops that move or copy a tensor's elements without mixing them: a parameter seen through them still has
+# its masked elements at zero (``x @ self.weight.T``)
+_LAYOUT = {aten.t.default, aten.numpy_T.default, aten.transpose.int, aten.permute.default, aten.view.default,
+           aten.reshape.default, aten._to_copy.default, aten.to.dtype, aten.contiguous.default, aten.clone.default,
+           aten.alias.default}
+
+
+def _param_backed(arg, c: Couplings) -> bool:
+    """A parameter, or a parameter seen through layout and dtype ops only."""
+    while isinstance(arg, Node) and not c.is_param(arg):
+        if arg.op != "call_function" or arg.target not in _LAYOUT:
+            return False
+        arg = arg.args[0]
+    return isinstance(arg, Node)
+
+
 def _mm(node: Node, c: Couplings, a, b) -> None:
     as_, bs, os_ = c.shape(a), c.shape(b), c.shape(node)
     if len(as_) < 2 or len(bs) < 2:
@@ -205,7 +221,7 @@ def _mm(node: Node, c: Couplings, a, b) -> None:
         for i in range(3, len(shape) + 1):
             if shape[-i] == os_[-i]:
                 c.identity(operand, -i, node, -i)
-    if c.is_param(a) or c.is_param(b):
+    if _param_backed(a, c) or _param_backed(b, c):
         c.identity(a, -1, b, -2)
     else:
         c.freeze(a, -1, "matmul of two activations reduces over this dim")
@@ -530,7 +546,7 @@ def _transpose(node: Node, c: Couplings) -> None:
         c.identity(x, d, node, d1 if d == d0 else d0 if d == d1 else d)
 
 
-@rule(aten.t.default)
+@rule(aten.t.default, aten.numpy_T.default)
 def _t(node: Node, c: Couplings) -> None:
     x = node.args[0]
     n = len(c.shape(x))

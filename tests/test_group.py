@@ -280,3 +280,32 @@ def test_narrow_stack_and_flip():
     sl = next(n for n in small.graph.nodes if n.target == torch.ops.aten.slice.Tensor)
     assert sl.args[2:4] == (2, 6)  # narrow(2, 6) over channels 2..7 lost 3 and 5: 4 left
     assert p.compact_error <= 1e-5
+
+
+class MatmulTransposedWeight(nn.Module):
+    """``x @ self.w1.T`` (Falcon's linear) and ``h @ self.w2.t().to(dtype)``: weights seen through layout ops.
+    With ``mix``, the hidden channels also meet an activation @ activation contraction."""
+
+    def __init__(self, mix: bool):
+        super().__init__()
+        self.mix = mix
+        self.w1 = nn.Parameter(torch.randn(24, 8))
+        self.w2 = nn.Parameter(torch.randn(4, 24))
+
+    def forward(self, x):
+        h = torch.relu(x @ self.w1.T)
+        y = h @ self.w2.t().to(x.dtype)
+        return (y, (h @ h.transpose(-1, -2)).sum()) if self.mix else y
+
+
+def test_matmul_against_transposed_weights_prunes_exactly():
+    p = _compile(MatmulTransposedWeight(mix=False), torch.randn(2, 5, 8))
+    g, _ = _group_of(p, "w1", 0)
+    assert g is not None and g.size == 24 and _group_of(p, "w2", 1)[0] is g
+    _exact(p)
+
+
+def test_activation_matmul_still_freezes_next_to_a_transposed_weight():
+    p = _compile(MatmulTransposedWeight(mix=True), torch.randn(2, 5, 8))
+    assert _group_of(p, "w1", 0)[0] is None
+    assert "matmul of two activations" in p.grouping.blocked[("w1", 0)]

@@ -1,0 +1,77 @@
+"""More Hugging Face architectures, tiny and random-init: heads, FFN and the hidden size together.
+
+Each one: 50% of heads and FFN channels where the rules find them, 25% of the hidden size
+(``prune_hidden_size``), compact == masked within 1e-4, and ONNX == onnxruntime. These
+exercise what the fixed models do not: RMSNorm written out (Qwen2, Mistral, Phi-3), Gemma's
+``(1 + weight)`` RMSNorm, learned positions (OPT), parallel attention/MLP blocks (GPT-NeoX,
+Falcon), Falcon's ``x @ weight.T`` linear, ALiBi (BLOOM), factorised embeddings (ALBERT,
+ELECTRA), relative-position attention (DeBERTa-v2), windowed attention with patch merging
+(Swin) and distillation tokens (DeiT).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fxprune
+
+transformers = pytest.importorskip("transformers")
+T = transformers
+
+IDS = (torch.randint(3, 100, (1, 16), generator=torch.Generator().manual_seed(0)),)
+PIXELS = (torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)),)
+CONFIG = {"prune_domain": "local", "pruners": [{"target_sparsity": 0.5},
+                                               {"target_sparsity": 0.25, "prune_hidden_size": True}]}
+
+
+def _causal(model_cls, config_cls, **kw):
+    base = dict(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                use_cache=False)
+    return lambda: model_cls(config_cls(**{**base, **kw}))
+
+
+MODELS = {
+    "qwen2": (_causal(T.Qwen2ForCausalLM, T.Qwen2Config, num_key_value_heads=2), IDS),
+    "mistral": (_causal(T.MistralForCausalLM, T.MistralConfig, num_key_value_heads=2), IDS),
+    "gemma": (_causal(T.GemmaForCausalLM, T.GemmaConfig, num_key_value_heads=2, head_dim=16), IDS),
+    "phi3": (_causal(T.Phi3ForCausalLM, T.Phi3Config, num_key_value_heads=2, pad_token_id=0), IDS),
+    "gpt-neox": (_causal(T.GPTNeoXForCausalLM, T.GPTNeoXConfig), IDS),
+    "opt": (lambda: T.OPTForCausalLM(T.OPTConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2,
+                                                 num_attention_heads=4, ffn_dim=128, word_embed_proj_dim=64,
+                                                 use_cache=False, max_position_embeddings=64)), IDS),
+    "falcon": (lambda: T.FalconForCausalLM(T.FalconConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2,
+                                                          num_attention_heads=4, use_cache=False)), IDS),
+    "bloom": (lambda: T.BloomForCausalLM(T.BloomConfig(vocab_size=100, hidden_size=64, n_layer=2, n_head=4,
+                                                       use_cache=False)), IDS),
+    "albert": (lambda: T.AlbertForSequenceClassification(T.AlbertConfig(
+        vocab_size=100, embedding_size=32, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=128)), IDS),
+    "electra": (lambda: T.ElectraForSequenceClassification(T.ElectraConfig(
+        vocab_size=100, embedding_size=32, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=128)), IDS),
+    "deberta-v2": (lambda: T.DebertaV2ForSequenceClassification(T.DebertaV2Config(
+        vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)), IDS),
+    "swin": (lambda: T.SwinForImageClassification(T.SwinConfig(
+        image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 4], window_size=4)), PIXELS),
+    "deit": (lambda: T.DeiTForImageClassification(T.DeiTConfig(
+        image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=128)), PIXELS),
+}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_heads_ffn_and_hidden_size_compact_exactly(name, tmp_path):
+    build, x = MODELS[name]
+    torch.manual_seed(0)
+    model = build().eval()
+    pruning = fxprune.compile(model, x, CONFIG)
+    hidden = [g for g in pruning.groups if g.normalized]
+    assert hidden and all(len({s.module for s in g.norms}) >= 1 for g in hidden)
+    pruning.prune()
+    for g in hidden:
+        assert len(pruning.kept_channels[g.index]) == g.size - g.size // 4
+    small = pruning.compact()
+    assert pruning.compact_error <= 1e-4
+    assert pruning.report().macs_ratio > 1.5
+    assert fxprune.export_onnx(small, tmp_path / "small.onnx", x).max_abs_error <= 1e-4
