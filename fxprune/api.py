@@ -117,9 +117,23 @@ class Pruning:
                 modules = {m.name: self._params[m.name] for g in chosen for m in g.parameters if m.name in self._params}
             else:
                 modules, chosen = self._element_modules(cfg), []
+            if cfg.prune_hidden_size and not any(g.normalized for g in self.groups):
+                raise ConfigError(f"prune_hidden_size=True, but no channel group of this model is spanned by "
+                                  f"LayerNorm/RMSNorm statistics: {self._why_no_hidden_size()}")
             pruners.append(get_pruner(modules, cfg, chosen))
         self._claimed = claimed
         return pruners
+
+    def _why_no_hidden_size(self) -> str:
+        norms = [n for n, m in self.model.named_modules() if "norm" in type(m).__name__.lower()
+                 and not isinstance(m, torch.nn.modules.batchnorm._NormBase)]
+        for layer in norms:
+            reason = self.grouping.blocked.get((f"{layer}.weight", 0))
+            if reason:
+                return f"{layer}.weight is frozen ({reason})"
+        if norms:
+            return f"its norm layers ({', '.join(norms[:3])}) span no prunable channels; see fxprune.explain"
+        return "it has no LayerNorm/RMSNorm modules"
 
     def _element_modules(self, cfg: PruningConfig) -> dict[str, torch.nn.Parameter]:
         """Weights that NxM / N:M patterns apply to: conv and linear weights (or prune_layer_type)."""

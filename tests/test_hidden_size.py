@@ -255,3 +255,16 @@ def test_switched_model_survives_deepcopy_and_torch_save(tmp_path):
         assert norm.forward.module is norm  # the switch points at the copy, not at the original
         with torch.no_grad():
             assert torch.equal(_first(other(*x)), ref)
+
+
+def test_asking_for_a_hidden_size_that_cannot_be_pruned_says_why():
+    cfg = transformers.BertConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=4, intermediate_size=128,
+                                  vocab_size=100)
+    headless = transformers.BertModel(cfg).eval()  # returns the hidden states: their width is kept
+    with pytest.raises(fxprune.ConfigError, match="prune_hidden_size=True.*LayerNorm.weight is frozen.*model output"):
+        fxprune.compile(headless, IDS, HIDDEN)
+    from tests.models import ARCHITECTURES
+
+    factory, inputs = ARCHITECTURES["PlainCNN"]
+    with pytest.raises(fxprune.ConfigError, match="no LayerNorm/RMSNorm modules"):
+        fxprune.compile(factory(), inputs(), HIDDEN)
