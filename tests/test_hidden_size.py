@@ -237,7 +237,9 @@ class _InlineNorm(torch.nn.Module):
 
 
 def test_a_norm_computed_inline_stays_frozen_and_says_where():
-    pruning = fxprune.compile(_InlineNorm().eval(), IDS, HIDDEN)
+    with pytest.raises(fxprune.ConfigError, match="no LayerNorm/RMSNorm modules"):
+        fxprune.compile(_InlineNorm().eval(), IDS, HIDDEN)
+    pruning = fxprune.compile(_InlineNorm().eval(), IDS, {"target_sparsity": 0.25})
     assert not any(g.normalized for g in pruning.groups)
     reason = pruning.grouping.blocked[("embed.weight", 1)]
     assert "normalisation statistics span this dim" in reason
