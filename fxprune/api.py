@@ -125,7 +125,7 @@ class Pruning:
         return pruners
 
     def _why_no_hidden_size(self) -> str:
-        norms = [n for n, m in self.model.named_modules() if "norm" in type(m).__name__.lower()
+        norms = [n for n, m in self.model.named_modules() if n and "norm" in type(m).__name__.lower()
                  and not isinstance(m, torch.nn.modules.batchnorm._NormBase)]
         for layer in norms:
             reason = self.grouping.blocked.get((f"{layer}.weight", 0))
