@@ -20,6 +20,7 @@ from fxprune.config import PruningConfig, parse_config
 from fxprune.errors import CompactionError, ConfigError, PruningError
 from fxprune.norms import sync_norms
 from fxprune.passes.compact import check_shapes, compact_graph, space_keep
+from fxprune.passes.couplings import is_norm_class
 from fxprune.passes.group import Group, Grouping, group_channels
 from fxprune.passes.macs import count_macs, count_params
 from fxprune.passes.trace import Captured, capture
@@ -125,8 +126,7 @@ class Pruning:
         return pruners
 
     def _why_no_hidden_size(self) -> str:
-        norms = [n for n, m in self.model.named_modules() if n and "norm" in type(m).__name__.lower()
-                 and not isinstance(m, torch.nn.modules.batchnorm._NormBase)]
+        norms = [n for n, m in self.model.named_modules() if n and is_norm_class(type(m).__name__)]
         for layer in norms:
             reason = self.grouping.blocked.get((f"{layer}.weight", 0))
             if reason:

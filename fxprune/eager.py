@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from fxprune.errors import CompactionError
-from fxprune.norms import STATE, unpatch_norms
+from fxprune.norms import STATE, narrowed_shape, unpatch_norms
 from fxprune.passes.compact import space_keep
 from fxprune.passes.couplings import PARAM_PREFIX
 
@@ -111,11 +111,11 @@ def _resize_norms(model: nn.Module) -> None:
     """Norm layers switched to kept channels (:mod:`fxprune.norms`) become plain layers of the new width."""
     for module in model.modules():
         state = module.__dict__.get(STATE)
-        shape = getattr(module, "normalized_shape", None)
-        if state is not None and isinstance(shape, (tuple, list)) and -len(shape) <= state[1]:
-            new = list(shape)
-            new[state[1]] = len(state[3])
-            module.normalized_shape = type(shape)(new)
+        if state is None:
+            continue
+        narrowed = narrowed_shape(getattr(module, "normalized_shape", None), state[1], len(state[3]))
+        if narrowed is not None:
+            module.normalized_shape = narrowed
     unpatch_norms(model)
 
 

@@ -22,7 +22,7 @@ import torch.nn as nn
 from fxprune.errors import PruningError
 from fxprune.passes.couplings import PARAM_PREFIX
 
-__all__ = ["sync_norms", "unpatch_norms", "STATE"]
+__all__ = ["sync_norms", "unpatch_norms", "narrowed_shape", "STATE"]
 
 STATE = "_fxprune_norm"
 
@@ -41,10 +41,9 @@ def _masked_norm_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs):
         for name, (pdim, pindex) in params.items():
             saved[name] = p = self._parameters[name]
             self._parameters[name] = p.index_select(pdim, pindex.to(p.device))
-        if isinstance(shape, (tuple, list)) and -len(shape) <= stat_dim:
-            new = list(shape)
-            new[stat_dim] = len(index)
-            self.normalized_shape = type(shape)(new)
+        narrowed = narrowed_shape(shape, stat_dim, len(index))
+        if narrowed is not None:
+            self.normalized_shape = narrowed
         y = type(self).forward(self, x.index_select(dim, index), *args, **kwargs)
     finally:
         self._parameters.update(saved)
@@ -56,6 +55,15 @@ def _masked_norm_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs):
     out_shape = list(y.shape)
     out_shape[dim] = size
     return y.new_zeros(out_shape).index_copy(dim % y.dim(), index, y)
+
+
+def narrowed_shape(shape, stat_dim: int, kept: int):
+    """A norm's ``normalized_shape`` with ``kept`` channels at ``stat_dim``; None if it has no such entry."""
+    if not isinstance(shape, (tuple, list)) or -len(shape) > stat_dim:
+        return None
+    new = list(shape)
+    new[stat_dim] = kept
+    return type(shape)(new)
 
 
 class _KeptChannelsForward:
@@ -75,16 +83,20 @@ def _install(module: nn.Module, state: tuple) -> None:
         module.forward = _KeptChannelsForward(module)
 
 
+def _uninstall(module: nn.Module) -> None:
+    if STATE in module.__dict__:
+        del module.__dict__[STATE]
+        module.__dict__.pop("forward", None)
+
+
 def unpatch_norms(model: nn.Module) -> None:
     """Give every switched norm layer its own forward back."""
     for module in model.modules():
-        if STATE in module.__dict__:
-            del module.__dict__[STATE]
-            module.__dict__.pop("forward", None)
+        _uninstall(module)
 
 
-def sync_norms(model: nn.Module, grouping, keep: dict) -> list[str]:
-    """Switch the norm layers whose statistics span pruned channels; returns their names.
+def sync_norms(model: nn.Module, grouping, keep: dict) -> None:
+    """Switch the norm layers whose statistics span pruned channels, and only those.
 
     ``keep`` maps a space ``(value, dim)`` to its boolean keep mask (spaces that lose
     nothing are absent), as :func:`fxprune.passes.compact.space_keep` gives it.
@@ -106,7 +118,6 @@ def sync_norms(model: nn.Module, grouping, keep: dict) -> list[str]:
                 continue
             plans[site.module] = (site.input_dim, site.dim, len(mask), index)
     modules = dict(model.named_modules())
-    switched = []
     for path, (dim, stat_dim, size, index) in plans.items():
         module = modules.get(path)
         if module is None:
@@ -118,12 +129,9 @@ def sync_norms(model: nn.Module, grouping, keep: dict) -> list[str]:
                 if m is not None:
                     params[name] = (d, torch.from_numpy(np.flatnonzero(m)))
         _install(module, (dim, stat_dim, size, torch.from_numpy(index).to(_device(module)), params))
-        switched.append(path)
     for path, module in modules.items():
-        if path not in plans and STATE in module.__dict__:
-            del module.__dict__[STATE]
-            module.__dict__.pop("forward", None)
-    return switched
+        if path not in plans:
+            _uninstall(module)
 
 
 def _device(module: nn.Module) -> torch.device:

@@ -16,7 +16,8 @@ import numpy as np
 from torch.fx import Node
 from torch.fx.node import map_arg
 
-__all__ = ["Couplings", "Edge", "NormSite", "value_key", "PARAM_PREFIX", "registrar", "nodes_in", "norm_module"]
+__all__ = ["Couplings", "Edge", "NormSite", "value_key", "PARAM_PREFIX", "registrar", "nodes_in", "norm_module",
+           "is_norm_class"]
 
 PARAM_PREFIX = "param:"
 
@@ -66,22 +67,24 @@ class NormSite:
 
     space: tuple[str, int]
     module: str
-    cls: str
     dim: int
     input_dim: int
 
 
-def norm_module(node: Node) -> tuple[str, str] | None:
-    """(path, class) of the innermost module around ``node`` if it is a norm layer, else None."""
+def is_norm_class(name: str) -> bool:
+    """A layer class whose statistics span channels (LayerNorm, RMSNorm, HF ``*Norm``), not a per-channel one."""
+    name = name.lower()
+    return "norm" in name and not name.startswith(("batchnorm", "instancenorm", "groupnorm"))
+
+
+def norm_module(node: Node) -> str | None:
+    """Path of the innermost module around ``node`` if it is a norm layer (not the root), else None."""
     stack = node.meta.get("nn_module_stack") or {}
     if not stack:
         return None
     path, cls = list(stack.values())[-1]
     cls = cls if isinstance(cls, str) else getattr(cls, "__qualname__", str(cls))
-    name = cls.rpartition(".")[2]
-    if not path or "norm" not in name.lower() or name.lower().startswith(("batchnorm", "instancenorm", "groupnorm")):
-        return None
-    return path, cls
+    return path if path and is_norm_class(cls.rpartition(".")[2]) else None
 
 
 @dataclass
@@ -159,7 +162,7 @@ class Couplings:
             self.freeze(arg, dim, reason)
             return
         n = len(self.shapes[key])
-        self.norms.append(NormSite((key, dim % n), where[0], where[1], dim % n - n, dim % n - n))
+        self.norms.append(NormSite((key, dim % n), where, dim % n - n, dim % n - n))
 
     def freeze_all(self, node: Node, reason: str) -> None:
         """Freeze every dim of every tensor input and output of ``node``."""

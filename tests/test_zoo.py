@@ -45,7 +45,7 @@ def test_zoo_model_compacts_exactly(name):
 HIDDEN_ZOO = {
     "convnext-tiny": ZOO["convnext-tiny"],
     "bert-base-cls": (lambda: transformers.BertForSequenceClassification(transformers.BertConfig()),
-                      lambda: (torch.randint(0, 30522, (1, 128)),)),
+                      ZOO["bert-base"][1]),
 }
 
 
