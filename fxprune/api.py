@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import re
 import types
+import warnings
 
 import numpy as np
 import torch
@@ -23,6 +24,7 @@ from fxprune.passes.compact import check_shapes, compact_graph, space_keep
 from fxprune.passes.couplings import is_norm_class
 from fxprune.passes.group import Group, Grouping, group_channels
 from fxprune.passes.macs import count_macs, count_params
+from fxprune.passes.shapes import flat_inputs
 from fxprune.passes.trace import Captured, capture
 from fxprune.pruners import Pruner, get_pruner
 from fxprune.report import Report, build_report
@@ -31,7 +33,7 @@ __all__ = ["compile", "Pruning"]
 
 
 def compile(model: torch.nn.Module, example_inputs: tuple, config: dict | PruningConfig | None = None, *,
-            inplace: bool = False) -> "Pruning":
+            example_kwargs: dict | None = None, dynamic_shapes=None, inplace: bool = False) -> "Pruning":
     """Prepare ``model`` for structured pruning.
 
     Parameters
@@ -39,6 +41,11 @@ def compile(model: torch.nn.Module, example_inputs: tuple, config: dict | Prunin
     model : the model to prune. It is copied unless ``inplace=True``.
     example_inputs : a tuple of positional arguments the model runs on; capture
         and the compaction check use them.
+    example_kwargs : keyword arguments to pass as well (``attention_mask=...``); each
+        tensor becomes an input of the compact graph, its ``.pt2`` and its ONNX file.
+    dynamic_shapes : which input dims may vary, as ``torch.export.export`` takes it
+        (``{"input_ids": {0: Dim("batch"), 1: Dim("seq")}}``). Default: the batch
+        (dim 0 of the tensor inputs) where the model allows it, else static with a warning.
     config : INC-style pruning config (see :class:`fxprune.config.PruningConfig`);
         keys given at top level apply to every entry of ``pruners``.
     inplace : prune the user's own model instead of a copy.
@@ -58,9 +65,21 @@ def compile(model: torch.nn.Module, example_inputs: tuple, config: dict | Prunin
     """
     configs = parse_config(config)
     work = model if inplace else copy.deepcopy(model)
-    captured = capture(work, example_inputs)
+    captured = capture(work, example_inputs, example_kwargs, dynamic_shapes)
     grouping = group_channels(captured.graph_module)
+    _warn_dynamic_freezes(grouping)
     return Pruning(work, captured, grouping, configs)
+
+
+def _warn_dynamic_freezes(grouping: Grouping) -> None:
+    """Channels a static capture could prune but a dynamic dim blocks (heads merged with the batch): say so."""
+    lost = sorted((k, v) for k, v in grouping.blocked.items() if "dynamic" in v)
+    if lost:
+        (name, dim), reason = lost[0]
+        warnings.warn(f"{len(lost)} parameter dims cannot be pruned because a dynamic input dim reaches them "
+                      f"(e.g. {name}[{dim}]: {reason}); pass dynamic_shapes={{}} to capture at the example's "
+                      "shapes and prune them, at the cost of a compact model fixed to those shapes",
+                      UserWarning, stacklevel=3)
 
 
 class Pruning:
@@ -73,6 +92,7 @@ class Pruning:
         self.configs = configs
         self.groups: list[Group] = grouping.groups
         self.example_inputs = captured.example_inputs
+        self.example_kwargs = captured.example_kwargs
         self._params = dict(model.named_parameters(remove_duplicate=False))
         self._kept = {g.index: np.ones(g.size, dtype=bool) for g in self.groups}
         self.pruners: list[Pruner] = self._make_pruners()
@@ -354,7 +374,7 @@ class Pruning:
         state = dict(self.model.state_dict(keep_vars=False))
         small = compact_graph(self.captured.graph_module, self.grouping, self._atom_kept(), state)
         if check:
-            check_shapes(small, self.example_inputs)
+            check_shapes(small, flat_inputs(self.example_inputs, self.example_kwargs))
             self.compact_error = self._compare(small, atol)
         return small
 
@@ -371,10 +391,11 @@ class Pruning:
         return compact_eager(self, atol)
 
     def _compare(self, small: torch.nn.Module, atol: float) -> float:
+        args, kwargs = self.example_inputs, self.example_kwargs
         with torch.no_grad(), _eval(self.model):
-            ref = pytree.tree_leaves(self.model(*self.example_inputs))
+            ref = pytree.tree_leaves(self.model(*args, **kwargs))
         with torch.no_grad():
-            out = pytree.tree_leaves(small(*self.example_inputs))
+            out = pytree.tree_leaves(small(*args, **kwargs))
         ref = [r for r in ref if isinstance(r, torch.Tensor)]
         out = [o for o in out if isinstance(o, torch.Tensor)]
         if len(ref) != len(out):
@@ -397,8 +418,9 @@ class Pruning:
         """Per-layer channels and sparsity, params and MACs before/after."""
         dense = self.captured.graph_module
         small = compact_graph(dense, self.grouping, self._atom_kept(), dict(self.model.state_dict()))
+        inputs = flat_inputs(self.example_inputs, self.example_kwargs)
         return build_report(self, count_params(dense), count_params(small),
-                            count_macs(dense, self.example_inputs), count_macs(small, self.example_inputs))
+                            count_macs(dense, inputs), count_macs(small, inputs))
 
     # -- plans ----------------------------------------------------------------------------
     def plan(self) -> dict:

@@ -92,6 +92,7 @@ class Couplings:
     """Edges and frozen spaces collected while walking the graph once."""
 
     shapes: dict[str, tuple] = field(default_factory=dict)
+    exprs: dict[str, tuple] = field(default_factory=dict)  # values with dynamic dims: (example size, expr) per dim
     edges: list[Edge] = field(default_factory=list)
     frozen: dict[tuple[str, int], str] = field(default_factory=dict)
     node: Node | None = None  # the node whose rule is running, for frozen reasons
@@ -102,6 +103,11 @@ class Couplings:
     def shape(self, arg) -> tuple | None:
         """Static shape of a tensor value (dims that are symbolic are None), or None if not a tensor."""
         return self.shapes.get(value_key(arg)) if value_key(arg) is not None else None
+
+    def sizes(self, arg) -> tuple:
+        """Every dim as (example size, size): an int, or a sympy expression of the dynamic input dims."""
+        key = value_key(arg) if not isinstance(arg, str) else arg
+        return self.exprs.get(key) or tuple((s, s) for s in self.shapes[key])
 
     def is_tensor(self, arg) -> bool:
         return self.shape(arg) is not None
@@ -121,6 +127,8 @@ class Couplings:
         """Same channels, same order; a size mismatch freezes both (never guess)."""
         sa, sb = self._shape_of(a), self._shape_of(b)
         na, nb = sa[da % len(sa)], sb[db % len(sb)]
+        if na is None and nb is None:
+            return  # two dynamic dims (the batch, a sequence): never channels, frozen as dynamic
         if na is None or nb is None or na != nb:
             self.freeze(a, da, f"size mismatch {na} vs {nb}")
             self.freeze(b, db, f"size mismatch {na} vs {nb}")

@@ -99,11 +99,15 @@ class Grouping:
     seconds: float
 
 
-def _collect_shapes(gm: GraphModule) -> dict[str, tuple]:
+def _collect_shapes(gm: GraphModule) -> tuple[dict[str, tuple], dict[str, tuple]]:
+    """Static shapes (dynamic dims None) and, for values with dynamic dims, every dim as (example size, expr)."""
     shapes: dict[str, tuple] = {}
+    exprs: dict[str, tuple] = {}
 
-    def static(t) -> tuple:
-        return tuple(int(s) if isinstance(s, int) else None for s in t.shape)
+    def add(key: str, t) -> None:
+        shapes[key] = tuple(int(s) if isinstance(s, int) else None for s in t.shape)
+        if None in shapes[key]:
+            exprs[key] = tuple((s, s) if isinstance(s, int) else (s.node.hint, s.node.expr) for s in t.shape)
 
     for node in gm.graph.nodes:
         if node.op == "get_attr":
@@ -113,12 +117,12 @@ def _collect_shapes(gm: GraphModule) -> dict[str, tuple]:
             continue
         val = node.meta.get("val")
         if isinstance(val, torch.Tensor):
-            shapes[node.name] = static(val)
+            add(node.name, val)
         elif isinstance(val, (list, tuple)):
             for i, v in enumerate(val):
                 if isinstance(v, torch.Tensor):
-                    shapes[f"{node.name}#{i}"] = static(v)
-    return shapes
+                    add(f"{node.name}#{i}", v)
+    return shapes, exprs
 
 
 def _fetch(gm: torch.nn.Module, target: str):
@@ -130,7 +134,8 @@ def _fetch(gm: torch.nn.Module, target: str):
 
 def collect_couplings(gm: GraphModule) -> Couplings:
     """Walk the graph once and run every node's rule."""
-    c = Couplings(shapes=_collect_shapes(gm))
+    shapes, exprs = _collect_shapes(gm)
+    c = Couplings(shapes=shapes, exprs=exprs)
     _couple_aliases(gm, c)
     for node in gm.graph.nodes:
         c.node = node

@@ -16,10 +16,12 @@ computing those statistics over kept channels only (:mod:`fxprune.norms`).
 
 from __future__ import annotations
 
+import math
 import operator
 
 import networkx as nx
 import numpy as np
+import sympy
 import torch
 from torch.fx import Node
 
@@ -393,9 +395,9 @@ def _softmax(node: Node, c: Couplings) -> None:
 def _reshape(node: Node, c: Couplings) -> None:
     """Dim-for-dim reshapes (squeeze, unsqueeze, views that keep every dim) couple now; ones that
     merge or split dims are decided after every other rule has run (see :func:`resolve_reshapes`)."""
-    a, b = c.shape(node.args[0]), c.shape(node)
-    groups = _factor_groups(a, b) if None not in a + b else None
-    if groups is not None and all(len(ga) == 1 and len(gb) == 1 for ga, gb in groups):
+    groups = _factor_groups(c.sizes(node.args[0]), c.sizes(node))
+    if _matched(groups, c.sizes(node.args[0]), c.sizes(node)) and all(len(ga) == 1 and len(gb) == 1
+                                                                       for ga, gb in groups):
         for (da,), (db,) in groups:
             c.identity(node.args[0], da, node, db)
     else:
@@ -431,12 +433,20 @@ def resolve_reshapes(c: Couplings) -> None:
         c.node = node
         x = node.args[0]
         a, b = c.shape(x), c.shape(node)
-        if any(s is None for s in a + b):
-            c.freeze_all(node, "reshape with symbolic sizes")
-            frozen_roots |= {uf[(k, d)] for k in (value_key(x), node.name) for d in range(len(c.shapes[k]))}
-            continue
         kx, kn = value_key(x), node.name
-        for ga, gb in _factor_groups(a, b):
+        groups = _factor_groups(c.sizes(x), c.sizes(node))
+        if not _matched(groups, c.sizes(x), c.sizes(node)):
+            c.freeze_all(node, "reshape whose sizes do not match up")
+            frozen_roots |= {uf[(k, d)] for k in (kx, kn) for d in range(len(c.shapes[k]))}
+            continue
+        for ga, gb in groups:
+            if any(a[d] is None for d in ga) or any(b[d] is None for d in gb):
+                if len(ga) > 1 or len(gb) > 1:  # a static dim merged with a dynamic one (B*H) cannot be cut
+                    for key, dims in ((kx, ga), (kn, gb)):
+                        for d in dims:
+                            c.freeze(key, d, "dim merged with a dynamic dim by a reshape")
+                            frozen_roots.add(uf[(key, d)])
+                continue
             if len(ga) == 1 and len(gb) == 1:
                 c.identity(x, ga[0], node, gb[0])
                 uf.union((kx, ga[0]), (kn, gb[0]))
@@ -464,6 +474,19 @@ def resolve_reshapes(c: Couplings) -> None:
                         frozen_roots.add(uf[(key, d)])
                     elif frozen((key, d)):
                         frozen_roots.add(uf[(key, d)])
+
+
+def _matched(groups, a, b) -> bool:
+    """Every non-1 dim of both sides is in a group whose products are equal."""
+    def product(sizes, dims):
+        return math.prod((sizes[d][1] for d in dims), start=1)
+
+    used_a = sum(len(ga) for ga, _ in groups)
+    used_b = sum(len(gb) for _, gb in groups)
+    ones_a = sum(_same(s, 1) for _, s in a)
+    ones_b = sum(_same(s, 1) for _, s in b)
+    return (used_a + ones_a == len(a) and used_b + ones_b == len(b)
+            and all(_same(product(a, ga), product(b, gb)) for ga, gb in groups))
 
 
 def _refine(dims_a, dims_b):
@@ -508,27 +531,39 @@ def _first_with(factor_index: np.ndarray, wanted: np.ndarray) -> np.ndarray:
 
 
 def _factor_groups(a, b):
-    """Pair up runs of dims (size-1 dims skipped) whose products are equal."""
-    ia = [d for d, s in enumerate(a) if s != 1]
-    ib = [d for d, s in enumerate(b) if s != 1]
+    """Pair up runs of dims (size-1 dims skipped) whose products are equal.
+
+    ``a`` and ``b`` give every dim as (example size, size), the size an int or a sympy
+    expression of dynamic dims. Products are compared exactly; the example sizes only
+    decide which side takes the next dim. A run whose products never match comes last.
+    """
+    ia = [d for d, (_, s) in enumerate(a) if not _same(s, 1)]
+    ib = [d for d, (_, s) in enumerate(b) if not _same(s, 1)]
     groups, p, q = [], 0, 0
     while p < len(ia) and q < len(ib):
         ga, gb = [ia[p]], [ib[q]]
-        pa, pb = a[ia[p]], b[ib[q]]
+        (ha, pa), (hb, pb) = a[ia[p]], b[ib[q]]
         p, q = p + 1, q + 1
-        while pa != pb:
-            if pa < pb and p < len(ia):
+        while not _same(pa, pb):
+            if ha is not None and hb is not None and ha < hb and p < len(ia):
                 ga.append(ia[p])
-                pa *= a[ia[p]]
+                ha, pa = ha * a[ia[p]][0] if a[ia[p]][0] is not None else None, pa * a[ia[p]][1]
                 p += 1
-            elif pb < pa and q < len(ib):
+            elif ha is not None and hb is not None and hb < ha and q < len(ib):
                 gb.append(ib[q])
-                pb *= b[ib[q]]
+                hb, pb = hb * b[ib[q]][0] if b[ib[q]][0] is not None else None, pb * b[ib[q]][1]
                 q += 1
             else:
                 return groups + [(ia[p - len(ga):], ib[q - len(gb):])]
         groups.append((ga, gb))
     return groups
+
+
+def _same(x, y) -> bool:
+    """Exact equality of two sizes (ints, or sympy expressions of dynamic dims)."""
+    if isinstance(x, int) and isinstance(y, int):
+        return x == y
+    return sympy.expand(x - y) == 0
 
 
 @rule(aten.permute.default)
@@ -565,6 +600,9 @@ def _cat(node: Node, c: Couplings) -> None:
     tensors, dim = node.args[0], _arg(node, 1, "dim", 0)
     n = len(c.shape(node))
     dim %= n
+    if any(c.shape(t)[dim] is None for t in tensors if len(c.shape(t)) == n):
+        c.freeze_all(node, "concatenation along a dynamic dim")
+        return
     start = 0
     for t in tensors:
         shape = c.shape(t)
@@ -584,6 +622,9 @@ def _split(node: Node, c: Couplings) -> None:
     """Each output is a slice of the input along the split dim."""
     x = node.args[0]
     dim = _arg(node, 2, "dim", 0) % len(c.shape(x))
+    if c.shape(x)[dim] is None:
+        c.freeze_all(node, "split along a dynamic dim")
+        return
     start = 0
     for i, key in enumerate(c.output_keys(node)):
         shape = c.shapes[key]
@@ -600,6 +641,13 @@ def _slice(node: Node, c: Couplings) -> None:
     x = node.args[0]
     n = len(c.shape(x))
     dim = _arg(node, 1, "dim", 0) % n
+    if c.shape(x)[dim] is None or any(isinstance(_arg(node, i, k), Node) for i, k in ((2, "start"), (3, "end"))):
+        for d in range(n):
+            if d != dim:
+                c.identity(x, d, node, d)
+        c.freeze(x, dim, "slice with a dynamic bound")
+        c.freeze(node, dim, "slice with a dynamic bound")
+        return
     start, _, step = _slice_bounds(node, c.shape(x)[dim])
     for d in range(n):
         if d != dim:
@@ -626,6 +674,9 @@ def _narrow(node: Node, c: Couplings) -> None:
     x, dim, start = node.args[0], node.args[1], node.args[2]
     n = len(c.shape(x))
     dim %= n
+    if c.shape(x)[dim] is None or isinstance(start, Node) or isinstance(node.args[3], Node):
+        c.freeze_all(node, "narrow with a dynamic bound")
+        return
     start = start + c.shape(x)[dim] if start < 0 else start
     for d in range(n):
         if d == dim:

@@ -9,13 +9,18 @@ state_dict names and every op carries ``meta["val"]`` with its output shape.
 
 from __future__ import annotations
 
+import inspect
+import logging
 import os
+import re
 import traceback
+import warnings
 from dataclasses import dataclass
 
 import torch
 
 from fxprune.errors import CaptureError, ExampleInputsError
+from fxprune.passes.shapes import DYNAMIC_META, bind_spec, default_dynamic_shapes, recorded_dims, widen_size_one
 
 __all__ = ["Captured", "capture", "user_frame", "source_line"]
 
@@ -28,11 +33,14 @@ _SKIP_DIRS = (_TORCH_DIR + os.sep, os.path.dirname(os.path.abspath(__file__)) + 
 
 @dataclass
 class Captured:
-    """What the trace pass returns: the exported program and its unlifted graph module."""
+    """What the trace pass returns: the unlifted graph module and the inputs it was checked on.
 
-    exported: torch.export.ExportedProgram
+    ``graph_module.meta`` records which input dims are dynamic (:mod:`fxprune.passes.shapes`).
+    """
+
     graph_module: torch.fx.GraphModule
     example_inputs: tuple
+    example_kwargs: dict
     seconds: float
 
 
@@ -84,11 +92,18 @@ def _advice(err: BaseException) -> str:
             "see https://pytorch.org/docs/stable/export.html for what torch.export supports")
 
 
-def capture(model: torch.nn.Module, example_inputs: tuple) -> Captured:
-    """Capture ``model`` called on ``example_inputs`` as an exported graph.
+def capture(model: torch.nn.Module, example_inputs: tuple, example_kwargs: dict | None = None,
+            dynamic_shapes=None) -> Captured:
+    """Capture ``model`` called on ``example_inputs`` (and ``example_kwargs``) as an exported graph.
 
     The model is captured in eval mode (the graph is the inference graph that gets
     compacted and exported); its train/eval flags are restored afterwards.
+
+    ``dynamic_shapes`` is what ``torch.export.export`` takes. Without it the batch
+    (dim 0 of the tensor inputs that share the first input's batch) is dynamic where
+    the model allows it; where it does not, capture is static and a warning names the
+    source line that fixed the batch. Dynamic dims of size 1 are captured on the
+    example repeated to size 2 (torch.export specialises size 1).
 
     Raises
     ------
@@ -103,37 +118,116 @@ def capture(model: torch.nn.Module, example_inputs: tuple) -> Captured:
         raise ExampleInputsError(
             f"example_inputs must be a tuple of positional arguments, got {type(example_inputs).__name__}; "
             "wrap a single tensor as (x,)")
+    if example_kwargs is not None and not isinstance(example_kwargs, dict):
+        raise ExampleInputsError(f"example_kwargs must be a dict of keyword arguments, got "
+                                 f"{type(example_kwargs).__name__}")
+    kwargs = dict(example_kwargs or {})
     modes = {name: m.training for name, m in model.named_modules()}
     model.eval()
     try:
         try:
             with torch.no_grad():
-                model(*example_inputs)
+                model(*example_inputs, **kwargs)
         except Exception as err:  # the user's forward itself fails
             raise ExampleInputsError(
                 f"{type(model).__name__} does not run on the example inputs "
-                f"({_shapes(example_inputs)}): {type(err).__name__}: {err}\n  at {_describe(user_frame(err.__traceback__))}"
+                f"({_shapes(example_inputs, kwargs)}): {type(err).__name__}: {err}\n"
+                f"  at {_describe(user_frame(err.__traceback__))}"
             ) from err
         start = time.perf_counter()
-        try:
-            exported = torch.export.export(model, example_inputs, strict=False)
-        except Exception as err:
-            raise CaptureError(
-                f"torch.export could not capture {type(model).__name__}: {type(err).__name__}: "
-                f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}\n"
-                f"  at {_describe(user_frame(err.__traceback__))}\n"
-                f"  what to try: {_advice(err)}"
-            ) from err
+        exported = _export_dynamic(model, example_inputs, kwargs, dynamic_shapes)
         graph_module = exported.module()
+        graph_module.meta[DYNAMIC_META] = recorded_dims(graph_module, exported.range_constraints)
         seconds = time.perf_counter() - start
     finally:
         for name, m in model.named_modules():
             m.training = modes.get(name, m.training)
-    return Captured(exported, graph_module, example_inputs, seconds)
+    return Captured(graph_module, example_inputs, kwargs, seconds)
 
 
-def _shapes(inputs) -> str:
-    parts = []
-    for x in inputs:
-        parts.append(f"Tensor{tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__)
-    return ", ".join(parts)
+def _export(model, args, kwargs, dynamic_shapes):
+    try:
+        return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+    except Exception as err:
+        raise CaptureError(
+            f"torch.export could not capture {type(model).__name__}: {type(err).__name__}: "
+            f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}\n"
+            f"  at {_describe(user_frame(err.__traceback__))}\n"
+            f"  what to try: {_advice(err)}"
+        ) from err
+
+
+def _export_dynamic(model, args: tuple, kwargs: dict, dynamic_shapes):
+    """Export with the requested (or the default batch) dynamic dims, on an example widened past size 1."""
+    user_given = dynamic_shapes is not None
+    if user_given and not dynamic_shapes:  # {} or (): the user asks for a static capture
+        return _export(model, args, kwargs, None)
+    spec = bind_spec(model, args, kwargs, dynamic_shapes) if user_given else default_dynamic_shapes(args, kwargs)
+    if spec is None:
+        return _export(model, args, kwargs, None)
+    wide_args, wide_kwargs = widen_size_one(args, kwargs, spec)
+    if user_given:
+        return _export(model, wide_args, wide_kwargs, _as_export_spec(model, spec, wide_args, wide_kwargs))
+    with _SpecialisationWatch() as watch:
+        try:
+            return torch.export.export(model, wide_args, wide_kwargs,
+                                       dynamic_shapes=_as_export_spec(model, spec, wide_args, wide_kwargs),
+                                       strict=False)
+        except Exception as err:
+            reason = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+    exported = _export(model, args, kwargs, None)  # raises the capture error, if the model cannot be captured at all
+    where = f"; the batch size was fixed at {watch.where}" if watch.where else ""
+    warnings.warn(f"{type(model).__name__}: the batch dim could not be captured as dynamic ({reason}){where}. "
+                  f"The compact model, its .pt2 and its ONNX file accept only the example's shapes "
+                  f"({_shapes(args, kwargs)}). Make that code follow the input's size, or pass dynamic_shapes= "
+                  "to fxprune.compile", UserWarning, stacklevel=4)
+    return exported
+
+
+def _as_export_spec(model, spec: tuple[tuple, dict], args: tuple, kwargs: dict):
+    """(args_spec, kwargs_spec) as the dict by argument name that torch.export takes with keyword inputs."""
+    args_spec, kwargs_spec = spec
+    if not kwargs:
+        return tuple(args_spec)
+    names = list(inspect.signature(model.forward).bind(*args, **kwargs).arguments)
+    return {**dict(zip(names, args_spec)), **kwargs_spec}
+
+
+class _SpecialisationWatch(logging.Handler):
+    """Remembers the user source line where torch.export's shape reasoning fixed a symbol to a constant."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.where: str | None = None
+        self.logger = logging.getLogger("torch.fx.experimental.symbolic_shapes")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.where is not None or not str(record.msg).startswith("eval"):
+            return
+        text = record.getMessage()
+        if "[guard added]" not in text or not re.search(r"Eq\(s\d+, -?\d+\)", text):
+            return
+        frames = [f for f in traceback.extract_stack()
+                  if not os.path.abspath(f.filename).startswith(_SKIP_DIRS) and "<" not in f.filename
+                  and "logging" not in f.filename]
+        if frames:
+            self.where = _describe(frames[-1])
+
+    def __enter__(self):
+        lg = self.logger
+        self.before = (lg.level, lg.handlers, lg.propagate)
+        # only this handler sees the records: they are torch's INFO logs, not for the user's console
+        lg.handlers, lg.propagate = [self], False
+        lg.setLevel(logging.INFO)
+        return self
+
+    def __exit__(self, *exc):
+        lg = self.logger
+        lg.level, lg.handlers, lg.propagate = self.before
+
+
+def _shapes(inputs, kwargs=None) -> str:
+    def one(x):
+        return f"Tensor{tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+
+    return ", ".join([one(x) for x in inputs] + [f"{k}={one(v)}" for k, v in (kwargs or {}).items()])

@@ -73,7 +73,9 @@ def test_torch_multihead_attention_heads_are_units():
     from tests.models import ARCHITECTURES
 
     factory, inputs = ARCHITECTURES["TwoLayerTransformer"]
-    pruning = fxprune.compile(factory(), inputs(), {"target_sparsity": 0.5, "prune_domain": "local"})
+    # captured at the example's shapes: with a dynamic batch, B*heads is one dynamic dim (see below)
+    pruning = fxprune.compile(factory(), inputs(), {"target_sparsity": 0.5, "prune_domain": "local"},
+                              dynamic_shapes={})
     heads = [g for g in pruning.groups if any("in_proj_weight" in m.name for m in g.parameters)]
     assert [g.size for g in heads] == [4, 4]
     in_proj = next(m for m in heads[0].parameters if m.name.endswith("in_proj_weight"))
@@ -84,6 +86,22 @@ def test_torch_multihead_attention_heads_are_units():
     x = inputs()
     with torch.no_grad():
         assert (small(*x) - pruning.model(*x)).abs().max() <= 1e-4
+
+
+def test_heads_merged_with_a_dynamic_batch_are_frozen_with_a_warning():
+    """nn.MultiheadAttention views q as (seq, batch * heads, head_dim): with a dynamic batch the heads cannot be
+    cut out of that dim, so they are frozen (FFN channels still prune) and compile says how to get them."""
+    from tests.models import ARCHITECTURES
+
+    factory, inputs = ARCHITECTURES["TwoLayerTransformer"]
+    with pytest.warns(UserWarning, match=r"in_proj_\w+\[0\]: .*dim merged with a dynamic dim .*dynamic_shapes=\{\}"):
+        pruning = fxprune.compile(factory(), inputs(), {"target_sparsity": 0.5, "prune_domain": "local"})
+    assert not any("in_proj_weight" in m.name for g in pruning.groups for m in g.parameters)
+    small = pruning.prune().compact()
+    for batch in (1, 5):
+        x = torch.randn(batch, 8, 32)
+        with torch.no_grad():
+            assert (small(x) - pruning.model(x)).abs().max() <= 1e-4
 
 
 @pytest.mark.parametrize("build", [_bert, _llama, _vit], ids=["bert", "llama-gqa", "vit"])

@@ -1,0 +1,142 @@
+"""Dynamic input dims: which ones capture keeps symbolic, and how every later export keeps them so.
+
+A compact model that only runs at the example's shape cannot be deployed. By default
+the batch (dim 0 of every tensor input that shares the first input's batch) is captured
+as a symbol; users can ask for more with torch.export's ``dynamic_shapes``. torch.export
+specialises dims of size 1, so such dims are captured on an example repeated to size 2.
+
+What capture made dynamic is recorded per input placeholder as plain data
+(``{placeholder: {dim: (name, min, max)}}``) in the graph module's ``meta``: the compact
+graph inherits it, and ``save_compact`` / ``export_onnx`` rebuild the same
+``dynamic_shapes`` from it, so the ``.pt2`` and the ONNX file accept the same shapes.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.utils._pytree as pytree
+from torch.export import Dim
+from torch.utils._sympy.numbers import int_oo
+
+__all__ = ["DYNAMIC_META", "default_dynamic_shapes", "widen_size_one", "recorded_dims", "export_spec",
+           "flat_inputs", "dynamic_dims_of"]
+
+DYNAMIC_META = "fxprune_dynamic_dims"
+
+
+def flat_inputs(args: tuple, kwargs: dict | None) -> list:
+    """The leaves of (args, kwargs) in the order of the captured graph's placeholders."""
+    return pytree.tree_leaves((tuple(args), dict(kwargs or {})))
+
+
+def default_dynamic_shapes(args: tuple, kwargs: dict) -> tuple | None:
+    """``(args_spec, kwargs_spec)`` making dim 0 dynamic for every tensor (nested ones too) whose dim 0 equals
+    the first tensor's: the batch. None when there is no tensor input."""
+    leaves = [t for t in flat_inputs(args, kwargs) if isinstance(t, torch.Tensor) and t.dim() >= 1]
+    if not leaves:
+        return None
+    batch, dim = leaves[0].shape[0], Dim("batch")
+
+    def spec(t):
+        return {0: dim} if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == batch else None
+
+    return (tuple(pytree.tree_map(spec, a) for a in args),
+            {k: pytree.tree_map(spec, v) for k, v in kwargs.items()})
+
+
+def bind_spec(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shapes) -> tuple[tuple, dict]:
+    """A user's ``dynamic_shapes`` (dict by argument name, or a tuple/list in signature order) split as (args, kwargs)."""
+    if isinstance(dynamic_shapes, dict):
+        try:
+            names = list(inspect.signature(model.forward).bind(*args, **kwargs).arguments)
+        except (TypeError, ValueError):
+            names = []
+        positional = names[:len(args)]
+        return (tuple(dynamic_shapes.get(n) for n in positional),
+                {k: dynamic_shapes.get(k) for k in kwargs})
+    specs = list(dynamic_shapes)
+    return tuple(specs[:len(args)]), dict(zip(kwargs, specs[len(args):]))
+
+
+def widen_size_one(args: tuple, kwargs: dict, spec: tuple[tuple, dict]) -> tuple[tuple, dict]:
+    """Repeat every dynamic dim of size 1 to size 2, where torch.export would specialise it.
+
+    Tensors are matched with their spec (a ``{dim: Dim}`` dict) through nested tuples, lists and dicts.
+    """
+    def widen(t, s):
+        if isinstance(t, torch.Tensor) and isinstance(s, dict):
+            for d, v in s.items():
+                if isinstance(d, int) and v is not None and t.dim() > d and t.shape[d] == 1:
+                    t = torch.cat([t, t], dim=d)
+            return t
+        if isinstance(t, (tuple, list)) and isinstance(s, (tuple, list)) and len(t) == len(s):
+            return type(t)(widen(a, b) for a, b in zip(t, s))
+        if isinstance(t, dict) and isinstance(s, dict):
+            return {k: widen(v, s.get(k)) for k, v in t.items()}
+        return t
+
+    return (tuple(widen(t, s) for t, s in zip(args, spec[0])),
+            {k: widen(v, spec[1].get(k)) for k, v in kwargs.items()})
+
+
+def recorded_dims(gm: torch.fx.GraphModule, range_constraints: dict) -> dict[str, dict[int, tuple]]:
+    """Per input placeholder, its symbolic dims as ``{dim: (name, min, max)}`` (max None: unbounded).
+
+    Dims that share a symbol share a name, so equal sizes stay equal in every export.
+    """
+    names: dict = {}
+    out: dict[str, dict[int, tuple]] = {}
+    for node in gm.graph.nodes:
+        if node.op != "placeholder" or not isinstance(node.meta.get("val"), torch.Tensor):
+            continue
+        for d, size in enumerate(node.meta["val"].shape):
+            if not isinstance(size, torch.SymInt):
+                continue
+            expr = size.node.expr
+            if not expr.is_symbol:
+                continue  # a derived size (2*s0): left to torch.export to infer
+            if expr not in names:
+                names[expr] = "batch" if d == 0 and "batch" not in names.values() else f"{node.name}_dim{d}"
+            vr = range_constraints.get(expr)
+            lo, hi = (_bound(vr.lower), _bound(vr.upper)) if vr is not None else (0, None)
+            lo = lo or 0
+            out.setdefault(node.name, {})[d] = (names[expr], lo, hi)
+    return out
+
+
+def _bound(value) -> int | None:
+    """A range bound as an int, None when unbounded (torch's int_oo)."""
+    if value in (int_oo, -int_oo):
+        return None
+    return int(value)
+
+
+def dynamic_dims_of(module: torch.nn.Module) -> dict[str, dict[int, tuple]]:
+    """What :func:`recorded_dims` stored on a captured (or compacted) graph module; {} for other modules."""
+    meta = getattr(module, "meta", None)
+    return dict(meta.get(DYNAMIC_META, {})) if isinstance(meta, dict) else {}
+
+
+def export_spec(module: torch.nn.Module, args: tuple, kwargs: dict):
+    """``dynamic_shapes`` for re-exporting ``module`` with the dims its capture made dynamic, or None."""
+    dims = dynamic_dims_of(module)
+    if not dims:
+        return None
+    made: dict[str, Dim] = {}
+
+    def dim(name, lo, hi):
+        if name not in made:
+            made[name] = Dim(name, min=lo, max=hi) if hi is not None else Dim(name, min=lo)
+        return made[name]
+
+    try:
+        names = list(inspect.signature(module.forward).bind(*args, **kwargs).arguments)
+    except (TypeError, ValueError):
+        return None
+    spec = {}
+    for name in names:
+        entry = dims.get(name)
+        spec[name] = {d: dim(*v) for d, v in entry.items()} if entry else None
+    return spec
