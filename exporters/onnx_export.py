@@ -22,7 +22,9 @@ import onnx
 import torch
 from torch.utils._pytree import tree_leaves
 
-__all__ = ["OnnxExport", "OnnxMismatchError", "compare_outputs", "export_onnx"]
+from fxprune.passes.shapes import dynamic_dims_of, export_program
+
+__all__ = ["OnnxExport", "OnnxMismatchError", "compare_outputs", "export_onnx", "run_onnxruntime"]
 
 # protobuf cannot serialise a single message larger than 2 GiB; leave headroom
 # for the graph itself when deciding whether weights can stay inline.
@@ -109,7 +111,9 @@ def export_onnx(
     model: torch.nn.Module,
     path: str | os.PathLike[str],
     example_inputs: tuple,
+    example_kwargs: dict | None = None,
     *,
+    dynamic_shapes: Any = None,
     opset: int = 18,
     atol: float = 1e-4,
     check: bool = True,
@@ -130,6 +134,13 @@ def export_onnx(
         Destination ``.onnx`` file; parent folders are created.
     example_inputs : tuple
         Positional inputs, used for tracing and for the numerical check.
+    example_kwargs : dict, optional
+        Keyword inputs; every tensor among them becomes a graph input named after its argument.
+    dynamic_shapes : optional
+        ``torch.export``'s ``dynamic_shapes``. A graph from ``fxprune.compile`` (captured or
+        compact) keeps, by default, the dims its capture made dynamic (the batch unless asked
+        otherwise): the ONNX inputs get dynamic axes for them. Other modules are exported at
+        the example's shapes unless this is given.
     opset : int, default 18
         Requested ONNX opset. Opsets below 18 are converted by onnxscript and
         may silently stay at 18; the opset actually written is returned and a
@@ -162,12 +173,15 @@ def export_onnx(
     out_path.parent.mkdir(parents=True, exist_ok=True)
     inline = _state_bytes(model) < _INLINE_LIMIT_BYTES
 
+    kwargs = dict(example_kwargs or {})
     with _eval_mode(model), torch.no_grad():
-        reference = model(*example_inputs) if check else None
+        reference = model(*example_inputs, **kwargs) if check else None
         with _quiet_exporter():
+            # a program exported here keeps the recorded dynamic dims; the ONNX exporter turns them into axes
+            program = export_program(model, example_inputs, kwargs, dynamic_shapes)
             torch.onnx.export(
-                model,
-                example_inputs,
+                program,
+                (),
                 str(out_path),
                 dynamo=True,
                 opset_version=opset,
@@ -176,6 +190,7 @@ def export_onnx(
                 report=False,
             )
 
+    _name_dynamic_axes(str(out_path), dynamic_dims_of(model))
     onnx.checker.check_model(str(out_path), full_check=True)
     proto = onnx.load(str(out_path), load_external_data=False)
     written_opset = _default_opset(proto)
@@ -188,7 +203,10 @@ def export_onnx(
 
     error = float("nan")
     if check:
-        ort_outputs = _run_onnxruntime(str(out_path), example_inputs)
+        names = [spec.arg.name for spec in program.graph_signature.input_specs
+                 if spec.kind == torch.export.graph_signature.InputKind.USER_INPUT
+                 and isinstance(spec.arg, torch.export.graph_signature.TensorArgument)]
+        ort_outputs = run_onnxruntime(str(out_path), example_inputs, kwargs, names)
         error = compare_outputs(reference, ort_outputs, atol)
 
     return OnnxExport(
@@ -200,24 +218,49 @@ def export_onnx(
     )
 
 
-def _run_onnxruntime(path: str, example_inputs: tuple) -> list[np.ndarray]:
-    """Feed the tensor leaves of ``example_inputs`` to the graph inputs in order.
+def run_onnxruntime(path: str, example_inputs: tuple, example_kwargs: dict | None = None,
+                    names: Sequence[str] | None = None) -> list[np.ndarray]:
+    """Run an exported file on the tensors of ``example_inputs`` and ``example_kwargs``.
 
-    Non-tensor inputs (ints, flags, None) are baked into the graph as
-    constants by ``torch.export``, so only tensors become ONNX inputs.
+    ``names`` are the graph input names of those tensors in order (the exported
+    program's user inputs); with them, an input the exporter dropped as unused is
+    skipped. Without them tensors are fed in order. Non-tensor inputs (ints, flags,
+    None) are constants inside the graph.
     """
     import onnxruntime as ort
 
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    tensors = [t for t in tree_leaves(example_inputs) if isinstance(t, torch.Tensor)]
-    graph_inputs = session.get_inputs()
+    tensors = [t for t in tree_leaves((tuple(example_inputs), dict(example_kwargs or {})))
+               if isinstance(t, torch.Tensor)]
+    graph_inputs = [i.name for i in session.get_inputs()]
+    if names is not None and len(names) == len(tensors) and set(graph_inputs) <= set(names):
+        by_name = dict(zip(names, tensors))
+        return session.run(None, {n: _to_numpy(by_name[n].detach().cpu()) for n in graph_inputs})
     if len(graph_inputs) != len(tensors):
         raise OnnxMismatchError(
             f"input count differs: example_inputs hold {len(tensors)} tensor(s), "
-            f"the ONNX graph expects {len(graph_inputs)} ({[i.name for i in graph_inputs]})"
+            f"the ONNX graph expects {len(graph_inputs)} ({graph_inputs})"
         )
-    feed = {meta.name: _to_numpy(t.detach().cpu()) for meta, t in zip(graph_inputs, tensors)}
-    return session.run(None, feed)
+    return session.run(None, {n: _to_numpy(t.detach().cpu()) for n, t in zip(graph_inputs, tensors)})
+
+
+def _name_dynamic_axes(path: str, dims: dict) -> None:
+    """Give dynamic axes the names fxprune recorded (``batch``, ``input_ids_dim1``) instead of ``s43``."""
+    if not dims:
+        return
+    proto = onnx.load(path, load_external_data=False)
+    rename = {}
+    for value in proto.graph.input:
+        for d, axis in enumerate(value.type.tensor_type.shape.dim):
+            if axis.dim_param and d in dims.get(value.name, {}):
+                rename.setdefault(axis.dim_param, dims[value.name][d][0])
+    if not rename:
+        return
+    for value in [*proto.graph.input, *proto.graph.output, *proto.graph.value_info]:
+        for axis in value.type.tensor_type.shape.dim:
+            if axis.dim_param in rename:
+                axis.dim_param = rename[axis.dim_param]
+    onnx.save(proto, path)
 
 
 def _to_numpy(tensor: torch.Tensor) -> np.ndarray:

@@ -67,13 +67,13 @@ def compile(model: torch.nn.Module, example_inputs: tuple, config: dict | Prunin
     work = model if inplace else copy.deepcopy(model)
     captured = capture(work, example_inputs, example_kwargs, dynamic_shapes)
     grouping = group_channels(captured.graph_module)
-    _warn_dynamic_freezes(grouping)
+    _warn_dynamic_freezes(grouping, {n for n, _ in work.named_parameters(remove_duplicate=False)})
     return Pruning(work, captured, grouping, configs)
 
 
-def _warn_dynamic_freezes(grouping: Grouping) -> None:
+def _warn_dynamic_freezes(grouping: Grouping, parameters: set[str]) -> None:
     """Channels a static capture could prune but a dynamic dim blocks (heads merged with the batch): say so."""
-    lost = sorted((k, v) for k, v in grouping.blocked.items() if "dynamic" in v)
+    lost = sorted((k, v) for k, v in grouping.blocked.items() if "dynamic" in v and k[0] in parameters)
     if lost:
         (name, dim), reason = lost[0]
         warnings.warn(f"{len(lost)} parameter dims cannot be pruned because a dynamic input dim reaches them "

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from fxprune.errors import PruningError
+from fxprune.passes.shapes import export_program
 
 __all__ = ["plan_of", "save_plan", "load_plan", "apply_plan", "save_compact", "load_compact"]
 
@@ -60,9 +61,14 @@ def apply_plan(pruning, plan: dict) -> None:
     pruning.set_kept(kept)
 
 
-def save_compact(module: torch.nn.Module, path: str | os.PathLike, example_inputs: tuple) -> None:
-    """Save a compact model as a torch.export ``.pt2``: it reloads without the original class."""
-    torch.export.save(torch.export.export(module, example_inputs, strict=False), path)
+def save_compact(module: torch.nn.Module, path: str | os.PathLike, example_inputs: tuple,
+                 example_kwargs: dict | None = None, *, dynamic_shapes=None) -> None:
+    """Save a compact model as a torch.export ``.pt2``: it reloads without the original class.
+
+    The dims that capture made dynamic (by default the batch) stay dynamic in the file;
+    ``dynamic_shapes`` (torch.export's form) overrides that.
+    """
+    torch.export.save(export_program(module, example_inputs, example_kwargs, dynamic_shapes), path)
 
 
 def load_compact(path: str | os.PathLike) -> torch.nn.Module:

@@ -20,8 +20,8 @@ import torch.utils._pytree as pytree
 from torch.export import Dim
 from torch.utils._sympy.numbers import int_oo
 
-__all__ = ["DYNAMIC_META", "default_dynamic_shapes", "widen_size_one", "recorded_dims", "export_spec",
-           "flat_inputs", "dynamic_dims_of"]
+__all__ = ["DYNAMIC_META", "default_dynamic_shapes", "bind_spec", "widen_size_one", "recorded_dims", "export_spec",
+           "to_export_arg", "export_program", "flat_inputs", "dynamic_dims_of"]
 
 DYNAMIC_META = "fxprune_dynamic_dims"
 
@@ -119,8 +119,8 @@ def dynamic_dims_of(module: torch.nn.Module) -> dict[str, dict[int, tuple]]:
     return dict(meta.get(DYNAMIC_META, {})) if isinstance(meta, dict) else {}
 
 
-def export_spec(module: torch.nn.Module, args: tuple, kwargs: dict):
-    """``dynamic_shapes`` for re-exporting ``module`` with the dims its capture made dynamic, or None."""
+def export_spec(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """``(args_spec, kwargs_spec)`` that re-exports ``module`` with the dims its capture made dynamic, or None."""
     dims = dynamic_dims_of(module)
     if not dims:
         return None
@@ -135,8 +135,33 @@ def export_spec(module: torch.nn.Module, args: tuple, kwargs: dict):
         names = list(inspect.signature(module.forward).bind(*args, **kwargs).arguments)
     except (TypeError, ValueError):
         return None
-    spec = {}
-    for name in names:
-        entry = dims.get(name)
-        spec[name] = {d: dim(*v) for d, v in entry.items()} if entry else None
-    return spec
+    spec = {n: {d: dim(*v) for d, v in dims[n].items()} if n in dims else None for n in names}
+    return tuple(spec[n] for n in names[:len(args)]), {k: spec.get(k) for k in kwargs}
+
+
+def to_export_arg(module: torch.nn.Module, spec: tuple[tuple, dict], args: tuple, kwargs: dict):
+    """``(args_spec, kwargs_spec)`` in the form ``torch.export.export`` takes: a tuple, or a dict by argument
+    name when there are keyword inputs."""
+    args_spec, kwargs_spec = spec
+    if not kwargs:
+        return tuple(args_spec)
+    names = list(inspect.signature(module.forward).bind(*args, **kwargs).arguments)
+    return {**dict(zip(names, args_spec)), **kwargs_spec}
+
+
+def export_program(module: torch.nn.Module, args: tuple, kwargs: dict | None = None,
+                   dynamic_shapes=None) -> torch.export.ExportedProgram:
+    """``torch.export`` of ``module``, keeping dynamic the dims its capture made dynamic (or ``dynamic_shapes``).
+
+    A captured or compact graph module re-exports with the dims recorded at capture, so
+    its ``.pt2`` and ONNX file accept the same shapes as the graph itself.
+    """
+    kwargs = dict(kwargs or {})
+    if dynamic_shapes is not None:
+        return torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+    spec = export_spec(module, args, kwargs)
+    if spec is None:
+        return torch.export.export(module, args, kwargs, strict=False)
+    wide_args, wide_kwargs = widen_size_one(args, kwargs, spec)
+    return torch.export.export(module, wide_args, wide_kwargs, strict=False,
+                               dynamic_shapes=to_export_arg(module, spec, wide_args, wide_kwargs))

@@ -9,7 +9,6 @@ state_dict names and every op carries ``meta["val"]`` with its output shape.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import re
@@ -20,7 +19,8 @@ from dataclasses import dataclass
 import torch
 
 from fxprune.errors import CaptureError, ExampleInputsError
-from fxprune.passes.shapes import DYNAMIC_META, bind_spec, default_dynamic_shapes, recorded_dims, widen_size_one
+from fxprune.passes.shapes import (DYNAMIC_META, bind_spec, default_dynamic_shapes, recorded_dims, to_export_arg,
+                                   widen_size_one)
 
 __all__ = ["Captured", "capture", "user_frame", "source_line"]
 
@@ -167,11 +167,11 @@ def _export_dynamic(model, args: tuple, kwargs: dict, dynamic_shapes):
         return _export(model, args, kwargs, None)
     wide_args, wide_kwargs = widen_size_one(args, kwargs, spec)
     if user_given:
-        return _export(model, wide_args, wide_kwargs, _as_export_spec(model, spec, wide_args, wide_kwargs))
+        return _export(model, wide_args, wide_kwargs, to_export_arg(model, spec, wide_args, wide_kwargs))
     with _SpecialisationWatch() as watch:
         try:
             return torch.export.export(model, wide_args, wide_kwargs,
-                                       dynamic_shapes=_as_export_spec(model, spec, wide_args, wide_kwargs),
+                                       dynamic_shapes=to_export_arg(model, spec, wide_args, wide_kwargs),
                                        strict=False)
         except Exception as err:
             reason = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
@@ -182,15 +182,6 @@ def _export_dynamic(model, args: tuple, kwargs: dict, dynamic_shapes):
                   f"({_shapes(args, kwargs)}). Make that code follow the input's size, or pass dynamic_shapes= "
                   "to fxprune.compile", UserWarning, stacklevel=4)
     return exported
-
-
-def _as_export_spec(model, spec: tuple[tuple, dict], args: tuple, kwargs: dict):
-    """(args_spec, kwargs_spec) as the dict by argument name that torch.export takes with keyword inputs."""
-    args_spec, kwargs_spec = spec
-    if not kwargs:
-        return tuple(args_spec)
-    names = list(inspect.signature(model.forward).bind(*args, **kwargs).arguments)
-    return {**dict(zip(names, args_spec)), **kwargs_spec}
 
 
 class _SpecialisationWatch(logging.Handler):

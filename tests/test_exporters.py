@@ -169,12 +169,12 @@ def test_compare_outputs_mismatch_raises() -> None:
 
 
 def test_export_raises_when_runtime_disagrees(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real_run = onnx_export_mod._run_onnxruntime
+    real_run = onnx_export_mod.run_onnxruntime
 
-    def perturbed(path: str, inputs: tuple) -> list[np.ndarray]:
-        return [out + 1e-2 for out in real_run(path, inputs)]
+    def perturbed(path: str, *inputs) -> list[np.ndarray]:
+        return [out + 1e-2 for out in real_run(path, *inputs)]
 
-    monkeypatch.setattr(onnx_export_mod, "_run_onnxruntime", perturbed)
+    monkeypatch.setattr(onnx_export_mod, "run_onnxruntime", perturbed)
     model = _make_cnn()
     with pytest.raises(OnnxMismatchError, match="output 0"):
         export_onnx(model, tmp_path / "m.onnx", (torch.randn(1, 3, 8, 8),))
