@@ -24,7 +24,7 @@ from fxprune.passes.group import Grouping, _fetch
 from fxprune.passes.rules import _arg, _slice_bounds
 from fxprune.passes.trace import source_line
 
-__all__ = ["space_keep", "compact_graph", "REWRITES"]
+__all__ = ["space_keep", "compact_graph", "CompactGraphModule", "REWRITES"]
 
 aten = torch.ops.aten
 
@@ -225,10 +225,30 @@ def compact_graph(gm: GraphModule, grouping: Grouping, atom_kept: np.ndarray,
         if fn is not None:
             fn(node, size)
     gm.graph.lint()
-    gm.recompile()
+    gm = CompactGraphModule(gm, gm.graph, meta=gm.meta)
     gm.meta["fxprune_expected_shapes"] = {k: size.shape(k) for k in grouping.shapes
                                           if not k.startswith(PARAM_PREFIX)}
     return gm
+
+
+class CompactGraphModule(GraphModule):
+    """The compact graph: a GraphModule whose ``train()`` refuses training mode instead of ignoring it.
+
+    The graph was captured in eval mode (BatchNorm on running statistics, no dropout), so
+    ``.train()`` would change nothing while claiming to. A class, so copies keep the refusal.
+    """
+
+    def __init__(self, root, graph, meta: dict | None = None):
+        super().__init__(root, graph)
+        self.meta.update(meta or {})
+
+    def train(self, mode: bool = True):
+        if mode:
+            raise CompactionError(
+                "the compact graph is the inference graph captured in eval mode: BatchNorm uses its running "
+                "statistics and dropout is off whatever .train() says. To train further, use "
+                "pruning.compact_eager() (your own class, smaller) or fine-tune pruning.model before compact()")
+        return super().train(False)
 
 
 class _ShapeCheck(torch.fx.Interpreter):

@@ -140,13 +140,22 @@ def export_spec(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tup
 
 
 def to_export_arg(module: torch.nn.Module, spec: tuple[tuple, dict], args: tuple, kwargs: dict):
-    """``(args_spec, kwargs_spec)`` in the form ``torch.export.export`` takes: a tuple, or a dict by argument
-    name when there are keyword inputs."""
+    """``(args_spec, kwargs_spec)`` as the dict by ``forward``'s parameter names that ``torch.export`` takes
+    (a ``*args`` parameter gets the tuple of its arguments' specs, a ``**kwargs`` one the dict of its)."""
     args_spec, kwargs_spec = spec
-    if not kwargs:
-        return tuple(args_spec)
-    names = list(inspect.signature(module.forward).bind(*args, **kwargs).arguments)
-    return {**dict(zip(names, args_spec)), **kwargs_spec}
+    signature = inspect.signature(module.forward)
+    out, i = {}, 0
+    for name, value in signature.bind(*args, **kwargs).arguments.items():
+        kind = signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_POSITIONAL:
+            out[name], i = tuple(args_spec[i:i + len(value)]), i + len(value)
+        elif kind is inspect.Parameter.VAR_KEYWORD:
+            out[name] = {k: kwargs_spec.get(k) for k in value}
+        elif name in kwargs:
+            out[name] = kwargs_spec.get(name)
+        else:
+            out[name], i = args_spec[i], i + 1
+    return out
 
 
 def export_program(module: torch.nn.Module, args: tuple, kwargs: dict | None = None,

@@ -193,10 +193,10 @@ class _SpecialisationWatch(logging.Handler):
         self.logger = logging.getLogger("torch.fx.experimental.symbolic_shapes")
 
     def emit(self, record: logging.LogRecord) -> None:
-        if self.where is not None or not str(record.msg).startswith("eval"):
+        if self.where is not None or "[guard added]" not in str(record.msg):
             return
         text = record.getMessage()
-        if "[guard added]" not in text or not re.search(r"Eq\(s\d+, -?\d+\)", text):
+        if not text.startswith("eval") or not re.search(r"Eq\(s\d+, -?\d+\)", text):
             return
         frames = [f for f in traceback.extract_stack()
                   if not os.path.abspath(f.filename).startswith(_SKIP_DIRS) and "<" not in f.filename
@@ -214,7 +214,8 @@ class _SpecialisationWatch(logging.Handler):
 
     def __exit__(self, *exc):
         lg = self.logger
-        lg.level, lg.handlers, lg.propagate = self.before
+        level, lg.handlers, lg.propagate = self.before
+        lg.setLevel(level)  # setLevel, not an assignment: it also clears the loggers' cached enabled levels
 
 
 def _shapes(inputs, kwargs=None) -> str:

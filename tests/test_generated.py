@@ -4,7 +4,8 @@ For every drawn architecture and random channel masks at a random sparsity:
 compile -> set_kept -> compact, then
 
 (a) compact outputs equal masked outputs: max abs error <= ATOL * max(1, max|y|)
-    (1e-4 in float32, 1e-9 in float64; the scale is the one compact() itself uses);
+    (1e-4 in float32, 1e-9 in float64; the scale is the one compact() itself uses), at the
+    example's batch and at a drawn one (the batch is captured dynamic);
 (b) onnxruntime == torch on the compact model (float32, when ``onnx`` is drawn);
 (c) the compact model has no more parameters and MACs than the dense graph
     (strictly fewer parameters when a channel was removed);
@@ -74,8 +75,8 @@ def random_masks(groups, sparsity: float, seed: int) -> dict[int, np.ndarray]:
 
 
 def check_exact(arch: dict, sparsity: float, mask_seed: int, dtype=torch.float32, atol: float = 1e-4,
-                onnx: bool = False):
-    """compile -> random masks -> compact, and check (a)-(d).
+                onnx: bool = False, batch: int = 3):
+    """compile -> random masks -> compact, and check (a)-(d), (a) at the example's batch and at ``batch``.
 
     Returns the Pruning and the compact model (None when no channel can be removed)."""
     model, x = build(arch, dtype)
@@ -90,14 +91,17 @@ def check_exact(arch: dict, sparsity: float, mask_seed: int, dtype=torch.float32
         return p, None
     small = p.compact(atol=atol)
 
-    # (a) compact == masked, checked here too, with compact()'s own scale
-    with torch.no_grad():
-        masked, out = _leaves(p.model(*x)), _leaves(small(*x))
-    assert len(masked) == len(out)
-    for m, o in zip(masked, out):
-        assert m.shape == o.shape and o.dtype == dtype
-        err = float((m.double() - o.double()).abs().max())
-        assert err <= atol * max(1.0, float(m.abs().max())), (err, p.compact_error)
+    # (a) compact == masked, checked here too, with compact()'s own scale; the batch is dynamic, so at another too
+    other = torch.randn(batch, *x[0].shape[1:], generator=torch.Generator().manual_seed(mask_seed % 2**31),
+                        dtype=torch.float64).to(dtype)
+    for inputs in (x, (other,)):
+        with torch.no_grad():
+            masked, out = _leaves(p.model(*inputs)), _leaves(small(*inputs))
+        assert len(masked) == len(out)
+        for m, o in zip(masked, out):
+            assert m.shape == o.shape and o.dtype == dtype
+            err = float((m.double() - o.double()).abs().max())
+            assert err <= atol * max(1.0, float(m.abs().max())), (err, p.compact_error, inputs[0].shape)
     # (c) no larger than the dense graph; strictly fewer parameters once a channel is gone
     dense = p.captured.graph_module
     params_dense, params_small = count_params(dense), count_params(small)
@@ -163,18 +167,20 @@ RICH = {"input": (1, 3, 16, 12), "seed": 7, "program": [
 
 sparsities = st.floats(0.0, 0.95)
 mask_seeds = st.integers(0, 2**32 - 1)
+batches = st.integers(1, 6)  # the batch of the second check: compact graphs take any batch
 
 
 @settings(PROFILE)
-@example(arch=RICH, sparsity=0.5, mask_seed=1, onnx=True)
-@given(arch=architectures(), sparsity=sparsities, mask_seed=mask_seeds, onnx=st.integers(0, 3).map(lambda i: i == 3))
-def test_compact_equals_masked_float32(arch, sparsity, mask_seed, onnx):
+@example(arch=RICH, sparsity=0.5, mask_seed=1, onnx=True, batch=5)
+@given(arch=architectures(), sparsity=sparsities, mask_seed=mask_seeds, onnx=st.integers(0, 3).map(lambda i: i == 3),
+       batch=batches)
+def test_compact_equals_masked_float32(arch, sparsity, mask_seed, onnx, batch):
     """ONNX export (~2 s) runs on about a quarter of the examples."""
-    _record(*check_exact(arch, sparsity, mask_seed, torch.float32, 1e-4, onnx=onnx))
+    _record(*check_exact(arch, sparsity, mask_seed, torch.float32, 1e-4, onnx=onnx, batch=batch))
 
 
 @settings(PROFILE)
-@example(arch=RICH, sparsity=0.5, mask_seed=1)
-@given(arch=architectures(), sparsity=sparsities, mask_seed=mask_seeds)
-def test_compact_equals_masked_float64(arch, sparsity, mask_seed):
-    _record(*check_exact(arch, sparsity, mask_seed, torch.float64, 1e-9))
+@example(arch=RICH, sparsity=0.5, mask_seed=1, batch=1)
+@given(arch=architectures(), sparsity=sparsities, mask_seed=mask_seeds, batch=batches)
+def test_compact_equals_masked_float64(arch, sparsity, mask_seed, batch):
+    _record(*check_exact(arch, sparsity, mask_seed, torch.float64, 1e-9, batch=batch))
