@@ -89,6 +89,7 @@ class PruningConfig:
     round_to: int = 1
     magnitude_norm: str = "l2"
     prune_hidden_size: bool = False  # also prune groups spanned by LayerNorm/RMSNorm statistics
+    uniform_layers: bool = False  # the same role in every repeated block keeps the same width
 
     @property
     def parsed_pattern(self) -> Pattern:
@@ -122,8 +123,9 @@ class PruningConfig:
             raise ConfigError(f"round_to must be an integer >= 1, got {self.round_to!r}")
         if self.magnitude_norm not in ("l1", "l2"):
             raise ConfigError(f"magnitude_norm must be 'l1' or 'l2', got {self.magnitude_norm!r}")
-        if not isinstance(self.prune_hidden_size, bool):
-            raise ConfigError(f"prune_hidden_size must be True or False, got {self.prune_hidden_size!r}")
+        for key in ("prune_hidden_size", "uniform_layers"):
+            if not isinstance(getattr(self, key), bool):
+                raise ConfigError(f"{key} must be True or False, got {getattr(self, key)!r}")
         pattern = self.parsed_pattern
         if pattern.kind == "n:m" and s > pattern.n / pattern.m:
             raise ConfigError(f"target_sparsity {s} is above what pattern {self.pattern} allows ({pattern.n / pattern.m})")

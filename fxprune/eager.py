@@ -11,11 +11,13 @@ returning a wrong model.
 from __future__ import annotations
 
 import copy
+import warnings
 
 import numpy as np
 import torch
 import torch.nn as nn
 
+from fxprune.adapters.hf_config import fit_config, refuse_save_pretrained
 from fxprune.errors import CompactionError
 from fxprune.norms import STATE, narrowed_shape, unpatch_norms
 from fxprune.passes.compact import space_keep
@@ -24,7 +26,6 @@ from fxprune.passes.couplings import PARAM_PREFIX
 __all__ = ["compact_eager"]
 
 _HEAD_COUNTS = ("num_heads", "num_attention_heads", "n_head")
-_HIDDEN = ("hidden_size", "n_embd", "dim", "d_model")
 _HEAD_SIZES = ("head_dim", "attention_head_size")
 _QUERY = ("q_proj", "query", "q")
 _KEY = ("k_proj", "key", "k")
@@ -93,20 +94,6 @@ def _update_heads(module: nn.Module) -> None:
         module.num_key_value_groups = heads // max(1, k.weight.shape[0] // size)
 
 
-def _attention_widths(model: nn.Module) -> dict[str, set]:
-    """Head counts read off the q/k projection weights of every attention module."""
-    widths: dict[str, set] = {}
-    for m in model.modules():
-        size = next((getattr(m, a) for a in _HEAD_SIZES if isinstance(getattr(m, a, None), int)), None)
-        q = next((getattr(m, a) for a in _QUERY if isinstance(getattr(m, a, None), nn.Linear)), None)
-        k = next((getattr(m, a) for a in _KEY if isinstance(getattr(m, a, None), nn.Linear)), None)
-        if size and q is not None:
-            widths.setdefault("num_attention_heads", set()).add(q.weight.shape[0] // size)
-            if k is not None:
-                widths.setdefault("num_key_value_heads", set()).add(k.weight.shape[0] // size)
-    return widths
-
-
 def _resize_norms(model: nn.Module) -> None:
     """Norm layers switched to kept channels (:mod:`fxprune.norms`) become plain layers of the new width."""
     for module in model.modules():
@@ -119,45 +106,49 @@ def _resize_norms(model: nn.Module) -> None:
     unpatch_norms(model)
 
 
-def _update_config(model: nn.Module, ffn_layers: list[str], hidden: dict[int, int]) -> list[str]:
-    """Hugging Face configs hold one width for all layers: update each only when pruning kept it uniform."""
-    config = getattr(model, "config", None)
-    if config is None:
+_HEAD_ATTRIBUTES = (*_HEAD_COUNTS, *_HEAD_SIZES, "all_head_size", "num_key_value_heads", "num_key_value_groups")
+
+
+def _head_attributes(model: nn.Module) -> dict:
+    """How each attention module splits its projections into heads."""
+    return {(name, a): getattr(m, a) for name, m in model.named_modules() for a in _HEAD_ATTRIBUTES
+            if isinstance(getattr(m, a, None), int)}
+
+
+def _head_attribute_values(model: nn.Module) -> dict[str, set]:
+    values: dict[str, set] = {}
+    for (_, attr), value in _head_attributes(model).items():
+        values.setdefault(attr, set()).add(value)
+    return values
+
+
+def _fit_config(pruning, model: nn.Module, original_config, atol: float) -> list[str]:
+    """Give a Hugging Face model the config that rebuilds it (:mod:`fxprune.adapters.hf_config`); where none
+    does, warn and make ``save_pretrained`` refuse, so no checkpoint is written that does not reload."""
+    if original_config is None or not hasattr(model, "save_pretrained"):
         return []
-    widths = _attention_widths(model)
-    if ffn_layers:
-        widths["intermediate_size"] = {model.get_submodule(n).weight.shape[0] for n in ffn_layers}
-    for key in _HIDDEN:
-        if isinstance(getattr(config, key, None), int) and getattr(config, key) in hidden:
-            widths[key] = {hidden[getattr(config, key)]}
-    notes = []
-    for key, values in widths.items():
-        if not hasattr(config, key):
-            continue
-        if len(values) == 1:
-            setattr(config, key, values.pop())
-        else:
-            notes.append(f"config.{key} left unchanged: layers now differ ({sorted(values)}), so the class "
-                         "cannot be rebuilt from its config; save the compact graph (save_compact) instead")
-    if not notes:
-        notes += _rebuild_check(model)
-    return notes
 
+    def agrees(candidate) -> bool:
+        try:
+            fresh = type(model)(candidate).eval()
+            fresh.load_state_dict(model.state_dict())
+            pruning._compare(fresh, atol)
+        except Exception:
+            return False
+        # random-init attention is near uniform, so outputs alone can miss a wrong split into heads
+        return _head_attributes(fresh) == _head_attributes(model)
 
-def _rebuild_check(model: nn.Module) -> list[str]:
-    """Does ``type(model)(model.config)`` give these shapes? (What from_pretrained relies on.)"""
-    try:
-        with torch.device("meta"):
-            fresh = type(model)(model.config)
-    except Exception as err:  # a class that does not build from its config alone
-        return [f"could not rebuild {type(model).__name__} from its config to check it: {err}"]
-    theirs = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
-    wrong = [k for k, v in model.state_dict().items() if theirs.get(k, tuple(v.shape)) != tuple(v.shape)]
-    if wrong:
-        return [f"{type(model).__name__}'s config cannot express the pruned widths (e.g. {wrong[0]}): the class "
-                "derives them from other fields; reload with torch.load of the module or save_compact, "
-                "not from_pretrained"]
-    return []
+    hints = {k: v.pop() for k, v in _head_attribute_values(model).items() if len(v) == 1}
+    fit = fit_config(model, original_config, agrees, hints)
+    if fit.config is not None:
+        model.config = fit.config
+        return []
+    message = (f"{type(model).__name__}'s config cannot describe the compact widths, so from_pretrained would not "
+               f"rebuild it: {'; '.join(fit.problems)}. Prune with uniform_layers: true so that repeated layers keep "
+               "one width, or save the model with fxprune.save_compact (or torch.save) instead of save_pretrained")
+    warnings.warn(message, UserWarning, stacklevel=4)
+    model.save_pretrained = refuse_save_pretrained(message)
+    return [message]
 
 
 def compact_eager(pruning, atol: float = 1e-4) -> nn.Module:
@@ -171,18 +162,14 @@ def compact_eager(pruning, atol: float = 1e-4) -> nn.Module:
     """
     keep = space_keep(pruning.grouping, pruning._atom_kept())
     model = copy.deepcopy(pruning.model)
-    inter = getattr(getattr(model, "config", None), "intermediate_size", None)
-    ffn_layers = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.out_features == inter]
+    original_config = copy.deepcopy(getattr(model, "config", None))
     before = {name: {a: getattr(m, a) for a in ("out_channels", "groups", "num_channels", "num_groups")
                      if hasattr(m, a)} for name, m in model.named_modules()}
     _slice_tensors(model, keep)
     _resize_norms(model)
     for name, module in model.named_modules():
         _update_attributes(module, before[name])
-    # a pruned hidden size: the width of the group the norm layers span, when it is the only one
-    normalized = [g for g in pruning.groups if g.normalized and not pruning._kept[g.index].all()]
-    hidden = {g.size: int(pruning._kept[g.index].sum()) for g in normalized} if len(normalized) == 1 else {}
-    model.fxprune_notes = _update_config(model, ffn_layers, hidden)
+    model.fxprune_notes = _fit_config(pruning, model, original_config, atol)
     try:
         pruning._compare(model, atol)
     except CompactionError:

@@ -13,7 +13,7 @@ import torch
 
 from fxprune.errors import ConfigError
 from fxprune.importance import group_scores
-from fxprune.selection import choose_kept, prune_counts
+from fxprune.selection import choose_kept, prune_counts, repeated_blocks, uniform_counts
 
 __all__ = ["PRUNERS", "register_pruners", "get_pruner", "registered_names", "Pruner", "MagnitudePruner",
            "SnipPruner", "SnipMomentumPruner", "TaylorPruner", "PatternLockPruner"]
@@ -114,8 +114,13 @@ class Pruner:
     def select(self, sparsity: float) -> dict[int, np.ndarray]:
         """Kept-channel mask per group index at overall ``sparsity``."""
         scores = {g.index: self.channel_scores(g) for g in self.groups}
-        counts = prune_counts(scores, sparsity, self.config.prune_domain, self.config.max_sparsity_ratio_per_layer,
-                              self.config.min_sparsity_ratio_per_op, self.config.round_to)
+        cfg = self.config
+        options = dict(target=sparsity, scope=cfg.prune_domain, max_ratio=cfg.max_sparsity_ratio_per_layer,
+                       min_ratio=cfg.min_sparsity_ratio_per_op, round_to=cfg.round_to)
+        if cfg.uniform_layers:
+            counts = uniform_counts(scores, repeated_blocks(self.groups), **options)
+        else:
+            counts = prune_counts(scores, **options)
         parts = {g.index: g.parts for g in self.groups}
         return {g: choose_kept(scores[g], counts[g], parts[g]) for g in scores}
 

@@ -3,17 +3,20 @@
 Local scope prunes every group to the target; global scope ranks all channels of
 all groups together and gives the budget a capped group cannot take to the others,
 so the overall target is met. ``round_to`` then moves each kept count to a multiple
-the CPU kernels like; every group keeps at least one channel.
+the CPU kernels like; every group keeps at least one channel. With ``uniform_layers``
+the groups that play one role in repeated blocks (layer 0's FFN, layer 1's FFN, ...)
+are allocated as one, so they keep equal widths that one config value can describe.
 """
 
 from __future__ import annotations
 
 import heapq
 import math
+import re
 
 import numpy as np
 
-__all__ = ["prune_counts", "choose_kept"]
+__all__ = ["prune_counts", "choose_kept", "repeated_blocks", "uniform_counts"]
 
 
 def _cap(size: int, max_ratio: float) -> int:
@@ -28,29 +31,33 @@ def _round(kept: int, size: int, round_to: int) -> int:
 
 
 def prune_counts(scores: dict[int, np.ndarray], target: float, scope: str = "global",
-                 max_ratio: float = 0.98, min_ratio: float = 0.0, round_to: int = 1) -> dict[int, int]:
+                 max_ratio: float = 0.98, min_ratio: float = 0.0, round_to: int = 1,
+                 copies: dict[int, int] | None = None) -> dict[int, int]:
     """Number of channels to remove per group.
 
     Parameters
     ----------
     scores : group index -> per-channel score (lower is pruned first).
     target : fraction of all channels to remove.
+    copies : group index -> how many groups it stands for (a class of repeated blocks,
+        see :func:`uniform_counts`); each channel it removes counts that many times.
     """
     sizes = {g: len(s) for g, s in scores.items()}
+    weight = {g: (copies or {}).get(g, 1) for g in scores}
     caps = {g: _cap(n, max_ratio) for g, n in sizes.items()}
     floors = {g: min(int(math.ceil(n * min_ratio - 1e-9)), caps[g]) for g, n in sizes.items()}
     if scope == "local":
         counts = {g: min(max(int(math.floor(n * target + 1e-9)), floors[g]), caps[g]) for g, n in sizes.items()}
     else:
-        budget = int(math.floor(sum(sizes.values()) * target + 1e-9))
+        budget = int(math.floor(sum(sizes[g] * weight[g] for g in sizes) * target + 1e-9))
         counts = dict(floors)
-        budget -= sum(floors.values())
+        budget -= sum(floors[g] * weight[g] for g in floors)
         counts = _allocate_global({g: np.sort(sc) for g, sc in scores.items()}, sizes, caps, counts, budget,
-                                  round_to)
+                                  round_to, weight)
     return {g: sizes[g] - max(1, _round(sizes[g] - c, sizes[g], round_to)) for g, c in counts.items()}
 
 
-def _allocate_global(sorted_scores, sizes, caps, counts, budget, round_to):
+def _allocate_global(sorted_scores, sizes, caps, counts, budget, round_to, weight):
     """Hand out the budget in the cheapest chunks first.
 
     A chunk is the next channels a group can lose while its kept count stays a
@@ -72,12 +79,31 @@ def _allocate_global(sorted_scores, sizes, caps, counts, budget, round_to):
         push(g)
     while heap and budget > 0:
         _, g, unit = heapq.heappop(heap)
-        if unit - budget > budget:  # overshooting by more than we would fall short: try smaller chunks
+        cost = unit * weight[g]
+        if cost - budget > budget:  # overshooting by more than we would fall short: try smaller chunks
             continue
         counts[g] += unit
-        budget -= unit
+        budget -= cost
         push(g)
     return counts
+
+
+def repeated_blocks(groups) -> list[list[int]]:
+    """Group indices by role: groups whose members are the same parameters of different repeated blocks
+    (names equal once the block indices of ``ModuleList``/``Sequential`` paths are blanked) and whose sizes match."""
+    classes: dict = {}
+    for g in groups:
+        role = (g.size, tuple(sorted((re.sub(r"(?<=\.)\d+(?=\.)", "#", m.name), m.dim) for m in g.parameters)))
+        classes.setdefault(role, []).append(g.index)
+    return list(classes.values())
+
+
+def uniform_counts(scores: dict[int, np.ndarray], classes: list[list[int]], **kwargs) -> dict[int, int]:
+    """:func:`prune_counts` with each class of repeated groups allocated as one: the class's score for its
+    k-th cheapest channel is the mean of its groups' k-th cheapest, and every group of it removes the same count."""
+    merged = {c[0]: np.mean([np.sort(scores[g]) for g in c], axis=0) for c in classes}
+    counts = prune_counts(merged, copies={c[0]: len(c) for c in classes}, **kwargs)
+    return {g: counts[c[0]] for c in classes for g in c}
 
 
 def choose_kept(scores: np.ndarray, n_prune: int, parts=()) -> np.ndarray:

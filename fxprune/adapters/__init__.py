@@ -1,0 +1,1 @@
+"""Adapters for model families whose eager classes need more than sliced weights (Hugging Face configs)."""
