@@ -36,9 +36,13 @@ class Explanation:
         return "\n".join(lines)
 
 
-def explain(model: torch.nn.Module, example_inputs: tuple) -> Explanation:
-    """Capture and group ``model`` (no pruning) and say what is prunable and why not."""
-    gm = capture(model, example_inputs).graph_module
+def explain(model: torch.nn.Module, example_inputs: tuple, example_kwargs: dict | None = None,
+            dynamic_shapes=None) -> Explanation:
+    """Capture and group ``model`` (no pruning) and say what is prunable and why not.
+
+    Inputs and dynamic dims are taken as by :func:`fxprune.compile` (by default the batch is dynamic).
+    """
+    gm = capture(model, example_inputs, example_kwargs, dynamic_shapes).graph_module
     grouping = group_channels(gm)
     out = Explanation(blocked=dict(grouping.blocked), groups=grouping.groups)
     for node in gm.graph.nodes:
