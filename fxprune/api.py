@@ -24,7 +24,7 @@ from fxprune.passes.compact import check_shapes, compact_graph, space_keep
 from fxprune.passes.couplings import is_norm_class
 from fxprune.passes.group import Group, Grouping, group_channels
 from fxprune.passes.macs import count_macs, count_params
-from fxprune.passes.shapes import flat_inputs
+from fxprune.passes.shapes import flat_inputs, grown_inputs
 from fxprune.passes.trace import Captured, capture
 from fxprune.pruners import Pruner, get_pruner
 from fxprune.report import Report, build_report
@@ -376,6 +376,14 @@ class Pruning:
         if check:
             check_shapes(small, flat_inputs(self.example_inputs, self.example_kwargs))
             self.compact_error = self._compare(small, atol)
+            grown = grown_inputs(self.captured.graph_module, self.example_inputs, self.example_kwargs)
+            if grown is not None:  # sizes that follow dynamic dims are checked at a second shape
+                try:
+                    self.compact_error = max(self.compact_error, self._compare(small, atol, *grown))
+                except CompactionError as err:
+                    raise CompactionError(f"{err} (at the example grown by one along its dynamic dims: "
+                                          f"{[tuple(t.shape) for t in flat_inputs(*grown) if isinstance(t, torch.Tensor)]})"
+                                          ) from err
         return small
 
     def compact_eager(self, atol: float = 1e-4) -> torch.nn.Module:
@@ -390,8 +398,10 @@ class Pruning:
         self.apply_masks()
         return compact_eager(self, atol)
 
-    def _compare(self, small: torch.nn.Module, atol: float) -> float:
-        args, kwargs = self.example_inputs, self.example_kwargs
+    def _compare(self, small: torch.nn.Module, atol: float, args: tuple | None = None,
+                 kwargs: dict | None = None) -> float:
+        if args is None:
+            args, kwargs = self.example_inputs, self.example_kwargs
         with torch.no_grad(), _eval(self.model):
             ref = pytree.tree_leaves(self.model(*args, **kwargs))
         with torch.no_grad():

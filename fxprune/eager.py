@@ -169,7 +169,6 @@ def compact_eager(pruning, atol: float = 1e-4) -> nn.Module:
     _resize_norms(model)
     for name, module in model.named_modules():
         _update_attributes(module, before[name])
-    model.fxprune_notes = _fit_config(pruning, model, original_config, atol)
     try:
         pruning._compare(model, atol)
     except CompactionError:
@@ -179,4 +178,5 @@ def compact_eager(pruning, atol: float = 1e-4) -> nn.Module:
             f"{type(model).__name__}'s own forward does not run with the pruned sizes ({type(err).__name__}: "
             f"{str(err).splitlines()[0]}); it probably hard-codes a width. Use pruning.compact(), which rewrites "
             "the captured graph instead") from err
+    model.fxprune_notes = _fit_config(pruning, model, original_config, atol)
     return model

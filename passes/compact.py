@@ -11,6 +11,7 @@ model's (see :func:`fxprune.api.Pruning.compact`).
 from __future__ import annotations
 
 import copy
+import operator
 import warnings
 
 import numpy as np
@@ -40,10 +41,10 @@ def space_keep(grouping: Grouping, atom_kept: np.ndarray) -> dict[tuple[str, int
 
 
 class _Sizes:
-    """New size of a (value, dim) after compaction."""
+    """New size of a (value, dim) after compaction (at the capture example, for a dynamic dim)."""
 
-    def __init__(self, shapes, keep):
-        self.shapes, self.keep = shapes, keep
+    def __init__(self, shapes, keep, dynamic=frozenset()):
+        self.shapes, self.keep, self.dynamic = shapes, keep, dynamic
 
     def __call__(self, arg, dim: int) -> int:
         key = value_key(arg) if not isinstance(arg, str) else arg
@@ -53,7 +54,22 @@ class _Sizes:
         return int(mask.sum()) if mask is not None else shape[dim]
 
     def shape(self, key: str) -> tuple:
-        return tuple(self(key, d) if s is not None else None for d, s in enumerate(self.shapes[key]))
+        """The expected shape; None for dims whose size follows a dynamic input dim."""
+        return tuple(self(key, d) if s is not None and (key, d) not in self.dynamic else None
+                     for d, s in enumerate(self.shapes[key]))
+
+    def symbolic(self, node: Node, dim: int, value: Node) -> Node:
+        """A size argument computed from dynamic dims (``b * 12``), scaled to the kept channels.
+
+        Such a dim holds whole channels per period (the heads of batch*heads), so its new size is
+        ``value * kept // total`` with kept/total counted at the capture example.
+        """
+        mask = self.keep.get((value_key(node), dim % len(self.shapes[value_key(node)])))
+        if mask is None:
+            return value
+        with node.graph.inserting_before(node):
+            scaled = node.graph.call_function(operator.mul, (value, int(mask.sum())))
+            return node.graph.call_function(operator.floordiv, (scaled, len(mask)))
 
     def changed(self, arg, dim: int) -> bool:
         key = value_key(arg) if not isinstance(arg, str) else arg
@@ -68,9 +84,10 @@ rewrite = registrar(REWRITES)  # every rewrite is registered in this module
 
 @rewrite(aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default)
 def _sizes_arg(node: Node, size: _Sizes) -> None:
-    """Sizes become the new output sizes; -1 and symbolic entries stay."""
+    """Sizes become the new output sizes; -1 stays, and sizes computed from dynamic dims are scaled."""
     sizes = list(node.args[1])
-    new = [s if (isinstance(s, Node) or s == -1) else size(node, i) for i, s in enumerate(sizes)]
+    new = [size.symbolic(node, i, s) if isinstance(s, Node) else s if s == -1 else size(node, i)
+           for i, s in enumerate(sizes)]
     node.args = (node.args[0], new, *node.args[2:])
 
 
@@ -203,7 +220,7 @@ def compact_graph(gm: GraphModule, grouping: Grouping, atom_kept: np.ndarray,
         warnings.simplefilter("ignore", FutureWarning)
         gm = copy.deepcopy(gm, memo)
     keep = space_keep(grouping, atom_kept)
-    size = _Sizes(grouping.shapes, keep)
+    size = _Sizes(grouping.shapes, keep, grouping.dynamic)
     state = state or {}
     targets = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
     done: dict[int, torch.Tensor] = {}  # tied weights stay one tensor

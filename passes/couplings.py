@@ -93,6 +93,7 @@ class Couplings:
 
     shapes: dict[str, tuple] = field(default_factory=dict)
     exprs: dict[str, tuple] = field(default_factory=dict)  # values with dynamic dims: (example size, expr) per dim
+    hints: dict = field(default_factory=dict)  # dynamic input dim (sympy symbol) -> its size at the capture example
     edges: list[Edge] = field(default_factory=list)
     frozen: dict[tuple[str, int], str] = field(default_factory=dict)
     node: Node | None = None  # the node whose rule is running, for frozen reasons
@@ -108,6 +109,19 @@ class Couplings:
         """Every dim as (example size, size): an int, or a sympy expression of the dynamic input dims."""
         key = value_key(arg) if not isinstance(arg, str) else arg
         return self.exprs.get(key) or tuple((s, s) for s in self.shapes[key])
+
+    def is_dynamic(self, arg, dim: int) -> bool:
+        """The size of (arg, dim) follows a dynamic input dim (``shapes`` holds its size at the example)."""
+        key = value_key(arg) if not isinstance(arg, str) else arg
+        entry = self.exprs.get(key)
+        return entry is not None and not isinstance(entry[dim % len(entry)][1], int)
+
+    def static_factor(self, arg, dim: int) -> int:
+        """The constant factor of a dynamic dim's size (4 of ``4*s0``: the heads of a batch*heads dim)."""
+        key = value_key(arg) if not isinstance(arg, str) else arg
+        expr = self.exprs[key][dim % len(self.exprs[key])][1]
+        coefficient, _ = expr.as_coeff_Mul()
+        return int(coefficient) if coefficient.is_Integer and coefficient > 0 else 1
 
     def is_tensor(self, arg) -> bool:
         return self.shape(arg) is not None
@@ -127,8 +141,12 @@ class Couplings:
         """Same channels, same order; a size mismatch freezes both (never guess)."""
         sa, sb = self._shape_of(a), self._shape_of(b)
         na, nb = sa[da % len(sa)], sb[db % len(sb)]
-        if na is None and nb is None:
-            return  # two dynamic dims (the batch, a sequence): never channels, frozen as dynamic
+        if self.is_dynamic(a, da) or self.is_dynamic(b, db):  # compare the sizes, not their example values
+            ea, eb = self.sizes(a)[da % len(sa)][1], self.sizes(b)[db % len(sb)][1]
+            if isinstance(ea, int) or isinstance(eb, int) or (ea - eb).expand() != 0:
+                self.freeze(a, da, f"size mismatch {ea} vs {eb}")
+                self.freeze(b, db, f"size mismatch {ea} vs {eb}")
+                return
         if na is None or nb is None or na != nb:
             self.freeze(a, da, f"size mismatch {na} vs {nb}")
             self.freeze(b, db, f"size mismatch {na} vs {nb}")

@@ -95,19 +95,22 @@ class Grouping:
     frozen: dict[tuple[str, int], str]  # every frozen space and why
     blocked: dict[tuple[str, int], str]  # parameter dims that cannot be pruned and why
     graph: nx.Graph
-    shapes: dict[str, tuple]
+    shapes: dict[str, tuple]  # at the capture example; ``dynamic`` dims take other sizes at run time
     seconds: float
+    dynamic: set = field(default_factory=set)  # (value, dim) spaces whose size follows a dynamic input dim
 
 
 def _collect_shapes(gm: GraphModule) -> tuple[dict[str, tuple], dict[str, tuple]]:
-    """Static shapes (dynamic dims None) and, for values with dynamic dims, every dim as (example size, expr)."""
+    """Shapes at the capture example (a dynamic dim at its example size; None if it has none) and, for
+    values with dynamic dims, every dim as (example size, size as an int or a sympy expression)."""
     shapes: dict[str, tuple] = {}
     exprs: dict[str, tuple] = {}
 
     def add(key: str, t) -> None:
-        shapes[key] = tuple(int(s) if isinstance(s, int) else None for s in t.shape)
-        if None in shapes[key]:
-            exprs[key] = tuple((s, s) if isinstance(s, int) else (s.node.hint, s.node.expr) for s in t.shape)
+        sizes = tuple((s, s) if isinstance(s, int) else (s.node.hint, s.node.expr) for s in t.shape)
+        shapes[key] = tuple(h for h, _ in sizes)
+        if any(not isinstance(e, int) for _, e in sizes):
+            exprs[key] = sizes
 
     for node in gm.graph.nodes:
         if node.op == "get_attr":
@@ -135,7 +138,8 @@ def _fetch(gm: torch.nn.Module, target: str):
 def collect_couplings(gm: GraphModule) -> Couplings:
     """Walk the graph once and run every node's rule."""
     shapes, exprs = _collect_shapes(gm)
-    c = Couplings(shapes=shapes, exprs=exprs)
+    hints = {e: h for sizes in exprs.values() for h, e in sizes if not isinstance(e, int) and e.is_symbol}
+    c = Couplings(shapes=shapes, exprs=exprs, hints=hints)
     _couple_aliases(gm, c)
     for node in gm.graph.nodes:
         c.node = node
@@ -152,9 +156,11 @@ def collect_couplings(gm: GraphModule) -> Couplings:
     for key, shape in c.shapes.items():
         for d, size in enumerate(shape):
             if size is None:
-                c.frozen.setdefault((key, d), "symbolic size")
+                c.frozen.setdefault((key, d), "size without an example value")
             elif size == 1:
                 c.frozen.setdefault((key, d), "size 1")
+            elif c.is_dynamic(key, d) and c.static_factor(key, d) == 1:
+                c.frozen.setdefault((key, d), "dynamic dim")  # the batch, a sequence: never channels
     return c
 
 
@@ -268,8 +274,9 @@ def group_channels(gm: GraphModule) -> Grouping:
         if key.startswith(PARAM_PREFIX) and len(labs) > 1 and (labs < 0).all():
             lab = labels[offsets[(key, dim)]]
             blocked[(key[len(PARAM_PREFIX):], dim)] = frozen_label_reason.get(int(lab), "?")
+    dynamic = {(k, d) for k in c.exprs for d in range(len(c.shapes[k])) if c.is_dynamic(k, d)}
     return Grouping(groups, space_atoms, atom_group, atom_local, dict(c.frozen), blocked, graph,
-                    c.shapes, time.perf_counter() - start)
+                    c.shapes, time.perf_counter() - start, dynamic)
 
 
 def _align_norm_sites(gm: GraphModule, sites: list[NormSite], space_atoms: dict, shapes: dict) -> list[NormSite]:

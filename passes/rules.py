@@ -440,20 +440,20 @@ def resolve_reshapes(c: Couplings) -> None:
             frozen_roots |= {uf[(k, d)] for k in (kx, kn) for d in range(len(c.shapes[k]))}
             continue
         for ga, gb in groups:
-            if any(a[d] is None for d in ga) or any(b[d] is None for d in gb):
-                if len(ga) > 1 or len(gb) > 1:  # a static dim merged with a dynamic one (B*H) cannot be cut
-                    for key, dims in ((kx, ga), (kn, gb)):
-                        for d in dims:
-                            c.freeze(key, d, "dim merged with a dynamic dim by a reshape")
-                            frozen_roots.add(uf[(key, d)])
-                continue
             if len(ga) == 1 and len(gb) == 1:
                 c.identity(x, ga[0], node, gb[0])
                 uf.union((kx, ga[0]), (kn, gb[0]))
                 continue
+            factors, dynamic = _static_refine(c, x, ga, node, gb)
+            if factors is None:  # dynamic dims interleave with static ones: nothing can be cut out
+                for key, dims in ((kx, ga), (kn, gb)):
+                    for d in dims:
+                        c.freeze(key, d, "dim merged with a dynamic dim by a reshape")
+                        frozen_roots.add(uf[(key, d)])
+                continue
             tied_a, tied_b = set(), set()
-            for size, da, sa, db, sb in _refine([(d, a[d]) for d in ga], [(d, b[d]) for d in gb]):
-                if da in tied_a or db in tied_b or frozen((kx, da)) or frozen((kn, db)):
+            for (size, da, sa, db, sb), moves in zip(factors, dynamic):
+                if moves or da in tied_a or db in tied_b or frozen((kx, da)) or frozen((kn, db)):
                     continue
                 if dead_factor((kx, da), a[da], sa, size) or dead_factor((kn, db), b[db], sb, size):
                     continue
@@ -487,6 +487,34 @@ def _matched(groups, a, b) -> bool:
     ones_b = sum(_same(s, 1) for _, s in b)
     return (used_a + ones_a == len(a) and used_b + ones_b == len(b)
             and all(_same(product(a, ga), product(b, gb)) for ga, gb in groups))
+
+
+def _static_refine(c: Couplings, x, ga, node, gb):
+    """:func:`_refine` of a group that may hold dynamic dims, done at two values of the dynamic dims.
+
+    A factor whose size or position differs between the two (the batch of a batch*heads dim)
+    follows a dynamic dim: it is flagged and never tied. A static factor at a fixed position
+    (the heads inside it) can be. Returns (factors at the example sizes, flags), or (None, None)
+    when the two refinements do not line up.
+    """
+    a, b = c.sizes(x), c.sizes(node)
+    entries = [a[d] for d in ga] + [b[d] for d in gb]
+    example = _refine([(d, a[d][0]) for d in ga], [(d, b[d][0]) for d in gb])
+    if all(isinstance(e, int) for _, e in entries):
+        return example, [False] * len(example)
+    symbols = set().union(*(e.free_symbols for _, e in entries if not isinstance(e, int)))
+    if not example or not symbols <= set(c.hints):
+        return None, None
+    shift = {sym: c.hints[sym] + 1 for sym in symbols}
+
+    def at(entry):
+        _, e = entry
+        return e if isinstance(e, int) else int(e.subs(shift))
+
+    other = _refine([(d, at(a[d])) for d in ga], [(d, at(b[d])) for d in gb])
+    if len(other) != len(example) or any(f[1] != g[1] or f[3] != g[3] for f, g in zip(example, other)):
+        return None, None
+    return example, [f != g for f, g in zip(example, other)]
 
 
 def _refine(dims_a, dims_b):
@@ -600,7 +628,7 @@ def _cat(node: Node, c: Couplings) -> None:
     tensors, dim = node.args[0], _arg(node, 1, "dim", 0)
     n = len(c.shape(node))
     dim %= n
-    if any(c.shape(t)[dim] is None for t in tensors if len(c.shape(t)) == n):
+    if any(c.is_dynamic(t, dim) for t in tensors if len(c.shape(t)) == n):
         c.freeze_all(node, "concatenation along a dynamic dim")
         return
     start = 0
@@ -622,7 +650,7 @@ def _split(node: Node, c: Couplings) -> None:
     """Each output is a slice of the input along the split dim."""
     x = node.args[0]
     dim = _arg(node, 2, "dim", 0) % len(c.shape(x))
-    if c.shape(x)[dim] is None:
+    if c.is_dynamic(x, dim):
         c.freeze_all(node, "split along a dynamic dim")
         return
     start = 0
@@ -641,7 +669,7 @@ def _slice(node: Node, c: Couplings) -> None:
     x = node.args[0]
     n = len(c.shape(x))
     dim = _arg(node, 1, "dim", 0) % n
-    if c.shape(x)[dim] is None or any(isinstance(_arg(node, i, k), Node) for i, k in ((2, "start"), (3, "end"))):
+    if c.is_dynamic(x, dim) or any(isinstance(_arg(node, i, k), Node) for i, k in ((2, "start"), (3, "end"))):
         for d in range(n):
             if d != dim:
                 c.identity(x, d, node, d)
@@ -674,7 +702,7 @@ def _narrow(node: Node, c: Couplings) -> None:
     x, dim, start = node.args[0], node.args[1], node.args[2]
     n = len(c.shape(x))
     dim %= n
-    if c.shape(x)[dim] is None or isinstance(start, Node) or isinstance(node.args[3], Node):
+    if c.is_dynamic(x, dim) or isinstance(start, Node) or isinstance(node.args[3], Node):
         c.freeze_all(node, "narrow with a dynamic bound")
         return
     start = start + c.shape(x)[dim] if start < 0 else start
@@ -704,7 +732,10 @@ def _flip(node: Node, c: Couplings) -> None:
     shape = c.shape(x)
     flipped = {d % len(shape) for d in dims}
     for d, size in enumerate(shape):
-        if d in flipped and size is not None:
+        if d in flipped and c.is_dynamic(x, d):
+            c.freeze(x, d, "flip of a dynamic dim")
+            c.freeze(node, d, "flip of a dynamic dim")
+        elif d in flipped and size is not None:
             c.pairs(x, d, node, d, np.arange(size), size - 1 - np.arange(size))
         else:
             c.identity(x, d, node, d)

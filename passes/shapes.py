@@ -21,7 +21,7 @@ from torch.export import Dim
 from torch.utils._sympy.numbers import int_oo
 
 __all__ = ["DYNAMIC_META", "default_dynamic_shapes", "bind_spec", "widen_size_one", "recorded_dims", "export_spec",
-           "to_export_arg", "export_program", "flat_inputs", "dynamic_dims_of"]
+           "to_export_arg", "export_program", "flat_inputs", "dynamic_dims_of", "grown_inputs"]
 
 DYNAMIC_META = "fxprune_dynamic_dims"
 
@@ -111,6 +111,26 @@ def _bound(value) -> int | None:
     if value in (int_oo, -int_oo):
         return None
     return int(value)
+
+
+def grown_inputs(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """The example with every dynamic dim one larger (within its range), or None if none is dynamic.
+
+    The compact pass is checked there too: a size rewritten wrongly for a dynamic dim would
+    pass at the example's shape and fail at this one.
+    """
+    dims = dynamic_dims_of(module)
+    names = [n.name for n in module.graph.nodes if n.op == "placeholder"] if dims else []
+    leaves, spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
+    if not dims or len(names) != len(leaves):
+        return None
+    grown = []
+    for name, t in zip(names, leaves):
+        for d, (_, _, hi) in sorted(dims.get(name, {}).items()):
+            if isinstance(t, torch.Tensor) and (hi is None or t.shape[d] < hi):
+                t = torch.cat([t, t.narrow(d, 0, 1)], dim=d)
+        grown.append(t)
+    return pytree.tree_unflatten(grown, spec)
 
 
 def dynamic_dims_of(module: torch.nn.Module) -> dict[str, dict[int, tuple]]:

@@ -7,6 +7,8 @@ together with the query heads that share it.
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -88,15 +90,19 @@ def test_torch_multihead_attention_heads_are_units():
         assert (small(*x) - pruning.model(*x)).abs().max() <= 1e-4
 
 
-def test_heads_merged_with_a_dynamic_batch_are_frozen_with_a_warning():
-    """nn.MultiheadAttention views q as (seq, batch * heads, head_dim): with a dynamic batch the heads cannot be
-    cut out of that dim, so they are frozen (FFN channels still prune) and compile says how to get them."""
+def test_heads_merged_with_a_dynamic_batch_still_prune():
+    """nn.MultiheadAttention views q as (seq, batch * heads, head_dim): with a dynamic batch the heads are the
+    static factor of that dim, so they prune as with a fixed batch, and the compact graph runs at any batch."""
     from tests.models import ARCHITECTURES
 
     factory, inputs = ARCHITECTURES["TwoLayerTransformer"]
-    with pytest.warns(UserWarning, match=r"in_proj_\w+\[0\]: .*dim merged with a dynamic dim .*dynamic_shapes=\{\}"):
-        pruning = fxprune.compile(factory(), inputs(), {"target_sparsity": 0.5, "prune_domain": "local"})
-    assert not any("in_proj_weight" in m.name for g in pruning.groups for m in g.parameters)
+    config = {"target_sparsity": 0.5, "prune_domain": "local"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        pruning = fxprune.compile(factory(), inputs(), config)
+    static = fxprune.compile(factory(), inputs(), config, dynamic_shapes={})
+    assert [g.describe() for g in pruning.groups] == [g.describe() for g in static.groups]
+    assert any("in_proj_weight" in m.name for g in pruning.groups for m in g.parameters)
     small = pruning.prune().compact()
     for batch in (1, 5):
         x = torch.randn(batch, 8, 32)
