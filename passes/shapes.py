@@ -21,7 +21,7 @@ from torch.export import Dim
 from torch.utils._sympy.numbers import int_oo
 
 __all__ = ["DYNAMIC_META", "default_dynamic_shapes", "bind_spec", "widen_size_one", "recorded_dims", "export_spec",
-           "to_export_arg", "export_program", "flat_inputs", "dynamic_dims_of", "grown_inputs"]
+           "to_export_arg", "var_keyword_names", "export_program", "flat_inputs", "dynamic_dims_of", "grown_inputs"]
 
 DYNAMIC_META = "fxprune_dynamic_dims"
 
@@ -176,6 +176,17 @@ def to_export_arg(module: torch.nn.Module, spec: tuple[tuple, dict], args: tuple
         else:
             out[name], i = args_spec[i], i + 1
     return out
+
+
+def var_keyword_names(module: torch.nn.Module, args: tuple, kwargs: dict) -> list[str]:
+    """Keyword inputs that land in ``forward``'s ``**kwargs`` (torch.export cannot pair dynamic shapes with them)."""
+    try:
+        signature = inspect.signature(module.forward)
+        bound = signature.bind(*args, **kwargs).arguments
+    except (TypeError, ValueError):
+        return []
+    return [k for name, value in bound.items() if signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD
+            for k in value]
 
 
 def export_program(module: torch.nn.Module, args: tuple, kwargs: dict | None = None,

@@ -20,7 +20,7 @@ import torch
 
 from fxprune.errors import CaptureError, ExampleInputsError
 from fxprune.passes.shapes import (DYNAMIC_META, bind_spec, default_dynamic_shapes, recorded_dims, to_export_arg,
-                                   widen_size_one)
+                                   var_keyword_names, widen_size_one)
 
 __all__ = ["Captured", "capture", "user_frame", "source_line"]
 
@@ -175,6 +175,11 @@ def _export_dynamic(model, args: tuple, kwargs: dict, dynamic_shapes):
                                        strict=False)
         except Exception as err:
             reason = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+            loose = var_keyword_names(model, args, kwargs)
+            if loose:
+                reason = (f"torch.export cannot make dims dynamic while keyword inputs fall into forward's **kwargs "
+                          f"({', '.join(loose)}): set them on the model instead (e.g. model.config.return_dict = "
+                          f"False) or leave them out; {reason}")
     exported = _export(model, args, kwargs, None)  # raises the capture error, if the model cannot be captured at all
     where = f"; the batch size was fixed at {watch.where}" if watch.where else ""
     warnings.warn(f"{type(model).__name__}: the batch dim could not be captured as dynamic ({reason}){where}. "

@@ -152,6 +152,17 @@ def test_keyword_inputs_become_named_onnx_inputs_with_dynamic_axes(tmp_path):
         assert (pruning.model(x, **kw).logits - pruning.model(x).logits).abs().max() > 1e-6
 
 
+def test_keyword_flags_in_forwards_kwargs_fall_back_to_static_with_the_reason():
+    """transformers 5 takes return_dict through **kwargs, which torch.export cannot pair with dynamic dims."""
+    model = T.BertForSequenceClassification(T.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                         intermediate_size=64, vocab_size=100)).eval()
+    ids = torch.randint(0, 100, (1, 8))
+    with pytest.warns(UserWarning, match=r"keyword inputs fall into forward's \*\*kwargs \(return_dict\)"):
+        pruning = fxprune.compile(model, (ids,), {"target_sparsity": 0.5}, example_kwargs={"return_dict": False})
+    small = pruning.prune().compact()
+    assert isinstance(small(ids, return_dict=False), tuple)
+
+
 class FixedBatch(nn.Module):
     def __init__(self):
         super().__init__()
