@@ -22,6 +22,7 @@ import onnx
 import torch
 from torch.utils._pytree import tree_leaves
 
+from fxprune.errors import FxPruneError
 from fxprune.passes.shapes import dynamic_dims_of, export_program
 
 __all__ = ["OnnxExport", "OnnxMismatchError", "compare_outputs", "export_onnx", "run_onnxruntime"]
@@ -35,7 +36,7 @@ _INLINE_LIMIT_BYTES = 2 * 1024**3 - 64 * 1024**2
 _NOISY_LOGGERS = ("torch.onnx", "onnxscript")
 
 
-class OnnxMismatchError(RuntimeError):
+class OnnxMismatchError(FxPruneError, RuntimeError):
     """ONNX Runtime and PyTorch disagree on the example inputs."""
 
 

@@ -9,6 +9,7 @@ surgery once, on the captured graph, and checks it against the masked model.
 from __future__ import annotations
 
 import copy
+import numbers
 import re
 import types
 import warnings
@@ -258,7 +259,11 @@ class Pruning:
 
     # -- one-shot -----------------------------------------------------------------------
     def prune(self, sparsity: float | None = None) -> "Pruning":
-        """One-shot pruning: every pruner prunes up to its target now."""
+        """One-shot pruning: every pruner prunes up to its target now (or to ``sparsity``, in [0, 1))."""
+        if sparsity is not None and (isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real)
+                                     or not 0.0 <= sparsity < 1.0):
+            raise ValueError(f"prune(sparsity) takes a number in [0, 1), got {sparsity!r}; 0.5 removes half "
+                             "the channels")
         for pruner in self.pruners:
             target = pruner.target_sparsity_ratio if sparsity is None else sparsity
             self._step_pruner(pruner, target)
@@ -339,6 +344,14 @@ class Pruning:
         After ``attach``, each ``optimizer.step()`` runs ``on_before_optimizer_step``,
         the real step, ``on_after_optimizer_step`` and the next ``on_step_begin``.
         """
+        if getattr(optimizer, "_fxprune_attached", None) is not None:
+            raise PruningError("this optimizer is already attached: a second attach() would run every hook twice "
+                               "per step (the schedule twice as fast)")
+        own = {id(p) for p in self.model.parameters()}
+        theirs = [p for group in optimizer.param_groups for p in group["params"]]
+        if theirs and not any(id(p) in own for p in theirs):
+            raise PruningError("the optimizer holds none of pruning.model's parameters, so the masked model would "
+                               "never train; build it from pruning.model.parameters()")
         step = optimizer.step
         pruning = self
 
@@ -355,6 +368,7 @@ class Pruning:
         if getattr(step, "_wrapped_by_lr_sched", False):
             hooked_step._wrapped_by_lr_sched = True
         optimizer.step = types.MethodType(hooked_step, optimizer)
+        optimizer._fxprune_attached = self
         self.on_train_begin()
         self.on_step_begin()
         return optimizer
@@ -459,6 +473,10 @@ class Pruning:
                 "global_step": self.global_step, "pruners": [p.state_dict() for p in self.pruners]}
 
     def load_state_dict(self, state: dict) -> None:
+        missing = [k for k in ("kept", "global_step", "pruners") if not isinstance(state, dict) or k not in state]
+        if missing:
+            raise PruningError(f"not a pruning state: {', '.join(missing)} missing (expected what "
+                               "Pruning.state_dict() returns)")
         if set(state["kept"]) != set(self._kept):
             raise PruningError("state was saved for a model with different groups")
         self.global_step = state["global_step"]

@@ -38,15 +38,23 @@ def save_plan(pruning, path: str | os.PathLike) -> None:
 
 
 def load_plan(path: str | os.PathLike) -> dict:
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as err:
+        raise PruningError(f"{path} is not a plan: not JSON ({err})") from err
 
 
 def apply_plan(pruning, plan: dict) -> None:
     """Set ``pruning``'s kept channels from ``plan``; the group layout must match exactly."""
-    if plan.get("version") != PLAN_VERSION:
-        raise PruningError(f"plan version {plan.get('version')!r} is not supported (expected {PLAN_VERSION})")
-    entries = plan["groups"]
+    if not isinstance(plan, dict) or plan.get("version") != PLAN_VERSION:
+        version = plan.get("version") if isinstance(plan, dict) else None
+        raise PruningError(f"plan version {version!r} is not supported (expected {PLAN_VERSION})")
+    entries = plan.get("groups")
+    if not isinstance(entries, list) or not all(isinstance(e, dict) and {"size", "members", "kept"} <= set(e)
+                                                for e in entries):
+        raise PruningError("the plan is malformed: 'groups' must be a list of {size, members, kept} entries, as "
+                           "save_plan writes them")
     mine = _fingerprint(pruning.groups)
     theirs = [[e["size"], e["members"]] for e in entries]
     if mine != theirs:
@@ -55,8 +63,13 @@ def apply_plan(pruning, plan: dict) -> None:
                            f"({len(theirs)} groups in the plan, {len(mine)} here)")
     kept = {}
     for g, e in zip(pruning.groups, entries):
+        idx = e["kept"]
+        ok = isinstance(idx, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in idx)
+        if not ok or idx != sorted(set(idx)) or (idx and not 0 <= idx[0] <= idx[-1] < g.size):
+            raise PruningError(f"plan group {g.index}: 'kept' must be sorted, unique integer channel indices in "
+                               f"[0, {g.size}), got {str(idx)[:80]}")
         mask = np.zeros(g.size, dtype=bool)
-        mask[np.asarray(e["kept"], dtype=np.int64)] = True
+        mask[np.asarray(idx, dtype=np.int64)] = True
         kept[g.index] = mask
     pruning.set_kept(kept)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn as nn
@@ -94,3 +96,58 @@ def test_mask_only_pattern_cannot_be_compacted(mlp):
     pruning = fxprune.compile(model, x, {"pattern": "4x1"})
     with pytest.raises(ConfigError, match="pattern '4x1'"):
         pruning.compact()
+
+
+@pytest.mark.parametrize("sparsity", [1.5, -1, float("nan"), "0.5", True])
+def test_prune_refuses_a_sparsity_outside_0_1(mlp, sparsity):
+    model, x = mlp
+    pruning = fxprune.compile(model, x, {"target_sparsity": 0.5})
+    before = {k: v.clone() for k, v in pruning.model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"prune\(sparsity\) takes a number in \[0, 1\)"):
+        pruning.prune(sparsity)
+    assert all(torch.equal(v, before[k]) for k, v in pruning.model.state_dict().items())
+    assert pruning.sparsity == 0.0
+
+
+def _plan_with(pruning, **changes):
+    plan = pruning.plan()
+    plan["groups"][0] = {**plan["groups"][0], **changes}
+    return plan
+
+
+@pytest.mark.parametrize("kept", [[0, 0, 0, 1], [3, 1], [-1, 2], [0, 1.5], ["0"], [10**6]],
+                         ids=["duplicates", "unsorted", "negative", "float", "string", "past-the-group"])
+def test_a_tampered_plan_is_refused_and_changes_nothing(mlp, kept):
+    model, x = mlp
+    pruning = fxprune.compile(model, x, {"target_sparsity": 0.5})
+    with pytest.raises(PruningError, match=r"plan group 0: 'kept' must be sorted, unique integer .*got "
+                                           + re.escape(str(kept))):
+        pruning.apply_plan(_plan_with(pruning, kept=kept))
+    assert pruning.sparsity == 0.0 and not pruning.masks
+
+
+def test_a_malformed_plan_or_state_is_refused_with_the_reason(mlp, tmp_path):
+    model, x = mlp
+    pruning = fxprune.compile(model, x, {"target_sparsity": 0.5})
+    with pytest.raises(PruningError, match="the plan is malformed"):
+        pruning.apply_plan({"version": 1, "groups": [{"index": 0}]})
+    (tmp_path / "bad.json").write_text("not json")
+    with pytest.raises(PruningError, match="bad.json is not a plan: not JSON"):
+        pruning.apply_plan(tmp_path / "bad.json")
+    with pytest.raises(PruningError, match="not a pruning state: kept, global_step, pruners missing"):
+        pruning.load_state_dict({"foo": 1})
+    assert pruning.sparsity == 0.0
+
+
+def test_attach_refuses_a_second_time_and_a_foreign_optimizer(mlp):
+    model, x = mlp
+    pruning = fxprune.compile(model, x, {"target_sparsity": 0.5})
+    with pytest.raises(PruningError, match="holds none of pruning.model's parameters"):
+        pruning.attach(torch.optim.SGD(model.parameters(), lr=0.1))  # the user's model, not the masked copy
+    opt = pruning.attach(torch.optim.SGD(pruning.model.parameters(), lr=0.1))
+    with pytest.raises(PruningError, match="already attached"):
+        pruning.attach(opt)
+
+
+def test_one_error_type_catches_onnx_mismatches_too():
+    assert issubclass(fxprune.OnnxMismatchError, fxprune.FxPruneError)
