@@ -121,19 +121,22 @@ class Pruning:
                     if not any(re.search(pat, layer) for layer in layers):
                         raise ConfigError(f"{key} pattern {pat!r} matches no layer of the model "
                                           f"(layers look like {sorted(layers)[:3]})")
-            chosen = []
+            chosen, open_groups = [], []
             for g in self.groups:
                 if g.index in claimed:
                     continue
+                if g.normalized and not cfg.prune_hidden_size:
+                    continue  # LayerNorm/RMSNorm statistics span it: pruned only on request
+                open_groups.append(g)
                 if cfg.names and not self._matches(g, cfg.names):
                     continue
                 if cfg.excluded_names and self._matches(g, cfg.excluded_names):
                     continue
                 if cfg.prune_layer_type and not self._has_type(g, cfg.prune_layer_type):
                     continue
-                if g.normalized and not cfg.prune_hidden_size:
-                    continue  # LayerNorm/RMSNorm statistics span it: pruned only on request
                 chosen.append(g)
+            if cfg.parsed_pattern.is_channel and open_groups and not chosen:
+                raise ConfigError(self._why_nothing_selected(i, cfg, open_groups))
             if cfg.parsed_pattern.is_channel:
                 claimed |= {g.index for g in chosen}
                 modules = {m.name: self._params[m.name] for g in chosen for m in g.parameters if m.name in self._params}
@@ -145,6 +148,25 @@ class Pruning:
             pruners.append(get_pruner(modules, cfg, chosen))
         self._claimed = claimed
         return pruners
+
+    def _why_nothing_selected(self, i: int, cfg: PruningConfig, open_groups: list[Group]) -> str:
+        """Why pruner ``i``'s filters leave it no channel group, filter by filter."""
+        where = f"pruners[{i}]" if len(self.configs) > 1 else "the config"
+        reasons = []
+        if cfg.names:
+            n = sum(self._matches(g, cfg.names) for g in open_groups)
+            reasons.append(f"names {list(cfg.names)} match {n} of them")
+        if cfg.excluded_names:
+            n = sum(self._matches(g, cfg.excluded_names) for g in open_groups)
+            reasons.append(f"excluded_names {list(cfg.excluded_names)} exclude {n}")
+        if cfg.prune_layer_type:
+            classes = sorted({type(self.model.get_submodule(m.name.rpartition(".")[0])).__name__
+                              for g in open_groups for m in g.parameters if "." in m.name})
+            n = sum(self._has_type(g, cfg.prune_layer_type) for g in open_groups)
+            reasons.append(f"prune_layer_type {list(cfg.prune_layer_type)} matches {n} (the layers of these groups "
+                           f"are {', '.join(classes)}; class names are case-sensitive)")
+        return (f"{where} selects no channel group, so prune() would do nothing: {len(open_groups)} groups are "
+                f"prunable, but {'; '.join(reasons)}. See pruning.groups or fxprune.explain for what they hold")
 
     def _why_no_hidden_size(self) -> str:
         norms = [n for n, m in self.model.named_modules() if n and is_norm_class(type(m).__name__)]

@@ -151,3 +151,17 @@ def test_attach_refuses_a_second_time_and_a_foreign_optimizer(mlp):
 
 def test_one_error_type_catches_onnx_mismatches_too():
     assert issubclass(fxprune.OnnxMismatchError, fxprune.FxPruneError)
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"excluded_names": ["^fc"]}, r"the config selects no channel group.*2 groups are prunable.*excluded_names "
+                                  r"\['\^fc'\] exclude 2"),
+    ({"prune_layer_type": ["linear"]}, r"prune_layer_type \['linear'\] matches 0 \(the layers of these groups are "
+                                       r"Linear; class names are case-sensitive\)"),
+    ({"pruners": [{"names": ["fc1"]}, {"names": ["fc1"]}]}, r"pruners\[1\] selects no channel group.*names "
+                                                            r"\['fc1'\] match 0"),  # the first one took fc1
+])
+def test_a_config_that_selects_nothing_is_refused_with_the_reason(mlp, config, message):
+    model, x = mlp
+    with pytest.raises(ConfigError, match=message):
+        fxprune.compile(model, x, config)
