@@ -64,6 +64,9 @@ def compile(model: torch.nn.Module, example_inputs: tuple, config: dict | Prunin
     >>> small.get_parameter("0.weight").shape
     torch.Size([8, 8])
     """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"fxprune.compile takes a torch.nn.Module, got {type(model).__name__}; pass the model "
+                        "object itself (e.g. the result of MyNet() or from_pretrained)")
     configs = parse_config(config)
     work = model if inplace else copy.deepcopy(model)
     captured = capture(work, example_inputs, example_kwargs, dynamic_shapes)

@@ -165,3 +165,9 @@ def test_a_config_that_selects_nothing_is_refused_with_the_reason(mlp, config, m
     model, x = mlp
     with pytest.raises(ConfigError, match=message):
         fxprune.compile(model, x, config)
+
+
+def test_compile_takes_a_module(mlp):
+    _, x = mlp
+    with pytest.raises(TypeError, match="fxprune.compile takes a torch.nn.Module, got str"):
+        fxprune.compile("not a model", x)
