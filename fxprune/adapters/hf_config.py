@@ -97,7 +97,8 @@ def fit_config(model: torch.nn.Module, original_config, agrees, hints: dict | No
     if not moved:
         return ConfigFit(copy.deepcopy(original_config))
     solved, explains = {}, set()
-    for key in _fields(base_config):
+    fields = _fields(base_config)
+    for key in fields:
         v0 = _get(base_config, key)
         for v1 in (2 * v0, v0 + 1):
             probe = copy.deepcopy(base_config)
@@ -118,7 +119,7 @@ def fit_config(model: torch.nn.Module, original_config, agrees, hints: dict | No
                 explains |= set(dims)
             break
     for name, value in (hints or {}).items():
-        if (name, None) in _fields(base_config) and value != getattr(base_config, name):
+        if (name, None) in fields and value != getattr(base_config, name):
             solved.setdefault((name, None), value)
     keys = sorted(solved, key=_name)
     for n in range(1, len(keys) + 1):  # fewest changed fields first; outputs decide between equal shapes
