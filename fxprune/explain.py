@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fxprune.passes.group import group_channels
-from fxprune.passes.rules import RULES
+from fxprune.passes.ops import OPS, op_name
 from fxprune.passes.trace import capture
 
 __all__ = ["Explanation", "explain"]
@@ -48,7 +48,5 @@ def explain(model: torch.nn.Module, example_inputs: tuple, example_kwargs: dict 
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.meta.get("val") is None:
             continue  # nodes that return nothing (shape asserts) couple no channels
-        name = str(node.target) if isinstance(node.target, torch._ops.OpOverload) else getattr(
-            node.target, "__name__", str(node.target))
-        (out.ops_handled if node.target in RULES else out.ops_blocking)[name] += 1
+        (out.ops_handled if node.target in OPS else out.ops_blocking)[op_name(node.target)] += 1
     return out

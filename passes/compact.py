@@ -2,7 +2,8 @@
 
 Reads which group channels are kept, slices every parameter and buffer along its
 grouped dims, and rewrites the size arguments that capture specialised (view/
-reshape/expand sizes, conv and group-norm group counts, split sizes, slice bounds).
+reshape/expand sizes, conv and group-norm group counts, split sizes, slice bounds),
+each with the rewrite its op family registered (:mod:`fxprune.passes.ops`).
 Its postcondition is checked by running the result: every node's shape must be the
 original shape with pruned channels removed, and the outputs must equal the masked
 model's (see :func:`fxprune.api.Pruning.compact`).
@@ -20,12 +21,12 @@ import torch.utils._pytree as pytree
 from torch.fx import GraphModule, Node
 
 from fxprune.errors import CompactionError
-from fxprune.passes.couplings import PARAM_PREFIX, registrar, value_key
+from fxprune.passes.couplings import PARAM_PREFIX, value_key
 from fxprune.passes.group import Grouping, _fetch
-from fxprune.passes.rules import _arg, _slice_bounds
+from fxprune.passes.ops import OPS
 from fxprune.passes.trace import source_line
 
-__all__ = ["space_keep", "compact_graph", "CompactGraphModule", "REWRITES"]
+__all__ = ["space_keep", "compact_graph", "CompactGraphModule"]
 
 aten = torch.ops.aten
 
@@ -70,118 +71,6 @@ class _Sizes:
         with node.graph.inserting_before(node):
             scaled = node.graph.call_function(operator.mul, (value, int(mask.sum())))
             return node.graph.call_function(operator.floordiv, (scaled, len(mask)))
-
-    def changed(self, arg, dim: int) -> bool:
-        key = value_key(arg) if not isinstance(arg, str) else arg
-        return (key, dim % len(self.shapes[key])) in self.keep
-
-
-# -- size-argument rewrites ---------------------------------------------------------------
-
-REWRITES: dict = {}
-rewrite = registrar(REWRITES)  # every rewrite is registered in this module
-
-
-@rewrite(aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default)
-def _sizes_arg(node: Node, size: _Sizes) -> None:
-    """Sizes become the new output sizes; -1 stays, and sizes computed from dynamic dims are scaled."""
-    sizes = list(node.args[1])
-    new = [size.symbolic(node, i, s) if isinstance(s, Node) else s if s == -1 else size(node, i)
-           for i, s in enumerate(sizes)]
-    node.args = (node.args[0], new, *node.args[2:])
-
-
-@rewrite(aten.unflatten.int)
-def _unflatten(node: Node, size: _Sizes) -> None:
-    x, dim, sizes = node.args[:3]
-    dim %= len(size.shapes[value_key(x)])
-    new = [s if s == -1 else size(node, dim + i) for i, s in enumerate(sizes)]
-    node.args = (x, dim, new)
-
-
-@rewrite(aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.conv1d.padding,
-         aten.conv2d.padding, aten.conv3d.padding)
-def _conv_groups(node: Node, size: _Sizes) -> None:
-    groups = _arg(node, 6, "groups", 1)
-    if groups != 1:
-        new = size(node.args[0], 1) // size.shapes[value_key(node.args[1])][1]
-        args = list(node.args) + [None] * (7 - len(node.args))
-        args[2:6] = [_arg(node, i, n, d) for i, n, d in ((2, "bias", None), (3, "stride", [1]), (4, "padding", [0]), (5, "dilation", [1]))]
-        args[6] = new
-        node.args, node.kwargs = tuple(args), {}
-
-
-@rewrite(aten.convolution.default)
-def _convolution_groups(node: Node, size: _Sizes) -> None:
-    if node.args[8] != 1 and not node.args[6]:
-        args = list(node.args)
-        args[8] = size(node.args[0], 1) // size.shapes[value_key(node.args[1])][1]
-        node.args = tuple(args)
-
-
-@rewrite(aten.group_norm.default)
-def _group_norm(node: Node, size: _Sizes) -> None:
-    x, groups = node.args[:2]
-    per = size.shapes[value_key(x)][1] // groups
-    node.args = (x, size(x, 1) // per, *node.args[2:])
-
-
-@rewrite(aten.layer_norm.default, aten.native_layer_norm.default, aten.rms_norm.default)
-def _norm_shape(node: Node, size: _Sizes) -> None:
-    """The normalised shape is the new size of the input's last dims."""
-    x, shape = node.args[:2]
-    n = len(size.shapes[value_key(x)])
-    new = [size(x, d) for d in range(n - len(shape), n)]
-    node.args = (x, new, *node.args[2:])
-
-
-@rewrite(aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.split.sizes,
-         aten.unsafe_split.Tensor)
-def _split(node: Node, size: _Sizes) -> None:
-    """Pieces may now differ in size, so every split becomes split_with_sizes."""
-    x = node.args[0]
-    dim = _arg(node, 2, "dim", 0) % len(size.shapes[value_key(x)])
-    i, new = 0, []
-    while f"{node.name}#{i}" in size.shapes:
-        new.append(size(f"{node.name}#{i}", dim))
-        i += 1
-    node.target = aten.split_with_sizes.default
-    node.args, node.kwargs = (x, new, dim), {}
-
-
-@rewrite(aten.slice.Tensor)
-def _slice(node: Node, size: _Sizes) -> None:
-    x = node.args[0]
-    n = len(size.shapes[value_key(x)])
-    dim = _arg(node, 1, "dim", 0) % n
-    mask = size.keep.get((value_key(x), dim))
-    if mask is None:
-        return
-    start, end, step = _slice_bounds(node, len(mask))
-    new_start = int(mask[:start].sum())
-    node.args, node.kwargs = (x, dim, new_start, new_start + int(mask[start:end].sum()), step), {}
-
-
-@rewrite(aten.narrow.default)
-def _narrow(node: Node, size: _Sizes) -> None:
-    """Kept channels may no longer be contiguous in count: narrow becomes the equivalent slice."""
-    x, dim, start, length = node.args[:4]
-    n = len(size.shapes[value_key(x)])
-    dim %= n
-    mask = size.keep.get((value_key(x), dim))
-    if mask is None:
-        return
-    start = start + len(mask) if start < 0 else start
-    new_start = int(mask[:start].sum())
-    node.target = aten.slice.Tensor
-    node.args, node.kwargs = (x, dim, new_start, new_start + int(mask[start:start + length].sum()), 1), {}
-
-
-@rewrite(aten._assert_tensor_metadata.default)
-def _drop_assert(node: Node, size: _Sizes) -> None:
-    """Capture-time shape assertions would reject the new sizes."""
-    if not node.users:
-        node.graph.erase_node(node)
 
 
 # -- the pass -----------------------------------------------------------------------------
@@ -238,9 +127,9 @@ def compact_graph(gm: GraphModule, grouping: Grouping, atom_kept: np.ndarray,
                 tensor = tensor.index_select(dim, torch.from_numpy(np.flatnonzero(mask)).to(tensor.device))
         done[id(original)] = _set_tensor(gm, name, tensor.clone())
     for node in list(gm.graph.nodes):
-        fn = REWRITES.get(node.target) if node.op == "call_function" else None
-        if fn is not None:
-            fn(node, size)
+        entry = OPS.get(node.target) if node.op == "call_function" else None
+        if entry is not None and entry.rewrite is not None:
+            entry.rewrite(node, size)
     gm.graph.lint()
     gm = CompactGraphModule(gm, gm.graph, meta=gm.meta)
     gm.meta["fxprune_expected_shapes"] = {k: size.shape(k) for k in grouping.shapes

@@ -16,7 +16,7 @@ import numpy as np
 from torch.fx import Node
 from torch.fx.node import map_arg
 
-__all__ = ["Couplings", "Edge", "NormSite", "value_key", "PARAM_PREFIX", "registrar", "nodes_in", "norm_module",
+__all__ = ["Couplings", "Edge", "NormSite", "value_key", "PARAM_PREFIX", "nodes_in", "norm_module",
            "is_norm_class"]
 
 PARAM_PREFIX = "param:"
@@ -31,20 +31,6 @@ def value_key(arg) -> str | None:
             return PARAM_PREFIX + str(arg.target)
         return arg.name
     return None
-
-
-def registrar(table: dict):
-    """A decorator factory filling ``table``: ``@register(op, op2)`` maps each op to the function."""
-
-    def register(*targets):
-        def add(fn):
-            for target in targets:
-                table[target] = fn
-            return fn
-
-        return add
-
-    return register
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Group pass: which channels must be removed together.
 
 One walk over the captured graph in topological order runs each node's rule
-(:mod:`fxprune.passes.rules`), giving channel spaces ``(value, dim)`` and element
+(:mod:`fxprune.passes.ops`), giving channel spaces ``(value, dim)`` and element
 maps between them. networkx holds the space graph; element-level connected
 components (scipy) are the *atoms*: the smallest sets of channels that can be
 removed at once. A frozen space (model input/output, an op without a rule, a
@@ -22,7 +22,8 @@ import torch
 from torch.fx import GraphModule
 
 from fxprune.passes.couplings import PARAM_PREFIX, Couplings, NormSite, nodes_in, value_key
-from fxprune.passes.rules import apply_rule, resolve_reshapes
+from fxprune.passes.ops import apply_rule
+from fxprune.passes.reshape import resolve_reshapes
 
 __all__ = ["Member", "Group", "Grouping", "group_channels"]
 

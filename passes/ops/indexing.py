@@ -1,0 +1,124 @@
+"""Indexing: slices, selections, items of multi-output ops, embedding lookups.
+
+A contiguous slice is elements ``start:end`` of its input (an offset map); a strided or
+data-dependent one freezes the sliced dim. ``select`` freezes the dim it picks from.
+An embedding's rows are the vocabulary (frozen) and its columns the channels. Capture
+fixes slice bounds, which compaction recounts over the kept channels.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch.fx import Node
+
+from fxprune.passes.couplings import value_key
+from fxprune.passes.ops.arguments import arg, slice_bounds
+from fxprune.passes.ops.registry import register
+
+aten = torch.ops.aten
+
+
+def _new_slice_bounds(node: Node, size) -> None:
+    """The bounds count only the kept channels before and inside the slice."""
+    x = node.args[0]
+    n = len(size.shapes[value_key(x)])
+    dim = arg(node, 1, "dim", 0) % n
+    mask = size.keep.get((value_key(x), dim))
+    if mask is None:
+        return
+    start, end, step = slice_bounds(node, len(mask))
+    new_start = int(mask[:start].sum())
+    node.args, node.kwargs = (x, dim, new_start, new_start + int(mask[start:end].sum()), step), {}
+
+
+@register(aten.slice.Tensor, rewrite=_new_slice_bounds)
+def _slice(node: Node, c) -> None:
+    """A contiguous slice is an offset map; strided or data-dependent bounds freeze the dim."""
+    x = node.args[0]
+    n = len(c.shape(x))
+    dim = arg(node, 1, "dim", 0) % n
+    if c.is_dynamic(x, dim) or any(isinstance(arg(node, i, k), Node) for i, k in ((2, "start"), (3, "end"))):
+        for d in range(n):
+            if d != dim:
+                c.identity(x, d, node, d)
+        c.freeze(x, dim, "slice with a dynamic bound")
+        c.freeze(node, dim, "slice with a dynamic bound")
+        return
+    start, _, step = slice_bounds(node, c.shape(x)[dim])
+    for d in range(n):
+        if d != dim:
+            c.identity(x, d, node, d)
+        elif step == 1:
+            c.offset(node, d, x, d, start)
+        else:
+            c.freeze(x, d, "strided slice")
+            c.freeze(node, d, "strided slice")
+
+
+def _narrow_to_slice(node: Node, size) -> None:
+    """Kept channels may no longer be contiguous in count: narrow becomes the equivalent slice."""
+    x, dim, start, length = node.args[:4]
+    n = len(size.shapes[value_key(x)])
+    dim %= n
+    mask = size.keep.get((value_key(x), dim))
+    if mask is None:
+        return
+    start = start + len(mask) if start < 0 else start
+    new_start = int(mask[:start].sum())
+    node.target = aten.slice.Tensor
+    node.args, node.kwargs = (x, dim, new_start, new_start + int(mask[start:start + length].sum()), 1), {}
+
+
+@register(aten.narrow.default, rewrite=_narrow_to_slice)
+def _narrow(node: Node, c) -> None:
+    """narrow(x, dim, start, length) is slice(x, dim, start, start + length)."""
+    x, dim, start = node.args[0], node.args[1], node.args[2]
+    n = len(c.shape(x))
+    dim %= n
+    if c.is_dynamic(x, dim) or isinstance(start, Node) or isinstance(node.args[3], Node):
+        c.freeze_all(node, "narrow with a dynamic bound")
+        return
+    start = start + c.shape(x)[dim] if start < 0 else start
+    for d in range(n):
+        if d == dim:
+            c.offset(node, d, x, d, start)
+        else:
+            c.identity(x, d, node, d)
+
+
+@register(aten.select.int)
+def _select(node: Node, c) -> None:
+    """The picked dim is frozen; the others pass through."""
+    x, dim = node.args[0], node.args[1]
+    n = len(c.shape(x))
+    dim %= n
+    c.freeze(x, dim, "select picks one index of this dim")
+    for d in range(n):
+        if d != dim:
+            c.identity(x, d, node, d - (d > dim))
+
+
+@register(operator.getitem)
+def _getitem(node: Node, c) -> None:
+    """Item i of a multi-output op is that op's i-th value; any other indexing is frozen."""
+    src, index = node.args
+    if isinstance(src, Node) and isinstance(index, int) and c.is_tensor(node):
+        key = f"{src.name}#{index}"
+        if key in c.shapes:
+            for d in range(len(c.shape(node))):
+                c.identity(key, d, node, d)
+            return
+    if c.is_tensor(node):
+        c.freeze(node, None, "indexing")
+
+
+@register(aten.embedding.default)
+def _embedding(node: Node, c) -> None:
+    """Rows are the vocabulary (frozen); columns are the embedding channels."""
+    w, idx = node.args[0], node.args[1]
+    c.freeze(w, 0, "embedding vocabulary")
+    c.identity(w, 1, node, -1)
+    for d in range(len(c.shape(idx))):
+        c.identity(idx, d, node, d)
