@@ -1,0 +1,248 @@
+"""The masked model while it is pruned: kept channels, masks, and the steps that change them.
+
+The kept channels per group are the one source of truth; the per-parameter masks are
+rebuilt from them (and from any NxM / N:M element masks) whenever they change, so the
+masks, the norm switch (:mod:`fxprune.norms`) and each pruner's view always agree. The
+training-loop hooks live here because all they do is move that state: prune on the
+schedule's steps, keep gradients and weights of pruned channels at zero.
+"""
+
+from __future__ import annotations
+
+import numbers
+import types
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from fxprune.errors import PruningError
+from fxprune.norms import sync_norms
+from fxprune.passes.compact import space_keep
+from fxprune.pruners import Pruner
+
+if TYPE_CHECKING:
+    from fxprune.api import Pruning
+
+__all__ = ["Masking"]
+
+
+class Masking:
+    """Mask state and the hooks that move it; a part of :class:`fxprune.Pruning`.
+
+    Reads ``model``, ``groups``, ``grouping``, ``pruners`` and ``_claimed`` (the groups the
+    pruners own) from the object it is part of; :meth:`_init_masks` sets up the rest.
+    """
+
+    def _init_masks(self) -> None:
+        self._params = dict(self.model.named_parameters(remove_duplicate=False))
+        self._kept = {g.index: np.ones(g.size, dtype=bool) for g in self.groups}
+        self.masks: dict[str, torch.Tensor] = {}
+        self._pruned: dict[str, torch.Tensor] = {}
+        self._element_masks: dict[str, torch.Tensor] = {}
+        self.global_step = 0
+        self._training = False
+
+    # -- kept channels and masks ----------------------------------------------------------
+    @property
+    def kept_channels(self) -> dict[int, np.ndarray]:
+        """Group index -> indices of the channels kept."""
+        return {g: np.flatnonzero(k) for g, k in self._kept.items()}
+
+    def set_kept(self, kept: dict[int, np.ndarray]) -> None:
+        """Replace the kept channels of some groups (boolean masks) and re-mask the model."""
+        for g, mask in kept.items():
+            mask = np.asarray(mask, dtype=bool)
+            if mask.shape != self._kept[g].shape:
+                raise PruningError(f"group {g} has {self._kept[g].size} channels, got a mask of shape {mask.shape}")
+            if not mask.any():
+                raise PruningError(f"{self.groups[g].describe()} would lose all its channels; keep at least one")
+            for part in self.groups[g].parts:
+                if not mask[part].any():
+                    raise PruningError(f"{self.groups[g].describe()}: channels {part.tolist()} form one tensor "
+                                       "(e.g. a concat branch) and would all be removed; keep at least one")
+        for g, mask in kept.items():
+            self._kept[g] = np.asarray(mask, dtype=bool).copy()
+        self._build_masks()
+        self.apply_masks()
+
+    def _build_masks(self) -> None:
+        masks: dict[str, torch.Tensor] = {}
+        for g in self.groups:
+            keep = self._kept[g.index]
+            if keep.all():
+                continue
+            for m in g.parameters:
+                p = self._params.get(m.name)
+                if p is None:
+                    continue
+                along = torch.from_numpy(np.where(m.atoms >= 0, keep[np.maximum(m.atoms, 0)], True))
+                shape = [1] * p.dim()
+                shape[m.dim] = -1
+                mask = along.view(shape).expand_as(p)
+                masks[m.name] = mask if m.name not in masks else masks[m.name] & mask
+        for name, mask in self._element_masks.items():
+            masks[name] = mask if name not in masks else masks[name] & mask
+        self.masks = {k: v.contiguous().to(self._params[k].device) for k, v in masks.items()}
+        # masked_fill_ with a stored inverse is ~2.7x faster than mul_ by a bool mask (no float copy of
+        # the mask per call) and leaves pruned weights exactly zero even if they went NaN
+        self._pruned = {k: ~v for k, v in self.masks.items()}
+        for pruner in self.pruners:
+            pruner.masks = {k: self.masks.get(k, torch.ones_like(v, dtype=torch.bool)) for k, v in pruner.modules.items()}
+        if any(g.normalized for g in self.groups):
+            sync_norms(self.model, self.grouping, space_keep(self.grouping, self._atom_kept()))
+
+    @torch.no_grad()
+    def apply_masks(self) -> None:
+        """Zero the pruned channels of every member parameter."""
+        for name, pruned in self._pruned.items():
+            self._params[name].masked_fill_(pruned, 0)
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of channels removed, over the groups the pruners work on and any group pruned by hand."""
+        kept = [k for g, k in self._kept.items() if g in self._claimed or not k.all()]
+        total = sum(k.size for k in kept)
+        return float(sum((~k).sum() for k in kept) / total) if total else 0.0
+
+    @property
+    def weight_sparsity(self) -> float:
+        """Fraction of zeroed elements over the masked parameters (what NxM / N:M patterns are measured by)."""
+        total = sum(self._params[k].numel() for k in self.masks)
+        return float(sum((~m).sum() for m in self.masks.values()) / total) if total else 0.0
+
+    def _atom_kept(self) -> np.ndarray:
+        kept = np.ones(len(self.grouping.atom_group), dtype=bool)
+        valid = self.grouping.atom_group >= 0
+        idx = np.flatnonzero(valid)
+        kept[idx] = [self._kept[g][c] for g, c in zip(self.grouping.atom_group[idx], self.grouping.atom_local[idx])]
+        return kept
+
+    # -- pruning steps --------------------------------------------------------------------
+    def prune(self, sparsity: float | None = None) -> "Pruning":
+        """One-shot pruning: every pruner prunes up to its target now (or to ``sparsity``, in [0, 1))."""
+        if sparsity is not None and (isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real)
+                                     or not 0.0 <= sparsity < 1.0):
+            raise ValueError(f"prune(sparsity) takes a number in [0, 1), got {sparsity!r}; 0.5 removes half "
+                             "the channels")
+        for pruner in self.pruners:
+            target = pruner.target_sparsity_ratio if sparsity is None else sparsity
+            self._step_pruner(pruner, target)
+        return self
+
+    def _step_pruner(self, pruner: Pruner, target: float) -> None:
+        if pruner.pattern.is_channel:
+            self.set_kept(pruner.select(target))
+        else:
+            self._element_masks.update({k: v.to(torch.bool) for k, v in pruner.element_masks(target).items()})
+            self._build_masks()
+            self.apply_masks()
+        pruner.current_sparsity_ratio = target
+        pruner.on_pruning_step()
+
+    # -- training-loop hooks --------------------------------------------------------------
+    def on_train_begin(self) -> None:
+        """Start of fine-tuning: masks are applied so training starts from the masked model."""
+        self._training = True
+        self.apply_masks()
+
+    def _require_training(self, hook: str) -> None:
+        if not self._training:
+            raise PruningError(f"{hook}() was called before on_train_begin(); call on_train_begin() (or "
+                               "attach(optimizer)) once before the training loop")
+
+    def on_epoch_begin(self, epoch: int | None = None) -> None:
+        """Nothing to do; present so every hook of the reference exists."""
+
+    def on_step_begin(self, step: int | None = None) -> None:
+        """Prune if ``step`` is one of a pruner's pruning steps (then masks change)."""
+        self._require_training("on_step_begin")
+        if step is not None:
+            self.global_step = step
+        for pruner in self.pruners:
+            pruner.global_step = self.global_step
+            if pruner.scheduler.is_pruning_step(self.global_step):
+                self._step_pruner(pruner, pruner.scheduler.sparsity(self.global_step))
+
+    def on_before_optimizer_step(self) -> None:
+        """Scores from this step's gradients, then gradients of pruned weights are zeroed."""
+        self._require_training("on_before_optimizer_step")
+        for pruner in self.pruners:
+            pruner.on_before_optimizer_step()
+        for name, pruned in self._pruned.items():
+            grad = self._params[name].grad
+            if grad is not None:
+                grad.masked_fill_(pruned, 0)
+
+    def on_after_optimizer_step(self) -> None:
+        """Re-zero pruned weights (momentum or weight decay may have moved them); count the step."""
+        self._require_training("on_after_optimizer_step")
+        self.apply_masks()
+        self.global_step += 1
+
+    def on_step_end(self) -> None:
+        """Nothing to do; present so every hook of the reference exists."""
+
+    def on_epoch_end(self) -> None:
+        """Nothing to do; present so every hook of the reference exists."""
+
+    def on_train_end(self) -> None:
+        """End of fine-tuning: masks applied once more."""
+        self._require_training("on_train_end")
+        self._training = False
+        self.apply_masks()
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        """Wire every hook into a plain loop through ``optimizer.step``.
+
+        After ``attach``, each ``optimizer.step()`` runs ``on_before_optimizer_step``,
+        the real step, ``on_after_optimizer_step`` and the next ``on_step_begin``.
+        """
+        if getattr(optimizer, "_fxprune_attached", None) is not None:
+            raise PruningError("this optimizer is already attached: a second attach() would run every hook twice "
+                               "per step (the schedule twice as fast)")
+        own = {id(p) for p in self.model.parameters()}
+        theirs = [p for group in optimizer.param_groups for p in group["params"]]
+        if theirs and not any(id(p) in own for p in theirs):
+            raise PruningError("the optimizer holds none of pruning.model's parameters, so the masked model would "
+                               "never train; build it from pruning.model.parameters()")
+        step = optimizer.step
+        pruning = self
+
+        def hooked_step(opt, *args, **kwargs):
+            pruning.on_before_optimizer_step()
+            out = step(*args, **kwargs)
+            pruning.on_after_optimizer_step()
+            pruning.on_step_end()
+            pruning.on_step_begin()
+            return out
+
+        # a bound method, as LR schedulers expect (they wrap optimizer.step.__func__); keep the mark a
+        # scheduler created earlier left on step, or it warns that step was overridden
+        if getattr(step, "_wrapped_by_lr_sched", False):
+            hooked_step._wrapped_by_lr_sched = True
+        optimizer.step = types.MethodType(hooked_step, optimizer)
+        optimizer._fxprune_attached = self
+        self.on_train_begin()
+        self.on_step_begin()
+        return optimizer
+
+    # -- saved state ----------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Masks' source (kept channels per group), pruner scores and the step."""
+        return {"kept": {g: torch.from_numpy(k.copy()) for g, k in self._kept.items()},
+                "element_masks": {k: v.clone() for k, v in self._element_masks.items()},
+                "global_step": self.global_step, "pruners": [p.state_dict() for p in self.pruners]}
+
+    def load_state_dict(self, state: dict) -> None:
+        missing = [k for k in ("kept", "global_step", "pruners") if not isinstance(state, dict) or k not in state]
+        if missing:
+            raise PruningError(f"not a pruning state: {', '.join(missing)} missing (expected what "
+                               "Pruning.state_dict() returns)")
+        if set(state["kept"]) != set(self._kept):
+            raise PruningError("state was saved for a model with different groups")
+        self.global_step = state["global_step"]
+        for pruner, ps in zip(self.pruners, state["pruners"]):
+            pruner.load_state_dict(ps)
+        self._element_masks = {k: v.clone() for k, v in state.get("element_masks", {}).items()}
+        self.set_kept({g: np.asarray(k, dtype=bool) for g, k in state["kept"].items()})
