@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass, field, fields, replace
 
 from fxprune.errors import ConfigError
+from fxprune.registry import registered_names, unknown_pruner
 
 __all__ = ["PruningConfig", "Pattern", "parse_pattern", "parse_config"]
 
@@ -129,11 +130,8 @@ class PruningConfig:
         pattern = self.parsed_pattern
         if pattern.kind == "n:m" and s > pattern.n / pattern.m:
             raise ConfigError(f"target_sparsity {s} is above what pattern {self.pattern} allows ({pattern.n / pattern.m})")
-        from fxprune.pruners import registered_names
-
-        if self.pruning_type not in registered_names():
-            raise ConfigError(
-                f"unknown pruning_type {self.pruning_type!r}; registered pruners: {', '.join(registered_names())}")
+        if self.pruning_type not in registered_names():  # a list, unhashable, is refused too
+            raise unknown_pruner(self.pruning_type)
         for key in ("names", "excluded_names"):
             for pat in getattr(self, key):
                 try:

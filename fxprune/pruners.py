@@ -1,9 +1,9 @@
 """Registered pruners: how channel scores are computed.
 
-``@register_pruners("name")`` adds a class to the registry; ``get_pruner`` builds one
-from a config. A pruner owns the parameters of the groups it was given, keeps
-``scores`` up to date from the training-loop hooks, and on each pruning step turns
-scores into kept channels per group (:mod:`fxprune.selection`).
+``@register_pruners("name")`` adds a class to the registry (:mod:`fxprune.registry`);
+``get_pruner`` builds one from a config. A pruner owns the parameters of the groups it
+was given, keeps ``scores`` up to date from the training-loop hooks, and on each pruning
+step turns scores into kept channels per group (:mod:`fxprune.selection`).
 """
 
 from __future__ import annotations
@@ -11,14 +11,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from fxprune.config import parse_config
 from fxprune.errors import ConfigError
 from fxprune.importance import group_scores
+from fxprune.patterns import n_of_m_masks, nxm_masks, pattern_lock_masks
+from fxprune.registry import PRUNERS, registered_names, unknown_pruner
+from fxprune.schedulers import get_scheduler
 from fxprune.selection import choose_kept, prune_counts, repeated_blocks, uniform_counts
 
 __all__ = ["PRUNERS", "register_pruners", "get_pruner", "registered_names", "Pruner", "MagnitudePruner",
            "SnipPruner", "SnipMomentumPruner", "TaylorPruner", "PatternLockPruner"]
-
-PRUNERS: dict[str, type] = {}
 
 
 def register_pruners(name: str):
@@ -40,10 +42,6 @@ def register_pruners(name: str):
     return register
 
 
-def registered_names() -> list[str]:
-    return sorted(PRUNERS)
-
-
 def get_pruner(modules: dict[str, torch.Tensor], config, groups=None) -> "Pruner":
     """Build the registered pruner named by ``config.pruning_type``.
 
@@ -53,11 +51,9 @@ def get_pruner(modules: dict[str, torch.Tensor], config, groups=None) -> "Pruner
         The name is not registered; the message lists the registered names.
     """
     if isinstance(config, dict):
-        from fxprune.config import parse_config
-
         name = str(config.get("pruning_type", config.get("prune_type", ""))).lower()
         if name and name not in PRUNERS:
-            raise ConfigError(f"unknown pruning_type {name!r}; registered pruners: {', '.join(registered_names())}")
+            raise unknown_pruner(name)
         configs = parse_config(config)
         if len(configs) != 1:
             raise ConfigError("get_pruner builds one pruner: give a config without 'pruners'")
@@ -65,7 +61,7 @@ def get_pruner(modules: dict[str, torch.Tensor], config, groups=None) -> "Pruner
     name = getattr(config, "pruning_type", None)
     cls = PRUNERS.get(str(name).lower())
     if cls is None:
-        raise ConfigError(f"unknown pruning_type {name!r}; registered pruners: {', '.join(registered_names())}")
+        raise unknown_pruner(name)
     return cls(modules, config, groups or [])
 
 
@@ -88,8 +84,6 @@ class Pruner:
         self.masks = {k: torch.ones_like(v, dtype=torch.bool) for k, v in modules.items()}
         self.scores: dict[str, torch.Tensor] = {}
         self.pattern = config.parsed_pattern
-        from fxprune.schedulers import get_scheduler
-
         self.scheduler = get_scheduler(config)
         self.current_sparsity_ratio = 0.0
         self.global_step = 0
@@ -126,8 +120,6 @@ class Pruner:
 
     def element_masks(self, sparsity: float) -> dict[str, torch.Tensor]:
         """Masks of the mask-only patterns (NxM blocks, N:M) at ``sparsity``."""
-        from fxprune.patterns import n_of_m_masks, nxm_masks
-
         scores = {n: (self.scores[n] if n in self.scores else p.detach()).abs() for n, p in self.modules.items()}
         pat, cfg = self.pattern, self.config
         if pat.kind == "block":
@@ -220,7 +212,5 @@ class PatternLockPruner(Pruner):
         return kept
 
     def element_masks(self, sparsity: float) -> dict[str, torch.Tensor]:
-        from fxprune.patterns import pattern_lock_masks
-
         return pattern_lock_masks({n: p.detach() for n, p in self.modules.items()}, self.pattern.kind,
                                   self.pattern.n, self.pattern.m)
