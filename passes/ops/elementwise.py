@@ -34,7 +34,7 @@ ELEMENTWISE = (
     aten.rsub.Scalar, aten.rsub.Tensor, aten.maximum.default, aten.minimum.default, aten.where.self,
     aten.masked_fill.Scalar, aten.masked_fill.Tensor,
     # copies, casts, dropout, fills
-    aten.clone.default, aten.contiguous.default, aten.alias.default, aten.detach.default,
+    aten.clone.default, aten.contiguous.default, aten.alias.default, aten.detach.default, aten.detach_.default,
     aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.to.device,
     aten.dropout.default, aten.dropout_.default, aten.feature_dropout.default, aten.alpha_dropout.default,
     aten.zeros_like.default, aten.ones_like.default, aten.full_like.default, aten.empty_like.default,
