@@ -16,7 +16,7 @@ import torch.utils._pytree as pytree
 from fxprune import eager
 from fxprune import plan as plans
 from fxprune.errors import CompactionError, ConfigError, PruningError
-from fxprune.passes.compact import check_shapes, compact_graph
+from fxprune.passes.compact import check_shapes, compact_graph, space_keep
 from fxprune.passes.macs import count_macs, count_params
 from fxprune.passes.shapes import flat_inputs, grown_inputs
 from fxprune.report import Report, build_report
@@ -75,7 +75,8 @@ class Compaction:
         """
         self._require_channel("compact_eager")
         self.apply_masks()
-        return eager.compact_eager(self, atol)
+        keep = space_keep(self.grouping, self._atom_kept())
+        return eager.compact_eager(self.model, keep, lambda module: self._compare(module, atol))
 
     def _compare(self, small: torch.nn.Module, atol: float, args: tuple | None = None,
                  kwargs: dict | None = None) -> float:

@@ -20,7 +20,6 @@ import torch.nn as nn
 from fxprune.adapters.hf_config import fit_config, refuse_save_pretrained
 from fxprune.errors import CompactionError
 from fxprune.norms import STATE, narrowed_shape, unpatch_norms
-from fxprune.passes.compact import space_keep
 from fxprune.passes.couplings import PARAM_PREFIX
 
 __all__ = ["compact_eager"]
@@ -122,7 +121,7 @@ def _head_attribute_values(model: nn.Module) -> dict[str, set]:
     return values
 
 
-def _fit_config(pruning, model: nn.Module, original_config, atol: float) -> list[str]:
+def _fit_config(model: nn.Module, original_config, compare) -> list[str]:
     """Give a Hugging Face model the config that rebuilds it (:mod:`fxprune.adapters.hf_config`); where none
     does, warn and make ``save_pretrained`` refuse, so no checkpoint is written that does not reload."""
     if original_config is None or not hasattr(model, "save_pretrained"):
@@ -132,7 +131,7 @@ def _fit_config(pruning, model: nn.Module, original_config, atol: float) -> list
         try:
             fresh = type(model)(candidate).eval()
             fresh.load_state_dict(model.state_dict())
-            pruning._compare(fresh, atol)
+            compare(fresh)
         except Exception:
             return False
         # random-init attention is near uniform, so outputs alone can miss a wrong split into heads
@@ -151,8 +150,12 @@ def _fit_config(pruning, model: nn.Module, original_config, atol: float) -> list
     return [message]
 
 
-def compact_eager(pruning, atol: float = 1e-4) -> nn.Module:
-    """A copy of ``pruning.model`` (the user's class) with pruned channels removed.
+def compact_eager(masked: nn.Module, keep: dict[tuple[str, int], np.ndarray], compare) -> nn.Module:
+    """A copy of ``masked`` (the masked model, of the user's class) with pruned channels removed.
+
+    ``keep`` is the boolean keep mask per (parameter, dim) that loses elements (from
+    :func:`fxprune.passes.compact.space_keep`); ``compare(module)`` raises
+    :class:`CompactionError` where ``module`` does not compute what the masked model does.
 
     Raises
     ------
@@ -160,8 +163,7 @@ def compact_eager(pruning, atol: float = 1e-4) -> nn.Module:
         The model's forward does not accept the new sizes (it hard-codes one); the
         message names the error and points to ``compact()``, which always works.
     """
-    keep = space_keep(pruning.grouping, pruning._atom_kept())
-    model = copy.deepcopy(pruning.model)
+    model = copy.deepcopy(masked)
     original_config = copy.deepcopy(getattr(model, "config", None))
     before = {name: {a: getattr(m, a) for a in ("out_channels", "groups", "num_channels", "num_groups")
                      if hasattr(m, a)} for name, m in model.named_modules()}
@@ -170,7 +172,7 @@ def compact_eager(pruning, atol: float = 1e-4) -> nn.Module:
     for name, module in model.named_modules():
         _update_attributes(module, before[name])
     try:
-        pruning._compare(model, atol)
+        compare(model)
     except CompactionError:
         raise
     except Exception as err:
@@ -178,5 +180,5 @@ def compact_eager(pruning, atol: float = 1e-4) -> nn.Module:
             f"{type(model).__name__}'s own forward does not run with the pruned sizes ({type(err).__name__}: "
             f"{str(err).splitlines()[0]}); it probably hard-codes a width. Use pruning.compact(), which rewrites "
             "the captured graph instead") from err
-    model.fxprune_notes = _fit_config(pruning, model, original_config, atol)
+    model.fxprune_notes = _fit_config(model, original_config, compare)
     return model
