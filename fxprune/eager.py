@@ -5,29 +5,25 @@ users want their own class back (to keep training it, or to ``save_pretrained``)
 That works when ``forward`` reads sizes from module attributes or infers them
 (``view(..., -1, head_dim)``); it cannot work when forward hard-codes a size. The
 result is checked against the masked model, and a mismatch says so instead of
-returning a wrong model.
+returning a wrong model. What this module knows is ``torch.nn``'s own layers; what
+only names tell (Hugging Face attention, its config) is in :mod:`fxprune.adapters`.
 """
 
 from __future__ import annotations
 
 import copy
-import warnings
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from fxprune.adapters.hf_config import fit_config, refuse_save_pretrained
+from fxprune.adapters import hf_attention
+from fxprune.adapters.hf_config import attach_config
 from fxprune.errors import CompactionError
 from fxprune.norms import STATE, narrowed_shape, unpatch_norms
 from fxprune.passes.couplings import PARAM_PREFIX
 
 __all__ = ["compact_eager"]
-
-_HEAD_COUNTS = ("num_heads", "num_attention_heads", "n_head")
-_HEAD_SIZES = ("head_dim", "attention_head_size")
-_QUERY = ("q_proj", "query", "q")
-_KEY = ("k_proj", "key", "k")
 
 
 def _slice_tensors(model: nn.Module, keep: dict) -> None:
@@ -48,7 +44,8 @@ def _slice_tensors(model: nn.Module, keep: dict) -> None:
 
 
 def _update_attributes(module: nn.Module, old: dict) -> None:
-    """Make standard layers' size attributes match their new weights."""
+    """Make layers' size attributes match their new weights: ``torch.nn``'s here, Hugging Face's by name in
+    :mod:`fxprune.adapters.hf_attention`."""
     w = getattr(module, "weight", None)
     if isinstance(module, nn.modules.conv._ConvNd):
         old_out, old_groups = old["out_channels"], old["groups"]
@@ -69,28 +66,9 @@ def _update_attributes(module: nn.Module, old: dict) -> None:
         module.num_groups = w.shape[0] // per
     elif isinstance(module, nn.Embedding):
         module.num_embeddings, module.embedding_dim = w.shape
-    elif type(module).__name__ == "Conv1D" and w is not None:  # Hugging Face's transposed linear
-        module.nf = w.shape[1]
-    _update_heads(module)
-
-
-def _update_heads(module: nn.Module) -> None:
-    """Attention modules that keep a head count next to q/k projections (HF style)."""
-    size = next((getattr(module, a) for a in _HEAD_SIZES if isinstance(getattr(module, a, None), int)), None)
-    q = next((getattr(module, a) for a in _QUERY if isinstance(getattr(module, a, None), nn.Linear)), None)
-    if size is None or q is None:
-        return
-    heads = q.weight.shape[0] // size  # parents are visited before their Linear children: read weights
-    for attr in _HEAD_COUNTS:
-        if isinstance(getattr(module, attr, None), int):
-            setattr(module, attr, heads)
-    if isinstance(getattr(module, "all_head_size", None), int):
-        module.all_head_size = q.weight.shape[0]
-    k = next((getattr(module, a) for a in _KEY if isinstance(getattr(module, a, None), nn.Linear)), None)
-    if k is not None and isinstance(getattr(module, "num_key_value_heads", None), int):
-        module.num_key_value_heads = k.weight.shape[0] // size
-    if isinstance(getattr(module, "num_key_value_groups", None), int) and k is not None:
-        module.num_key_value_groups = heads // max(1, k.weight.shape[0] // size)
+    else:
+        hf_attention.update_layer(module)
+    hf_attention.update_heads(module)
 
 
 def _resize_norms(model: nn.Module) -> None:
@@ -103,51 +81,6 @@ def _resize_norms(model: nn.Module) -> None:
         if narrowed is not None:
             module.normalized_shape = narrowed
     unpatch_norms(model)
-
-
-_HEAD_ATTRIBUTES = (*_HEAD_COUNTS, *_HEAD_SIZES, "all_head_size", "num_key_value_heads", "num_key_value_groups")
-
-
-def _head_attributes(model: nn.Module) -> dict:
-    """How each attention module splits its projections into heads."""
-    return {(name, a): getattr(m, a) for name, m in model.named_modules() for a in _HEAD_ATTRIBUTES
-            if isinstance(getattr(m, a, None), int)}
-
-
-def _head_attribute_values(model: nn.Module) -> dict[str, set]:
-    values: dict[str, set] = {}
-    for (_, attr), value in _head_attributes(model).items():
-        values.setdefault(attr, set()).add(value)
-    return values
-
-
-def _fit_config(model: nn.Module, original_config, compare) -> list[str]:
-    """Give a Hugging Face model the config that rebuilds it (:mod:`fxprune.adapters.hf_config`); where none
-    does, warn and make ``save_pretrained`` refuse, so no checkpoint is written that does not reload."""
-    if original_config is None or not hasattr(model, "save_pretrained"):
-        return []
-
-    def agrees(candidate) -> bool:
-        try:
-            fresh = type(model)(candidate).eval()
-            fresh.load_state_dict(model.state_dict())
-            compare(fresh)
-        except Exception:
-            return False
-        # random-init attention is near uniform, so outputs alone can miss a wrong split into heads
-        return _head_attributes(fresh) == _head_attributes(model)
-
-    hints = {k: v.pop() for k, v in _head_attribute_values(model).items() if len(v) == 1}
-    fit = fit_config(model, original_config, agrees, hints)
-    if fit.config is not None:
-        model.config = fit.config
-        return []
-    message = (f"{type(model).__name__}'s config cannot describe the compact widths, so from_pretrained would not "
-               f"rebuild it: {'; '.join(fit.problems)}. Prune with uniform_layers: true so that repeated layers keep "
-               "one width, or save the model with fxprune.save_compact (or torch.save) instead of save_pretrained")
-    warnings.warn(message, UserWarning, stacklevel=4)
-    model.save_pretrained = refuse_save_pretrained(message)
-    return [message]
 
 
 def compact_eager(masked: nn.Module, keep: dict[tuple[str, int], np.ndarray], compare) -> nn.Module:
@@ -180,5 +113,5 @@ def compact_eager(masked: nn.Module, keep: dict[tuple[str, int], np.ndarray], co
             f"{type(model).__name__}'s own forward does not run with the pruned sizes ({type(err).__name__}: "
             f"{str(err).splitlines()[0]}); it probably hard-codes a width. Use pruning.compact(), which rewrites "
             "the captured graph instead") from err
-    model.fxprune_notes = _fit_config(model, original_config, compare)
+    model.fxprune_notes = attach_config(model, original_config, compare)
     return model

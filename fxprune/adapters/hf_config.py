@@ -15,11 +15,15 @@ from __future__ import annotations
 import copy
 import itertools
 import re
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["ConfigFit", "fit_config", "refuse_save_pretrained"]
+from fxprune.adapters.hf_attention import head_attribute_values, head_attributes
+from fxprune.errors import CompactionError
+
+__all__ = ["ConfigFit", "fit_config", "attach_config", "refuse_save_pretrained"]
 
 # fields that look like widths; others (dropout, eps, vocabulary, positions, image geometry) never change here
 _WIDTH = re.compile(r"size|dim|head|embd|inner|ffn|channels|hidden|width|features")
@@ -141,6 +145,38 @@ def fit_config(model: torch.nn.Module, original_config, agrees, hints: dict | No
         "with these weights and the same outputs"])
 
 
+def attach_config(model: torch.nn.Module, original_config, compare) -> list[str]:
+    """Give a compact Hugging Face model the config that rebuilds it; where none does, warn and make
+    ``save_pretrained`` refuse, so no checkpoint is written that does not reload. Returns the warnings.
+
+    ``compare(module)`` raises where ``module`` does not compute what the masked model computes.
+    """
+    if original_config is None or not hasattr(model, "save_pretrained"):
+        return []
+
+    def agrees(candidate) -> bool:
+        try:
+            fresh = type(model)(candidate).eval()
+            fresh.load_state_dict(model.state_dict())
+            compare(fresh)
+        except Exception:
+            return False
+        # random-init attention is near uniform, so outputs alone can miss a wrong split into heads
+        return head_attributes(fresh) == head_attributes(model)
+
+    hints = {k: v.pop() for k, v in head_attribute_values(model).items() if len(v) == 1}
+    fit = fit_config(model, original_config, agrees, hints)
+    if fit.config is not None:
+        model.config = fit.config
+        return []
+    message = (f"{type(model).__name__}'s config cannot describe the compact widths, so from_pretrained would not "
+               f"rebuild it: {'; '.join(fit.problems)}. Prune with uniform_layers: true so that repeated layers keep "
+               "one width, or save the model with fxprune.save_compact (or torch.save) instead of save_pretrained")
+    warnings.warn(message, UserWarning, stacklevel=4)  # the caller of Pruning.compact_eager
+    model.save_pretrained = refuse_save_pretrained(message)
+    return [message]
+
+
 class refuse_save_pretrained:
     """Installed as ``save_pretrained`` on a compact model its config cannot describe: a checkpoint that
     would not reload is refused with the reason, instead of written."""
@@ -149,6 +185,4 @@ class refuse_save_pretrained:
         self.message = message
 
     def __call__(self, *args, **kwargs):
-        from fxprune.errors import CompactionError
-
         raise CompactionError(self.message)
