@@ -59,18 +59,17 @@ def _softmax(node: Node, c) -> None:
 
 def _window(k: int):
     def window_rule(node: Node, c) -> None:
-        """Window ops act per channel: leading dims pass through, the last k are frozen."""
+        """Window ops act per channel: leading dims pass through, the last k are frozen (indices too)."""
         outs = c.output_keys(node)
-        out = node if outs == [node.name] else (node, 0)
         x = node.args[0]
         n = len(c.shape(x))
         for d in range(n - k):
-            c.identity(x, d, out, d)
+            for out in outs:  # the values, and the indices of a max pool: both per channel
+                c.identity(x, d, out, d)
         for d in range(n - k, n):
             c.freeze(x, d, "pooling/resampling window")
-            c.freeze(out, d, "pooling/resampling window")
-        for extra in outs[1:]:
-            c.freeze(extra, None, "pooling indices")
+            for out in outs:
+                c.freeze(out, d, "pooling/resampling window")
 
     window_rule.__name__ = window_rule.__qualname__ = f"_window{k}d"
     return window_rule

@@ -1,0 +1,44 @@
+"""Slices, selections, items of multi-output ops and embedding lookups."""
+
+import operator
+
+import pytest
+import torch
+import torch.nn as nn
+
+from tests.ops.harness import Block, Case, Family
+
+aten = torch.ops.aten
+
+
+def lin(fn, out=16):
+    """Linear(8->16) -> fn -> Linear(out->4)."""
+    return lambda: Block(lambda m, x: m.b(fn(m, m.a(x))), a=nn.Linear(8, 16), b=nn.Linear(out, 4))
+
+
+def _embed(m, x):
+    tokens = (x.abs() * 10).long() % 20  # [B, 8] token ids
+    return m.b(m.e(tokens))
+
+
+CASES = [
+    Case(aten.slice.Tensor, lin(lambda m, h: h[:, 2:12], out=10), nth=1),  # nth=0 is the full slice of the batch
+    Case(aten.slice.Tensor, lin(lambda m, h: h[:, ::2], out=8), nth=1, frozen="strided slice", rewrites=False),
+    Case(aten.narrow.default, lin(lambda m, h: h.narrow(1, 2, 10), out=10)),
+    Case(aten.select.int, lin(lambda m, h: torch.stack([h, -h, 2 * h], 1)[:, 1]), dim=1),
+    Case(aten.select.int, lin(lambda m, h: h[:, 3:4].expand(-1, 16) + h[:, 3, None]), dim=1, on_input=True,
+         frozen="select picks one index"),
+    Case(operator.getitem, lin(lambda m, h: h.split(8, 1)[1], out=8), dim=1),
+    Case(aten.embedding.default, lambda: Block(_embed, e=nn.Embedding(20, 16), b=nn.Linear(16, 4)), dim=-1),
+]
+
+FAMILY = Family(CASES, lambda batch: torch.randn(batch, 8))
+
+
+@pytest.mark.parametrize("index", range(len(CASES)), ids=[f"{c.id}-{i}" for i, c in enumerate(CASES)])
+def test_op(index):
+    FAMILY.check(index)
+
+
+def test_compact_equals_masked():
+    FAMILY.check_exact()

@@ -1,0 +1,73 @@
+"""Views, permutations, broadcasting, concatenation and splits: channels keep their identity across them."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+from tests.ops.harness import Block, Case, Family
+
+aten = torch.ops.aten
+
+
+def lin(fn, width=16, out=16):
+    """Linear(8->width) -> fn -> Linear(out->4) on the last dim."""
+    return lambda: Block(lambda m, x: m.b(fn(m, m.a(x))), a=nn.Linear(8, width), b=nn.Linear(out, 4))
+
+
+def two(fn):
+    """Two producers of 16 channels each, combined by fn, read by a Linear(32->4)."""
+    return lambda: Block(lambda m, x: m.b(fn(m.a(x), m.c(x))), a=nn.Linear(8, 16), c=nn.Linear(8, 16),
+                         b=nn.Linear(32, 4))
+
+
+def pieces(fn):
+    """fn splits 16 channels in two pieces; each piece has its own reader."""
+    return lambda: Block(lambda m, x: sum(r(p) for r, p in zip((m.b, m.c), fn(m.a(x)))), a=nn.Linear(8, 16),
+                         b=nn.LazyLinear(4), c=nn.LazyLinear(4))
+
+
+def heads(h):
+    return h.view(-1, 4, 4)
+
+
+CASES = [
+    Case(aten.view.default, lin(lambda m, h: heads(h).relu().view(-1, 16)), dim=1),  # 16 -> 4 groups of 4
+    Case(aten.reshape.default, lin(lambda m, h: aten.reshape(h, [-1, 4, 4]).relu().flatten(1)), dim=1),
+    Case(aten._unsafe_view.default, lin(lambda m, h: aten._unsafe_view(h, [-1, 4, 4]).relu().flatten(1)), dim=1),
+    Case(aten.unflatten.int, lin(lambda m, h: aten.unflatten(h, 1, [4, 4]).relu().flatten(1)), dim=1),
+    Case(aten.flatten.using_ints, lin(lambda m, h: heads(h).relu().flatten(1)), dim=1, rewrites=False),
+    Case(aten.squeeze.dim, lin(lambda m, h: h[:, None].squeeze(1))),
+    Case(aten.squeeze.dims, lin(lambda m, h: aten.squeeze.dims(h[:, None], [1]))),
+    Case(aten.squeeze.default, lin(lambda m, h: h[:, None].squeeze())),
+    Case(aten.unsqueeze.default, lin(lambda m, h: h.unsqueeze(1)[:, 0])),
+    Case(aten.view_as.default, lin(lambda m, h: h.relu().view_as(h))),
+    Case(aten.reshape_as.default, lin(lambda m, h: aten.reshape_as(h.relu(), h))),
+    Case(aten.expand.default, lin(lambda m, h: h[:, :, None].expand(h.shape[0], 16, 3).sum(-1)), dim=1),
+    Case(aten.permute.default, lin(lambda m, h: h[:, :, None].permute(0, 2, 1)[:, 0]), dim=2),
+    Case(aten.transpose.int, lin(lambda m, h: h[:, :, None].transpose(1, 2)[:, 0]), dim=2),
+    Case(aten.swapaxes.default, lin(lambda m, h: aten.swapaxes(h[:, :, None], 1, 2)[:, 0]), dim=2),
+    Case(aten.t.default, lin(lambda m, h: h.t().relu().t()), dim=0),
+    Case(aten.numpy_T.default, lin(lambda m, h: aten.numpy_T(h).relu().t()), dim=0),
+    Case(aten.cat.default, two(lambda a, c: torch.cat([a, c], 1))),
+    Case(aten.concat.default, two(lambda a, c: aten.concat([a, c], 1))),
+    Case(aten.stack.default, two(lambda a, c: torch.stack([a, c], 1).flatten(1)), dim=2, rewrites=False),
+    Case(aten.split.Tensor, pieces(lambda h: h.split(8, 1)), dim=(0, 1)),
+    Case(aten.split_with_sizes.default, pieces(lambda h: h.split([4, 12], 1)), dim=(1, 1)),
+    Case(aten.chunk.default, pieces(lambda h: aten.chunk(h, 2, 1)), dim=(0, 1)),
+    Case(aten.split.sizes, pieces(lambda h: aten.split.sizes(h, [8, 8], 1)), dim=(1, 1)),
+    Case(aten.unsafe_split.Tensor, pieces(lambda h: aten.unsafe_split(h, 8, 1)), dim=(0, 1)),
+    Case(aten.tensor_split.sections, pieces(lambda h: torch.tensor_split(h, 2, 1)), dim=(0, 1)),
+    Case(aten.flip.default, lin(lambda m, h: h.flip(1))),
+    Case(aten._assert_tensor_metadata.default, lin(lambda m, h: h.to(torch.float32).double()), dim=None),
+]
+
+FAMILY = Family(CASES, lambda batch: torch.randn(batch, 8))
+
+
+@pytest.mark.parametrize("index", range(len(CASES)), ids=[c.id for c in CASES])
+def test_op(index):
+    FAMILY.check(index)
+
+
+def test_compact_equals_masked():
+    FAMILY.check_exact()

@@ -1,0 +1,59 @@
+"""Linear layers, products against a parameter, and attention heads."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tests.ops.harness import Block, Case, Family
+
+aten = torch.ops.aten
+
+
+def block(fn, **layers):
+    return lambda: Block(fn, **layers)
+
+
+def weight(*shape):
+    return nn.Parameter(torch.randn(*shape) * 0.3)
+
+
+def _bmm(m, x):
+    """Two [B, 8] halves of the channels, each times its own [8, 12] matrix: [2, B, 8] @ [2, 8, 12]."""
+    h = m.a(x).view(-1, 2, 8).transpose(0, 1)
+    return torch.bmm(F.relu(torch.bmm(h, m.w)), m.w2).sum(0)
+
+
+def _attention(m, x):
+    """Four heads of size 4 over a sequence of 2 tokens."""
+    b = x.shape[0]
+    t = x.view(b, 2, 4)
+    q, k, v = (p(t).view(b, 2, 4, 4).transpose(1, 2) for p in (m.q, m.k, m.v))
+    return m.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, 2, 16))
+
+
+CASES = [
+    Case(aten.linear.default, block(lambda m, x: m.b(F.relu(m.a(x))), a=nn.Linear(8, 16), b=nn.Linear(16, 4)),
+         macs=2 * 16 * 8),
+    Case(aten.matmul.default, block(lambda m, x: m.b(F.relu(torch.matmul(m.a(x)[:, None], m.w)[:, 0])),
+                                    a=nn.Linear(8, 16), w=weight(16, 12), b=nn.Linear(12, 4)), macs=2 * 12 * 16),
+    Case(aten.mm.default, block(lambda m, x: m.b(F.relu(torch.mm(m.a(x), m.w))), a=nn.Linear(8, 16), w=weight(16, 12),
+                                b=nn.Linear(12, 4)), macs=2 * 12 * 16),
+    Case(aten.bmm.default, block(_bmm, a=nn.Linear(8, 16), w=weight(2, 8, 12), w2=weight(2, 12, 4)), macs=2 * 2 * 12 * 8),
+    Case(aten.addmm.default, block(lambda m, x: m.b(F.relu(torch.addmm(m.bias, m.a(x), m.w))), a=nn.Linear(8, 16),
+                                   bias=weight(12), w=weight(16, 12), b=nn.Linear(12, 4)), macs=2 * 12 * 16),
+    Case(aten.scaled_dot_product_attention.default,
+         block(_attention, q=nn.Linear(4, 16), k=nn.Linear(4, 16), v=nn.Linear(4, 16), o=nn.Linear(16, 4)),
+         dim=1, macs=(2 * 4 * 2) * 2 * (4 + 4)),  # heads pruned whole
+]
+
+FAMILY = Family(CASES, lambda batch: torch.randn(batch, 8))
+
+
+@pytest.mark.parametrize("index", range(len(CASES)), ids=[c.id for c in CASES])
+def test_op(index):
+    FAMILY.check(index)
+
+
+def test_compact_equals_masked():
+    FAMILY.check_exact()
