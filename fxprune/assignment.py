@@ -16,7 +16,6 @@ import torch
 
 from fxprune.config import PruningConfig
 from fxprune.errors import ConfigError
-from fxprune.passes.couplings import is_norm_class
 from fxprune.passes.group import Group, Grouping
 from fxprune.pruners import Pruner, get_pruner
 
@@ -101,7 +100,7 @@ def _why_nothing_selected(model: torch.nn.Module, where: str, cfg: PruningConfig
 
 
 def _why_no_hidden_size(model: torch.nn.Module, grouping: Grouping) -> str:
-    norms = [n for n, m in model.named_modules() if n and is_norm_class(type(m).__name__)]
+    norms = grouping.norm_modules
     for layer in norms:
         reason = grouping.blocked.get((f"{layer}.weight", 0))
         if reason:

@@ -16,8 +16,7 @@ import numpy as np
 from torch.fx import Node
 from torch.fx.node import map_arg
 
-__all__ = ["Couplings", "Edge", "NormSite", "value_key", "PARAM_PREFIX", "nodes_in", "norm_module",
-           "is_norm_class"]
+__all__ = ["Couplings", "Edge", "NormSite", "value_key", "PARAM_PREFIX", "nodes_in"]
 
 PARAM_PREFIX = "param:"
 
@@ -43,7 +42,7 @@ class Edge:
 
 @dataclass(frozen=True)
 class NormSite:
-    """A reduction over a channel dim inside a norm module (LayerNorm/RMSNorm statistics).
+    """A reduction over a channel dim inside a norm module (LayerNorm/RMSNorm statistics, a GRN's channel mean).
 
     Removing a channel there is exact only if the masked model computes the
     statistics over kept channels alone; :mod:`fxprune.norms` makes the module do so.
@@ -55,22 +54,6 @@ class NormSite:
     module: str
     dim: int
     input_dim: int
-
-
-def is_norm_class(name: str) -> bool:
-    """A layer class whose statistics span channels (LayerNorm, RMSNorm, HF ``*Norm``), not a per-channel one."""
-    name = name.lower()
-    return "norm" in name and not name.startswith(("batchnorm", "instancenorm", "groupnorm"))
-
-
-def norm_module(node: Node) -> str | None:
-    """Path of the innermost module around ``node`` if it is a norm layer (not the root), else None."""
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return None
-    path, cls = list(stack.values())[-1]
-    cls = cls if isinstance(cls, str) else getattr(cls, "__qualname__", str(cls))
-    return path if path and is_norm_class(cls.rpartition(".")[2]) else None
 
 
 @dataclass
@@ -85,6 +68,7 @@ class Couplings:
     node: Node | None = None  # the node whose rule is running, for frozen reasons
     deferred: list = field(default_factory=list)  # reshape nodes, resolved after every other rule
     norms: list[NormSite] = field(default_factory=list)  # statistics over channel dims inside norm modules
+    statistics_modules: set = field(default_factory=set)  # modules that can run on kept channels (norm_sites.py)
 
     # -- shapes ---------------------------------------------------------------
     def shape(self, arg) -> tuple | None:
@@ -167,8 +151,11 @@ class Couplings:
             self.frozen.setdefault((key, d), reason + where)
 
     def normalise(self, arg, dim: int, reason: str) -> None:
-        """Statistics of a norm layer span (arg, dim): a NormSite if inside a norm module, else frozen."""
-        where = norm_module(self.node) if self.node is not None else None
+        """Statistics of a norm layer span (arg, dim): a NormSite if inside a module that can compute them
+        over kept channels only (:mod:`fxprune.passes.norm_sites`), else frozen."""
+        stack = (self.node.meta.get("nn_module_stack") or {}) if self.node is not None else {}
+        where = list(stack.values())[-1][0] if stack else None  # the innermost module around the node
+        where = where if where in self.statistics_modules else None
         key = value_key(arg) if not isinstance(arg, str) else arg
         if where is None or key not in self.shapes:
             self.freeze(arg, dim, reason)

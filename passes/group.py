@@ -22,6 +22,7 @@ import torch
 from torch.fx import GraphModule
 
 from fxprune.passes.couplings import PARAM_PREFIX, Couplings, NormSite, nodes_in, value_key
+from fxprune.passes.norm_sites import statistics_modules
 from fxprune.passes.ops import apply_rule
 from fxprune.passes.reshape import resolve_reshapes
 
@@ -57,7 +58,6 @@ class Group:
     index: int
     size: int
     members: list[Member]
-    spaces: list[tuple[str, int]] = field(repr=False, default_factory=list)
     parts: list[np.ndarray] = field(repr=False, default_factory=list)  # channel sets of tensors made only of group channels
     norms: list[NormSite] = field(repr=False, default_factory=list)  # norm statistics spanning these channels
 
@@ -95,10 +95,10 @@ class Grouping:
     atom_local: np.ndarray  # global atom -> channel index inside its group
     frozen: dict[tuple[str, int], str]  # every frozen space and why
     blocked: dict[tuple[str, int], str]  # parameter dims that cannot be pruned and why
-    graph: nx.Graph
     shapes: dict[str, tuple]  # at the capture example; ``dynamic`` dims take other sizes at run time
     seconds: float
     dynamic: set = field(default_factory=set)  # (value, dim) spaces whose size follows a dynamic input dim
+    norm_modules: list[str] = field(default_factory=list)  # modules whose statistics span channel dims
 
 
 def _collect_shapes(gm: GraphModule) -> tuple[dict[str, tuple], dict[str, tuple]]:
@@ -140,7 +140,7 @@ def collect_couplings(gm: GraphModule) -> Couplings:
     """Walk the graph once and run every node's rule."""
     shapes, exprs = _collect_shapes(gm)
     hints = {e: h for sizes in exprs.values() for h, e in sizes if not isinstance(e, int) and e.is_symbol}
-    c = Couplings(shapes=shapes, exprs=exprs, hints=hints)
+    c = Couplings(shapes=shapes, exprs=exprs, hints=hints, statistics_modules=statistics_modules(gm, shapes))
     _couple_aliases(gm, c)
     for node in gm.graph.nodes:
         c.node = node
@@ -261,7 +261,7 @@ def group_channels(gm: GraphModule) -> Grouping:
                 part = np.unique(atom_local[labs])
                 if len(part) < local:
                     parts[part.tobytes()] = part
-        groups.append(Group(gi, local, members, spaces, list(parts.values())))
+        groups.append(Group(gi, local, members, list(parts.values())))
 
     space_atoms = {s: np.where(labs >= 0, labs, -1) for s, labs in space_labels.items()}
     for site in _align_norm_sites(gm, c.norms, space_atoms, c.shapes):
@@ -276,8 +276,8 @@ def group_channels(gm: GraphModule) -> Grouping:
             lab = labels[offsets[(key, dim)]]
             blocked[(key[len(PARAM_PREFIX):], dim)] = frozen_label_reason.get(int(lab), "?")
     dynamic = {(k, d) for k in c.exprs for d in range(len(c.shapes[k])) if c.is_dynamic(k, d)}
-    return Grouping(groups, space_atoms, atom_group, atom_local, dict(c.frozen), blocked, graph,
-                    c.shapes, time.perf_counter() - start, dynamic)
+    return Grouping(groups, space_atoms, atom_group, atom_local, dict(c.frozen), blocked, c.shapes,
+                    time.perf_counter() - start, dynamic, sorted({site.module for site in c.norms}))
 
 
 def _align_norm_sites(gm: GraphModule, sites: list[NormSite], space_atoms: dict, shapes: dict) -> list[NormSite]:
