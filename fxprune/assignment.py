@@ -11,6 +11,8 @@ nothing would otherwise prune nothing, silently. (How many channels a group keep
 from __future__ import annotations
 
 import re
+import warnings
+from collections import Counter
 
 import torch
 
@@ -19,7 +21,7 @@ from fxprune.errors import ConfigError
 from fxprune.passes.group import Group, Grouping
 from fxprune.pruners import Pruner, get_pruner
 
-__all__ = ["assign_pruners"]
+__all__ = ["assign_pruners", "why_nothing_prunable"]
 
 
 def assign_pruners(model: torch.nn.Module, grouping: Grouping,
@@ -39,8 +41,8 @@ def assign_pruners(model: torch.nn.Module, grouping: Grouping,
         for g in grouping.groups:
             if g.index in claimed:
                 continue
-            if g.normalized and not cfg.prune_hidden_size:
-                continue  # LayerNorm/RMSNorm statistics span it: pruned only on request
+            if g.normalized and (not cfg.prune_hidden_size or not g.restrictable):
+                continue  # LayerNorm/RMSNorm statistics span it: pruned only on request, and only if exact
             open_groups.append(g)
             if cfg.names and not _matches(g, cfg.names):
                 continue
@@ -61,7 +63,32 @@ def assign_pruners(model: torch.nn.Module, grouping: Grouping,
             raise ConfigError(f"prune_hidden_size=True, but no channel group of this model is spanned by "
                               f"LayerNorm/RMSNorm statistics: {_why_no_hidden_size(model, grouping)}")
         pruners.append(get_pruner(modules, cfg, chosen))
+    if not claimed and any(cfg.parsed_pattern.is_channel for cfg in configs):
+        warnings.warn(f"{why_nothing_prunable(grouping, configs)}; prune() will remove nothing",
+                      UserWarning, stacklevel=4)
     return pruners, claimed
+
+
+def why_nothing_prunable(grouping: Grouping, configs: list[PruningConfig]) -> str:
+    """Why no channel group is open to any pruner: the groups that need a flag, or why every dim froze."""
+    hidden = any(cfg.prune_hidden_size for cfg in configs)
+    spanned = [g for g in grouping.groups if g.normalized and g.restrictable]
+    stuck = [g for g in grouping.groups if not g.restrictable]
+    reasons = []
+    if spanned and not hidden:
+        modules = sorted({site.module for g in spanned for site in g.norms})
+        reasons.append(f"{len(spanned)} groups are spanned by statistics computed over their channels (in "
+                       f"{', '.join(modules[:3])}{', …' if len(modules) > 3 else ''}), so they are pruned only "
+                       "with prune_hidden_size=True")
+    if stuck:
+        reasons.append(f"{len(stuck)} groups are spanned by statistics that cannot be restricted to kept channels "
+                       f"({stuck[0].describe()})")
+    if not grouping.groups:
+        counts = Counter(reason.split(" [")[0].split(": ", 1)[-1] for reason in grouping.blocked.values())
+        common = "; ".join(f"{reason} ({n} dims)" for reason, n in counts.most_common(3))
+        reasons.append(f"no channel group is free: every parameter dim is frozen, most often by {common}"
+                       if counts else "the model has no parameter the graph reads")
+    return "no group was prunable with this config: " + "; ".join(reasons) + " (see fxprune.explain)"
 
 
 def _matches(group: Group, patterns) -> bool:

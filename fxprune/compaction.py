@@ -15,6 +15,7 @@ import torch.utils._pytree as pytree
 
 from fxprune import eager
 from fxprune import plan as plans
+from fxprune.assignment import why_nothing_prunable
 from fxprune.errors import CompactionError, ConfigError, PruningError
 from fxprune.passes.compact import check_shapes, compact_graph, space_keep
 from fxprune.passes.macs import count_macs, count_params
@@ -48,6 +49,8 @@ class Compaction:
         outputs on the example inputs: max abs error <= ``atol * max(1, max|y|)``.
         """
         self._require_channel("compact")
+        if not self._claimed:
+            raise PruningError(why_nothing_prunable(self.grouping, self.configs))
         if all(k.all() for k in self._kept.values()):
             raise PruningError("nothing is pruned yet: call prune(), set_kept() or fine-tune with the hooks "
                                "before compact()")

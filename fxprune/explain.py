@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -20,6 +21,7 @@ class Explanation:
     ops_blocking: Counter = field(default_factory=Counter)  # op -> count of nodes without one (their dims froze)
     blocked: dict = field(default_factory=dict)             # (parameter, dim) -> reason
     groups: list = field(default_factory=list)
+    constants: list = field(default_factory=list)           # tensors the graph reads that the model does not own
 
     def __str__(self) -> str:
         lines = [f"{len(self.groups)} prunable channel groups"]
@@ -33,6 +35,11 @@ class Explanation:
         if interesting:
             lines.append("parameter dims that cannot be pruned:")
             lines += [f"  {name}[{dim}]: {reason}" for (name, dim), reason in sorted(interesting.items())]
+        if self.constants:
+            lines.append("tensors captured as constants (plain attributes, not parameters or buffers): "
+                         f"{', '.join(self.constants)}. If forward computes one from parameters (a cache), the "
+                         "graph does not see those parameters change; their dims are frozen when nothing else "
+                         "reads them")
         return "\n".join(lines)
 
 
@@ -44,7 +51,10 @@ def explain(model: torch.nn.Module, example_inputs: tuple, example_kwargs: dict 
     """
     gm = capture(model, example_inputs, example_kwargs, dynamic_shapes).graph_module
     grouping = group_channels(gm)
-    out = Explanation(blocked=dict(grouping.blocked), groups=grouping.groups)
+    owned = {n for n, _ in model.named_parameters(remove_duplicate=False)} | {n for n, _ in model.named_buffers()}
+    constants = sorted({n.target for n in gm.graph.nodes if n.op == "get_attr" and n.users and n.target not in owned
+                        and isinstance(operator.attrgetter(n.target)(gm), torch.Tensor)})
+    out = Explanation(blocked=dict(grouping.blocked), groups=grouping.groups, constants=constants)
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.meta.get("val") is None:
             continue  # nodes that return nothing (shape asserts) couple no channels

@@ -28,13 +28,13 @@ STATE = "_fxprune_norm"
 
 
 def _masked_norm_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs):
-    dim, stat_dim, size, index, params = getattr(self, STATE)
+    dim, stat_dim, size, index, params, through = getattr(self, STATE)
     if not isinstance(x, torch.Tensor) or x.dim() < -dim or x.shape[dim] != size:
         raise PruningError(f"{type(self).__name__} was pruned for inputs with {size} channels at dim {dim}, got "
                            f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
     if index.device != x.device:
         index = index.to(x.device)
-        setattr(self, STATE, (dim, stat_dim, size, index, params))
+        setattr(self, STATE, (dim, stat_dim, size, index, params, through))
     saved = {}
     shape = getattr(self, "normalized_shape", None)
     try:
@@ -49,6 +49,8 @@ def _masked_norm_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs):
         self._parameters.update(saved)
         if shape is not None:
             self.normalized_shape = shape
+    if not through:  # its output holds other channels (a weight-standardised conv's outputs)
+        return y
     if not isinstance(y, torch.Tensor) or y.dim() != x.dim() or y.shape[dim] != len(index):
         raise PruningError(f"{type(self).__name__} does not keep its input's channels at dim {dim}; "
                            "its statistics cannot be restricted to kept channels")
@@ -108,17 +110,20 @@ def sync_norms(model: nn.Module, grouping, keep: dict) -> None:
             if mask is None:
                 continue
             index = np.flatnonzero(mask)
+            if site.input_dim is None:
+                raise PruningError(f"{site.module} computes statistics over pruned channels that no dim of its "
+                                   "input holds; it cannot be restricted to kept channels")
             if site.module in plans:
-                if plans[site.module][1] != site.dim:
+                if plans[site.module][0] != site.input_dim:
                     raise PruningError(f"norm layer {site.module} normalises over more than one pruned dim; "
                                        "only one can be restricted to kept channels")
                 if not np.array_equal(plans[site.module][3], index):
                     raise PruningError(f"norm layer {site.module} is applied to differently pruned channels at "
                                        "two call sites; it cannot be restricted to both")
                 continue
-            plans[site.module] = (site.input_dim, site.dim, len(mask), index)
+            plans[site.module] = (site.input_dim, site.dim, len(mask), index, site.passes_through)
     modules = dict(model.named_modules())
-    for path, (dim, stat_dim, size, index) in plans.items():
+    for path, (dim, stat_dim, size, index, through) in plans.items():
         module = modules.get(path)
         if module is None:
             raise PruningError(f"norm layer {path} of the captured graph is not a submodule of the model")
@@ -128,7 +133,7 @@ def sync_norms(model: nn.Module, grouping, keep: dict) -> None:
                 m = keep.get((PARAM_PREFIX + f"{path}.{name}", d))
                 if m is not None:
                     params[name] = (d, torch.from_numpy(np.flatnonzero(m)))
-        _install(module, (dim, stat_dim, size, torch.from_numpy(index).to(_device(module)), params))
+        _install(module, (dim, stat_dim, size, torch.from_numpy(index).to(_device(module)), params, through))
     for path, module in modules.items():
         if path not in plans:
             _uninstall(module)

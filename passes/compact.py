@@ -22,7 +22,7 @@ from torch.fx import GraphModule, Node
 
 from fxprune.errors import CompactionError
 from fxprune.passes.couplings import PARAM_PREFIX, value_key
-from fxprune.passes.group import Grouping, _fetch
+from fxprune.passes.group import Grouping
 from fxprune.passes.ops import OPS
 from fxprune.passes.trace import source_line
 
@@ -114,7 +114,7 @@ def compact_graph(gm: GraphModule, grouping: Grouping, atom_kept: np.ndarray,
     targets = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
     done: dict[int, torch.Tensor] = {}  # tied weights stay one tensor
     for name in sorted(targets):
-        original = _fetch(gm, name)
+        original = operator.attrgetter(name)(gm)
         if not isinstance(original, torch.Tensor):
             continue
         if id(original) in done:

@@ -42,18 +42,22 @@ class Edge:
 
 @dataclass(frozen=True)
 class NormSite:
-    """A reduction over a channel dim inside a norm module (LayerNorm/RMSNorm statistics, a GRN's channel mean).
+    """A reduction over a channel dim inside a module that can run on kept channels only.
 
-    Removing a channel there is exact only if the masked model computes the
-    statistics over kept channels alone; :mod:`fxprune.norms` makes the module do so.
-    ``dim`` is the reduced dim and ``input_dim`` the same channels on the module's input (they
-    differ when the module permutes inside), both counted from the end.
+    LayerNorm/RMSNorm statistics, a GRN's channel mean, a weight standardised over its input
+    channels: removing a channel there is exact only if the masked model computes them over
+    kept channels alone; :mod:`fxprune.norms` makes the module do so. After the group pass,
+    ``space`` is the module input's channel space and ``input_dim`` that dim (None when no dim
+    of the input holds these channels: the module cannot be restricted); ``dim`` is the reduced
+    dim of the normalised shape, both counted from the end. ``passes_through``: the module's
+    output holds the same channels at ``input_dim`` (a norm) rather than others (a conv).
     """
 
     space: tuple[str, int]
     module: str
     dim: int
-    input_dim: int
+    input_dim: int | None
+    passes_through: bool = True
 
 
 @dataclass

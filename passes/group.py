@@ -67,6 +67,11 @@ class Group:
         return bool(self.norms)
 
     @property
+    def restrictable(self) -> bool:
+        """Every module whose statistics span these channels can run on kept channels only."""
+        return all(site.input_dim is not None for site in self.norms)
+
+    @property
     def parameters(self) -> list[Member]:
         return [m for m in self.members if m.is_parameter]
 
@@ -82,6 +87,9 @@ class Group:
         more = "" if len(self.parameters) <= 6 else f", … (+{len(self.parameters) - 6})"
         normed = (f"; spanned by {len({n.module for n in self.norms})} norm layers (pruned only with "
                   "prune_hidden_size=True)") if self.norms else ""
+        if not self.restrictable:
+            stuck = sorted({n.module for n in self.norms if n.input_dim is None})
+            normed = f"; frozen: statistics in {', '.join(stuck)} span them and cannot be restricted to kept channels"
         return f"group {self.index}: {self.size} channels over {names}{more}{normed}"
 
 
@@ -165,19 +173,34 @@ def collect_couplings(gm: GraphModule) -> Couplings:
     return c
 
 
+UNREAD = "not read by the captured graph (a cache or an unused parameter)"
+
+
 def _couple_aliases(gm: GraphModule, c: Couplings) -> None:
-    """Tied weights read under two names (embedding = LM head) are one tensor: couple every dim."""
-    first: dict[tuple, str] = {}
+    """Tied weights read under two names (embedding = LM head) are one tensor: couple every dim.
+
+    A tensor no node reads is frozen: pruning it would change nothing the graph computes, but
+    the eager model may read it another way (a cache it refreshes in ``train()``/``eval()``,
+    which capture took as a constant), and then masked and compact models would differ.
+    """
+    names: dict[tuple, list[str]] = {}
+    read: set[str] = set()
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and node.users:
+            read.add(node.target)
     for target in sorted({n.target for n in gm.graph.nodes if n.op == "get_attr"}):
         t = _fetch(gm, target)
         if not isinstance(t, torch.Tensor) or t.numel() == 0:
             continue
         ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
-        if ident in first:
-            for d in range(t.dim()):
-                c.identity(first[ident], d, PARAM_PREFIX + target, d)
-        else:
-            first[ident] = PARAM_PREFIX + target
+        names.setdefault(ident, []).append(target)
+    for aliases in names.values():
+        for other in aliases[1:]:
+            for d in range(c.shapes[PARAM_PREFIX + other].__len__()):
+                c.identity(PARAM_PREFIX + aliases[0], d, PARAM_PREFIX + other, d)
+        if not read.intersection(aliases):
+            for target in aliases:
+                c.freeze(PARAM_PREFIX + target, None, UNREAD)
 
 
 def group_channels(gm: GraphModule) -> Grouping:
@@ -281,12 +304,15 @@ def group_channels(gm: GraphModule) -> Grouping:
 
 
 def _align_norm_sites(gm: GraphModule, sites: list[NormSite], space_atoms: dict, shapes: dict) -> list[NormSite]:
-    """Express each site's dim on its module's input (a norm may permute inside, e.g. channels-first)."""
+    """Express each site on its module's input: the dim holding the same channels (a norm may permute
+    inside, e.g. channels-first; a standardised weight merges them with its kernel), and whether the
+    module's output holds them too."""
     if not sites:
         return []
     wanted = {s.module for s in sites}
     inside: dict[str, set] = {p: set() for p in wanted}
     first_input: dict[str, str] = {}
+    last_output: dict[str, str] = {}
     for node in gm.graph.nodes:
         paths = [v[0] for v in (node.meta.get("nn_module_stack") or {}).values() if v[0] in wanted]
         for path in paths:
@@ -296,15 +322,27 @@ def _align_norm_sites(gm: GraphModule, sites: list[NormSite], space_atoms: dict,
                     if arg.op != "get_attr" and arg.name not in inside[path] and arg.name in shapes:
                         first_input[path] = arg.name
                         break
+
+    for node in gm.graph.nodes:  # the module's result: the value its caller reads
+        for path in [v[0] for v in (node.meta.get("nn_module_stack") or {}).values() if v[0] in wanted]:
+            if node.name in shapes and any(u.name not in inside[path] for u in node.users):
+                last_output[path] = node.name
+
+    def channels(space):
+        labs = space_atoms.get(space)
+        return None if labs is None else frozenset(labs[labs >= 0].tolist())
+
     out = []
     for site in sites:
-        key = first_input.get(site.module)
-        atoms = space_atoms.get(site.space)
+        key, want = first_input.get(site.module), channels(site.space)
+        aligned = replace(site, input_dim=None)
         for d in range(len(shapes[key]) if key is not None else 0):
-            if np.array_equal(space_atoms.get((key, d)), atoms):
-                site = replace(site, input_dim=d - len(shapes[key]))
+            if want and channels((key, d)) == want:
+                n, result = len(shapes[key]), last_output.get(site.module)
+                through = result is not None and len(shapes[result]) == n and channels((result, d)) == want
+                aligned = replace(site, space=(key, d), input_dim=d - n, passes_through=through)
                 break
-        out.append(site)
+        out.append(aligned)
     return out
 
 

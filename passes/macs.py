@@ -28,8 +28,23 @@ class _Counter(torch.fx.Interpreter):
 
     def call_function(self, target, args, kwargs):
         out = super().call_function(target, args, kwargs)
-        self.macs += _macs(target, args, out)
+        if isinstance(target, torch._ops.HigherOrderOperator):
+            self.macs += _region_macs(args)
+        else:
+            self.macs += _macs(target, args, out)
         return out
+
+
+def _region_macs(args) -> int:
+    """A region the graph calls as a submodule (``torch.autocast(enabled=False)`` blocks): its own count."""
+    sub = next((a for a in args if isinstance(a, torch.fx.GraphModule)), None)
+    if sub is None:
+        return 0
+    operands = [a for a in args[args.index(sub) + 1:]]
+    counter = _Counter(sub)
+    with torch.no_grad():
+        counter.run(*operands)
+    return counter.macs
 
 
 def count_macs(gm: torch.fx.GraphModule, example_inputs: tuple) -> int:

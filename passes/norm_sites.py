@@ -7,9 +7,11 @@ on the kept channels alone and writing zeros elsewhere, which is what the compac
 computes. That is the same computation at a smaller width exactly when the module
 
 * has no submodules (its whole computation is in the graph nodes of its own forward), and
-* takes one tensor and returns one tensor of the same shape at each call,
+* takes one tensor and returns one tensor at each call,
 
-so that restricting its one input to kept channels restricts every op inside. Nothing is
+so that restricting its one input (and its own parameters) to kept channels restricts
+every op inside. Its output either holds the same channels (a norm: the removed ones are
+written back as zeros) or others (a weight-standardised conv). Nothing is
 matched by class name: ``nn.LayerNorm``, ``nn.RMSNorm``, a Hugging Face ``LlamaRMSNorm``
 or a hand-written norm qualify alike, and the compact model is still checked against the
 masked one.
@@ -58,7 +60,6 @@ def statistics_modules(gm: GraphModule, shapes: dict) -> set[str]:
                   if a not in nodes and a.op != "get_attr" and a.name in shapes}
         outputs = [n for n in nodes if n.name in shapes and any(u not in nodes for u in n.users)
                    and not _is_input_alias(n, inputs)]
-        if inputs and len(inputs) == len(outputs) and (sorted(shapes[a.name] for a in inputs)
-                                                       == sorted(shapes[n.name] for n in outputs)):
+        if inputs and len(inputs) == len(outputs):
             found.add(path)
     return found

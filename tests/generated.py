@@ -541,11 +541,37 @@ class Block(Kind):
         return _Block(Program(a["body"], [ins[0]]), proj, a["residual"] != "none")
 
 
+class _CachedScale(nn.Module):
+    """A per-channel scale read through a cache refreshed by ``train()``/``eval()`` (LeViT's attention biases):
+    the captured graph reads the cache as a constant and never the parameter."""
+
+    def __init__(self, c: int, layout: str):
+        super().__init__()
+        self.shape = (c, 1, 1) if layout == "nchw" else (c,)
+        self.scale = nn.Parameter(torch.rand(c) + 0.5)
+        self.cache = None
+
+    @torch.no_grad()
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.cache = None if mode else (2 * self.scale).view(self.shape)
+        return self
+
+    def forward(self, x):
+        return x * ((2 * self.scale).view(self.shape) if self.training else self.cache)
+
+
+class CachedScale(Kind):
+    def module(self, ins, a):
+        return _CachedScale(channels(ins[0]), ins[0][0])
+
+
 KINDS: dict[str, Kind] = {
     "act": Act(), "conv": Conv(), "linear": Linear(), "batchnorm": BatchNorm(), "layernorm": LayerNorm(),
     "groupnorm": GroupNorm(), "pool": Pool(), "gpool": GlobalPool(), "to_nhwc": ToChannelsLast(),
     "to_nchw": ToChannelsFirst(), "flatten": Flatten(), "head": Head(), "slice": Slice(), "se": SqueezeExcite(),
     "dup": Dup(), "swap": Swap(), "split": Split(), "add": Add(), "mul": Mul(), "cat": Cat(), "block": Block(),
+    "cached": CachedScale(),
 }
 
 

@@ -27,8 +27,8 @@ CONV_ND = (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.c
 
 def _conv(node, c, x, w, b, groups, transposed) -> None:
     xs, ws, os_ = c.shape(x), c.shape(w), c.shape(node)
-    if len(xs) != len(ws) or not c.is_param(w):
-        c.freeze_all(node, "convolution with an unbatched input or a weight that is not a parameter")
+    if len(xs) != len(ws) or (transposed and not c.is_param(w)):
+        c.freeze_all(node, "convolution with an unbatched input, or transposed with a weight that is not a parameter")
         return
     c.identity(x, 0, node, 0)
     for d in range(2, len(xs)):
@@ -47,7 +47,13 @@ def _conv(node, c, x, w, b, groups, transposed) -> None:
         return
     c.identity(node, 1, w, 0)
     cin_g, cout_g = ws[1], cout // groups
-    if groups == 1:
+    if groups == 1 and not c.is_param(w):
+        # output channels stay exact (each reads its own weight row). Input channels are exact only if the
+        # computed weight ignores removed ones, which standardisation (w - mean) / std over them does not:
+        # a site, so that the module runs on kept input channels alone (or frozen where it cannot)
+        c.identity(x, 1, w, 1)
+        c.normalise(x, 1, "input channels of a weight computed in the graph (weight standardisation)")
+    elif groups == 1:
         c.identity(x, 1, w, 1)
     elif cin_g == 1:  # depthwise (channel multiplier cout_g)
         c.freeze(w, 1, "depthwise kernel has one input channel per group")

@@ -1,4 +1,4 @@
-"""Indexing: slices, selections, items of multi-output ops, embedding lookups.
+"""Indexing: slices, selections, unbind, items of multi-output ops, embedding lookups.
 
 A contiguous slice is elements ``start:end`` of its input (an offset map); a strided or
 data-dependent one freezes the sliced dim. ``select`` freezes the dim it picks from.
@@ -98,6 +98,23 @@ def _select(node: Node, c) -> None:
     for d in range(n):
         if d != dim:
             c.identity(x, d, node, d - (d > dim))
+
+
+@register(aten.unbind.int)
+def _unbind(node: Node, c) -> None:
+    """Each output is one index of the unbound dim (a select per output), so that dim is frozen.
+
+    ``q, k, v = qkv.unbind(0)`` of a packed projection: the "3" is frozen here, which lets the
+    reshape pass tie the heads factor instead (see :mod:`fxprune.passes.reshape`).
+    """
+    x = node.args[0]
+    n = len(c.shape(x))
+    dim = arg(node, 1, "dim", 0) % n
+    c.freeze(x, dim, "unbind splits this dim into separate tensors")
+    for key in c.output_keys(node):
+        for d in range(n):
+            if d != dim:
+                c.identity(x, d, key, d - (d > dim))
 
 
 @register(operator.getitem)

@@ -14,6 +14,7 @@ import torch
 from torch.fx import Node
 
 from fxprune.passes.couplings import value_key
+from fxprune.passes.ops.arguments import arg
 from fxprune.passes.ops.registry import register
 
 aten = torch.ops.aten
@@ -21,11 +22,24 @@ aten = torch.ops.aten
 
 @register(aten.batch_norm.default, aten.instance_norm.default, aten._native_batch_norm_legit_no_training.default)
 def _batch_norm(node: Node, c) -> None:
-    """Per-channel statistics: weight, bias and running stats follow dim 1."""
+    """Per-channel statistics: weight, bias and running stats follow dim 1.
+
+    Statistics computed from the input (batch norm with ``training``, instance norm with
+    ``use_input_stats``, as weight standardisation does) reduce over the other dims.
+    """
     out = node if c.output_keys(node) == [node.name] else (node, 0)
     x = node.args[0]
-    for d in range(len(c.shape(x))):
+    n = len(c.shape(x))
+    if node.target is aten.batch_norm.default:
+        reduced = {d for d in range(n) if d != 1} if arg(node, 5, "training") else set()
+    elif node.target is aten.instance_norm.default:
+        reduced = set(range(2, n)) if arg(node, 5, "use_input_stats") else set()
+    else:
+        reduced = set()
+    for d in range(n):
         c.identity(x, d, out, d)
+        if d in reduced:
+            c.normalise(x, d, "statistics computed from the input span this dim")
     for p in node.args[1:5]:
         if isinstance(p, Node):
             c.identity(p, 0, out, 1)

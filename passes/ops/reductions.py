@@ -41,6 +41,12 @@ def _reduce_dims(node: Node, c, dims) -> None:
             j += 1
 
 
+@register(aten.linalg_vector_norm.default)
+def _vector_norm(node: Node, c) -> None:
+    """``linalg_vector_norm(x, ord, dim, keepdim)``: a reduction over ``dim`` (all dims when None)."""
+    _reduce_dims(node, c, arg(node, 2, "dim"))
+
+
 @register(aten.mean.default, aten.sum.default)
 def _reduce_all(node: Node, c) -> None:
     """A reduction to a scalar: nothing passes through."""

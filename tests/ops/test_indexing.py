@@ -28,6 +28,9 @@ CASES = [
     Case(aten.select.int, lin(lambda m, h: torch.stack([h, -h, 2 * h], 1)[:, 1]), dim=1),
     Case(aten.select.int, lin(lambda m, h: h[:, 3:4].expand(-1, 16) + h[:, 3, None]), dim=1, on_input=True,
          frozen="select picks one index"),
+    Case(aten.unbind.int, lin(lambda m, h: sum(torch.stack([h, -h, 2 * h]).unbind(0))), dim=(1, 1)),
+    Case(aten.unbind.int, lin(lambda m, h: sum(h.view(-1, 2, 8).unbind(1)), out=8), dim=1, on_input=True,
+         frozen="unbind splits this dim"),
     Case(operator.getitem, lin(lambda m, h: h.split(8, 1)[1], out=8), dim=1),
     Case(aten.embedding.default, lambda: Block(_embed, e=nn.Embedding(20, 16), b=nn.Linear(16, 4)), dim=-1),
 ]
