@@ -7,6 +7,7 @@ import torch
 
 import fxprune
 from fxprune import PruningError
+from tests.checks import assert_compact_matches_masked, fresh_like
 from tests.models import ARCHITECTURES
 
 
@@ -43,8 +44,9 @@ def test_compact_model_saves_and_reloads_without_its_class(tmp_path):
     small = pruning.compact()
     fxprune.save_compact(small, tmp_path / "small.pt2", x)
     reloaded = fxprune.load_compact(tmp_path / "small.pt2")
+    fresh = fresh_like(x)  # not the example it was saved with
     with torch.no_grad():
-        assert torch.allclose(reloaded(*x), small(*x), atol=1e-6)
+        torch.testing.assert_close(reloaded(*fresh), small(*fresh), atol=1e-6, rtol=1e-6)
 
 
 def test_explain_lists_groups_and_frozen_reasons():
@@ -85,11 +87,13 @@ def test_nan_weights_are_reported():
     assert pruning.sparsity == 0.0
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_models(dtype):
+# about one rounding of an O(0.1) output (8 and 11 bit mantissas); a wrong channel moves it by O(0.1)
+@pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, {"atol": 1e-3, "rtol": 1.6e-2}),
+                                        (torch.float16, {"atol": 1e-4, "rtol": 1e-3})], ids=["bfloat16", "float16"])
+def test_half_precision_models(dtype, tol):
     factory, inputs = ARCHITECTURES["MLP"]
     model = factory().to(dtype)
     x = tuple(t.to(dtype) for t in inputs())
     pruning = fxprune.compile(model, x, {"target_sparsity": 0.5}).prune()
-    pruning.compact(atol=1e-2)  # half precision: tolerance scaled to its 8-11 bit mantissa
-    assert pruning.compact_error <= 1e-2
+    small = pruning.compact(atol=1e-2)
+    assert_compact_matches_masked(pruning, small, fresh_like(x), **tol)  # also checks the dtype is kept
