@@ -11,17 +11,9 @@ import pytest
 import torch
 import torch.utils._pytree as pytree
 
-try:  # rootdir-relative (tests/ treated as a package) or plain test-dir import
-    from tests.models import ARCHITECTURES, hf_models
-except ImportError:  # pragma: no cover - depends on pytest import mode
-    from models import ARCHITECTURES, hf_models
+from tests.models import ARCHITECTURES, hf_models
 
-try:
-    _HF = hf_models()
-except ImportError:  # transformers not installed
-    _HF = {}
-
-_ALL = {**ARCHITECTURES, **_HF}
+_ALL = {**ARCHITECTURES, **hf_models()}  # transformers is a test dependency: missing, this fails
 
 
 def _tensors(out) -> list[torch.Tensor]:

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
 
 import fxprune
 
-transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.slow
 
 
