@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers as T
 
 import fxprune
-
-T = pytest.importorskip("transformers")
 
 LOCAL = {"target_sparsity": 0.5, "prune_domain": "local"}
 ATOL = 1e-4
