@@ -1,7 +1,7 @@
 """Which pruner owns which channel group, settled once when pruning is set up.
 
 Each config becomes one pruner; a channel group goes to the first config whose filters
-(``names``, ``excluded_names``, ``prune_layer_type``, ``prune_hidden_size``) select it, so
+(``names``, ``excluded_names``, ``frozen_names``, ``prune_layer_type``, ``prune_hidden_size``) select it, so
 no group is pruned twice. NxM and N:M configs take weights instead of groups. A filter that
 matches nothing is refused here, with what each filter matched: a config that selects
 nothing would otherwise prune nothing, silently. (How many channels a group keeps is
@@ -32,7 +32,7 @@ def assign_pruners(model: torch.nn.Module, grouping: Grouping,
     claimed: set[int] = set()
     pruners = []
     for i, cfg in enumerate(configs):
-        for key in ("names", "excluded_names"):
+        for key in ("names", "excluded_names", "frozen_names"):
             for pat in getattr(cfg, key):
                 if not any(re.search(pat, layer) for layer in layers):
                     raise ConfigError(f"{key} pattern {pat!r} matches no layer of the model "
@@ -46,14 +46,16 @@ def assign_pruners(model: torch.nn.Module, grouping: Grouping,
             open_groups.append(g)
             if cfg.names and not _matches(g, cfg.names):
                 continue
-            if cfg.excluded_names and _matches(g, cfg.excluded_names):
+            if cfg.excluded_names and _writes(g, cfg.excluded_names, grouping.called):
+                continue
+            if cfg.frozen_names and _matches(g, cfg.frozen_names):
                 continue
             if cfg.prune_layer_type and not _has_type(model, g, cfg.prune_layer_type):
                 continue
             chosen.append(g)
         if cfg.parsed_pattern.is_channel and open_groups and not chosen:
             where = f"pruners[{i}]" if len(configs) > 1 else "the config"
-            raise ConfigError(_why_nothing_selected(model, where, cfg, open_groups))
+            raise ConfigError(_why_nothing_selected(model, where, cfg, open_groups, grouping.called))
         if cfg.parsed_pattern.is_channel:
             claimed |= {g.index for g in chosen}
             modules = {m.name: params[m.name] for g in chosen for m in g.parameters if m.name in params}
@@ -95,6 +97,18 @@ def _matches(group: Group, patterns) -> bool:
     return any(re.search(p, m.name.rpartition(".")[0]) for m in group.parameters for p in patterns)
 
 
+def _writes(group: Group, patterns, called: set[str]) -> bool:
+    """The group holds the result of a matching module: excluding a layer keeps its own output width.
+
+    A layer the graph never calls as a module (its weights read by another one) has no result to
+    look at; for it, any group holding its parameters counts, as for ``frozen_names``.
+    """
+    if any(re.search(p, path) for path in group.writers for p in patterns):
+        return True
+    return any(re.search(p, layer) for m in group.parameters for p in patterns
+               if (layer := m.name.rpartition(".")[0]) not in called)
+
+
 def _has_type(model: torch.nn.Module, group: Group, types) -> bool:
     for m in group.parameters:
         layer = m.name.rpartition(".")[0]
@@ -107,15 +121,20 @@ def _has_type(model: torch.nn.Module, group: Group, types) -> bool:
     return False
 
 
-def _why_nothing_selected(model: torch.nn.Module, where: str, cfg: PruningConfig, open_groups: list[Group]) -> str:
+def _why_nothing_selected(model: torch.nn.Module, where: str, cfg: PruningConfig, open_groups: list[Group],
+                          called: set[str]) -> str:
     """Why a config's filters leave it no channel group, filter by filter."""
     reasons = []
     if cfg.names:
         n = sum(_matches(g, cfg.names) for g in open_groups)
         reasons.append(f"names {list(cfg.names)} match {n} of them")
     if cfg.excluded_names:
-        n = sum(_matches(g, cfg.excluded_names) for g in open_groups)
-        reasons.append(f"excluded_names {list(cfg.excluded_names)} exclude {n}")
+        n = sum(_writes(g, cfg.excluded_names, called) for g in open_groups)
+        reasons.append(f"excluded_names {list(cfg.excluded_names)} exclude {n} (the groups holding those layers' "
+                       "outputs)")
+    if cfg.frozen_names:
+        n = sum(_matches(g, cfg.frozen_names) for g in open_groups)
+        reasons.append(f"frozen_names {list(cfg.frozen_names)} exclude {n} (every group they are part of)")
     if cfg.prune_layer_type:
         classes = sorted({type(model.get_submodule(m.name.rpartition(".")[0])).__name__
                           for g in open_groups for m in g.parameters if "." in m.name})
@@ -147,7 +166,7 @@ def _element_modules(model: torch.nn.Module, cfg: PruningConfig) -> dict[str, to
             continue
         if cfg.names and not any(re.search(p, layer) for p in cfg.names):
             continue
-        if cfg.excluded_names and any(re.search(p, layer) for p in cfg.excluded_names):
+        if any(re.search(p, layer) for p in cfg.excluded_names + cfg.frozen_names):
             continue
         out[f"{layer}.weight" if layer else "weight"] = w
     return out

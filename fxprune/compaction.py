@@ -49,9 +49,9 @@ class Compaction:
         outputs on the example inputs: max abs error <= ``atol * max(1, max|y|)``.
         """
         self._require_channel("compact")
-        if not self._claimed:
-            raise PruningError(why_nothing_prunable(self.grouping, self.configs))
         if all(k.all() for k in self._kept.values()):
+            if not self._claimed:
+                raise PruningError(why_nothing_prunable(self.grouping, self.configs))
             raise PruningError("nothing is pruned yet: call prune(), set_kept() or fine-tune with the hooks "
                                "before compact()")
         self.apply_masks()  # weights changed outside the hooks (own loop, loaded checkpoint) are masked again

@@ -85,7 +85,8 @@ class PruningConfig:
     min_sparsity_ratio_per_op: float = 0.0
     sparsity_decay_type: str = "exp"
     names: tuple = ()
-    excluded_names: tuple = ()
+    excluded_names: tuple = ()  # these layers keep their output width; their inputs follow their producers
+    frozen_names: tuple = ()  # nothing of these layers is pruned (every group they are part of is left alone)
     prune_layer_type: tuple = ()
     round_to: int = 1
     magnitude_norm: str = "l2"
@@ -132,7 +133,7 @@ class PruningConfig:
             raise ConfigError(f"target_sparsity {s} is above what pattern {self.pattern} allows ({pattern.n / pattern.m})")
         if self.pruning_type not in registered_names():  # a list, unhashable, is refused too
             raise unknown_pruner(self.pruning_type)
-        for key in ("names", "excluded_names"):
+        for key in ("names", "excluded_names", "frozen_names"):
             for pat in getattr(self, key):
                 try:
                     re.compile(pat)
@@ -156,7 +157,7 @@ def _normalise(raw: dict, where: str) -> dict:
             close = difflib.get_close_matches(key, known, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(sorted(_FIELDS))}"
             raise ConfigError(f"unknown config key {key!r} in {where}{hint}")
-        if canon in ("names", "excluded_names", "prune_layer_type"):
+        if canon in ("names", "excluded_names", "frozen_names", "prune_layer_type"):
             value = (value,) if isinstance(value, str) else tuple(value)
             if canon == "excluded_names" and canon in out:
                 value = tuple(out[canon]) + value

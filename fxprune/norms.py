@@ -121,22 +121,29 @@ def sync_norms(model: nn.Module, grouping, keep: dict) -> None:
                     raise PruningError(f"norm layer {site.module} is applied to differently pruned channels at "
                                        "two call sites; it cannot be restricted to both")
                 continue
-            plans[site.module] = (site.input_dim, site.dim, len(mask), index, site.passes_through)
+            plans[site.module] = (site.input_dim, site.dim, len(mask), index, site.passes_through,
+                                  _channels(grouping, site.space))
     modules = dict(model.named_modules())
-    for path, (dim, stat_dim, size, index, through) in plans.items():
+    for path, (dim, stat_dim, size, index, through, channels) in plans.items():
         module = modules.get(path)
         if module is None:
             raise PruningError(f"norm layer {path} of the captured graph is not a submodule of the model")
         params = {}
         for name, p in module.named_parameters(recurse=False):
-            for d in range(p.dim()):
+            for d in range(p.dim()):  # only the dims holding the restricted channels (not a conv's outputs)
                 m = keep.get((PARAM_PREFIX + f"{path}.{name}", d))
-                if m is not None:
+                if m is not None and _channels(grouping, (PARAM_PREFIX + f"{path}.{name}", d)) == channels:
                     params[name] = (d, torch.from_numpy(np.flatnonzero(m)))
         _install(module, (dim, stat_dim, size, torch.from_numpy(index).to(_device(module)), params, through))
     for path, module in modules.items():
         if path not in plans:
             _uninstall(module)
+
+
+def _channels(grouping, space) -> frozenset:
+    """The group channels (global atoms) a space holds."""
+    atoms = grouping.space_atoms.get(space)
+    return frozenset() if atoms is None else frozenset(atoms[atoms >= 0].tolist())
 
 
 def _device(module: nn.Module) -> torch.device:

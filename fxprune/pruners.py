@@ -8,6 +8,8 @@ step turns scores into kept channels per group (:mod:`fxprune.selection`).
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -92,6 +94,7 @@ class Pruner:
         self.update_frequency_on_step = config.update_frequency_on_step
         self.target_sparsity_ratio = config.target_sparsity
         self.max_sparsity_ratio_per_layer = config.max_sparsity_ratio_per_layer
+        self.notes: list[str] = []  # where a request was adjusted to be feasible (see _note_adjustments)
 
     # -- scoring hooks (override what the criterion needs) ---------------------------
     def on_before_optimizer_step(self) -> None:
@@ -115,8 +118,31 @@ class Pruner:
             counts = uniform_counts(scores, repeated_blocks(self.groups), **options)
         else:
             counts = prune_counts(scores, **options)
+        self._note_adjustments(sparsity, counts)
         parts = {g.index: g.parts for g in self.groups}
         return {g: choose_kept(scores[g], counts[g], parts[g]) for g in scores}
+
+    def _note_adjustments(self, sparsity: float, counts: dict[int, int]) -> None:
+        """Say where the requested target could not be met as asked, once per reason (a warning and the report)."""
+        cfg, sizes = self.config, {g.index: g.size for g in self.groups}
+        total = sum(sizes.values())
+        reached = sum(counts.values()) / total if total else 0.0
+        found = []
+        small = sorted({n for n in sizes.values() if 1 < cfg.round_to and n <= cfg.round_to})
+        if small:
+            found.append(f"round_to={cfg.round_to} is not smaller than {sum(n in small for n in sizes.values())} "
+                         f"groups (sizes {small[:5]}), which are pruned without rounding")
+        step = cfg.round_to * (len(sizes) if cfg.prune_domain == "local" else 1)  # what rounding alone may move
+        if sparsity == cfg.target_sparsity and total and abs(reached - sparsity) > max(0.01, step / total):
+            why = ("every group keeps at least one channel and at most "
+                   f"max_sparsity_ratio_per_layer={cfg.max_sparsity_ratio_per_layer} of its channels go")
+            if cfg.round_to > 1:
+                why += f", and kept counts are rounded to multiples of round_to={cfg.round_to}"
+            found.append(f"target_sparsity {sparsity} reached {reached:.4f} over its {len(sizes)} groups: {why}")
+        for note in found:
+            if note not in self.notes:
+                self.notes.append(note)
+                warnings.warn(f"{cfg.pruning_type} pruner: {note}", UserWarning, stacklevel=5)
 
     def element_masks(self, sparsity: float) -> dict[str, torch.Tensor]:
         """Masks of the mask-only patterns (NxM blocks, N:M) at ``sparsity``."""

@@ -31,6 +31,7 @@ class Report:
     channel_sparsity: float
     groups: int
     blocked: dict = field(default_factory=dict)
+    notes: list = field(default_factory=list)  # requests adjusted to be feasible (a target, round_to), per pruner
 
     @property
     def macs_ratio(self) -> float:
@@ -50,6 +51,7 @@ class Report:
         lines.append(f"groups: {self.groups}, channel sparsity: {self.channel_sparsity:.1%}")
         lines.append(f"params: {self.params_before:,} → {self.params_after:,} ({self.params_ratio:.2f}x smaller)")
         lines.append(f"MACs:   {self.macs_before:,} → {self.macs_after:,} ({self.macs_ratio:.2f}x fewer)")
+        lines += [f"note: {note}" for note in self.notes]
         return "\n".join(lines)
 
 
@@ -69,4 +71,4 @@ def build_report(pruning, params_before, params_after, macs_before, macs_after) 
         rows.append(LayerRow(name.rpartition(".")[0] or name, p.shape[0], keep_len.get((name, 0), p.shape[0]),
                              p.shape[1], keep_len.get((name, 1), p.shape[1])))
     return Report(rows, params_before, params_after, macs_before, macs_after, pruning.sparsity, len(pruning.groups),
-                  dict(pruning.grouping.blocked))
+                  dict(pruning.grouping.blocked), [n for p in pruning.pruners for n in p.notes])

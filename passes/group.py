@@ -60,6 +60,7 @@ class Group:
     members: list[Member]
     parts: list[np.ndarray] = field(repr=False, default_factory=list)  # channel sets of tensors made only of group channels
     norms: list[NormSite] = field(repr=False, default_factory=list)  # norm statistics spanning these channels
+    writers: set[str] = field(repr=False, default_factory=set)  # layers whose result holds these channels
 
     @property
     def normalized(self) -> bool:
@@ -107,6 +108,7 @@ class Grouping:
     seconds: float
     dynamic: set = field(default_factory=set)  # (value, dim) spaces whose size follows a dynamic input dim
     norm_modules: list[str] = field(default_factory=list)  # modules whose statistics span channel dims
+    called: set[str] = field(default_factory=set)  # layers (modules with parameters) the graph calls
 
 
 def _collect_shapes(gm: GraphModule) -> tuple[dict[str, tuple], dict[str, tuple]]:
@@ -293,6 +295,14 @@ def group_channels(gm: GraphModule) -> Grouping:
         for gi in sorted(owners):
             if site not in groups[gi].norms:
                 groups[gi].norms.append(site)
+    results = _module_results(gm, c.shapes)
+    for path, keys in results.items():
+        for key in keys:
+            for dim in range(len(c.shapes[key])):
+                labs = space_atoms.get((key, dim))
+                if labs is not None and (labs >= 0).any():
+                    for gi in set(atom_group[labs[labs >= 0]].tolist()) - {-1}:
+                        groups[gi].writers.add(path)
     blocked = {}
     for (key, dim), labs in space_labels.items():
         if key.startswith(PARAM_PREFIX) and len(labs) > 1 and (labs < 0).all():
@@ -300,7 +310,22 @@ def group_channels(gm: GraphModule) -> Grouping:
             blocked[(key[len(PARAM_PREFIX):], dim)] = frozen_label_reason.get(int(lab), "?")
     dynamic = {(k, d) for k in c.exprs for d in range(len(c.shapes[k])) if c.is_dynamic(k, d)}
     return Grouping(groups, space_atoms, atom_group, atom_local, dict(c.frozen), blocked, c.shapes,
-                    time.perf_counter() - start, dynamic, sorted({site.module for site in c.norms}))
+                    time.perf_counter() - start, dynamic, sorted({site.module for site in c.norms}), set(results))
+
+
+def _module_results(gm: GraphModule, shapes: dict) -> dict[str, set[str]]:
+    """For every layer called in the graph (a module with parameters of its own), the values it
+    returns to its caller (read outside it)."""
+    layers = {str(n.target).rpartition(".")[0] for n in gm.graph.nodes if n.op == "get_attr"}
+    inside: dict[str, set] = {}
+    for node in gm.graph.nodes:
+        for path, _ in (node.meta.get("nn_module_stack") or {}).values():
+            if path in layers and path:
+                inside.setdefault(path, set()).add(node)
+    results: dict[str, set[str]] = {}
+    for path, nodes in inside.items():
+        results[path] = {n.name for n in nodes if n.name in shapes and any(u not in nodes for u in n.users)}
+    return results
 
 
 def _align_norm_sites(gm: GraphModule, sites: list[NormSite], space_atoms: dict, shapes: dict) -> list[NormSite]:

@@ -87,7 +87,7 @@ def check_exact(arch: dict, sparsity: float, mask_seed: int, dtype=torch.float32
     kept = random_masks(p.groups, sparsity, mask_seed)
     p.set_kept(kept)
     if all(k.all() for k in kept.values()):  # nothing can be pruned: compact() says so
-        with pytest.raises(fxprune.PruningError, match="nothing is pruned"):
+        with pytest.raises(fxprune.PruningError, match="nothing is pruned|no group was prunable"):
             p.compact()
         return p, None
     small = p.compact(atol=atol)

@@ -19,15 +19,15 @@ from tests.models_outside import STRUCTURES
 CONFIG = {"target_sparsity": 0.5, "pruning_scope": "local", "excluded_names": ["head"]}
 # structure -> (needs prune_hidden_size, {compact parameter: expected shape})
 EXPECT = {
-    "cached-bias-attention": (False, {"blocks.0.qkv.weight": (48, 32), "blocks.0.proj.weight": (32, 16),
-                                      "mlps.0.0.weight": (32, 32)}),
+    "cached-bias-attention": (False, {"blocks.0.qkv.weight": (48, 16), "blocks.0.proj.weight": (16, 16),
+                                      "mlps.0.0.weight": (32, 16)}),
+    # the residual stream is LayerNorm-spanned here and pruned only with prune_hidden_size
     "packed-qkv-vit": (False, {"attns.0.qkv.weight": (48, 32), "attns.1.proj.weight": (32, 16),
                                "mlps.1.0.weight": (32, 32)}),
-    # the residual streams reach the excluded head, so they keep their width; what is inside the blocks prunes
-    "std-conv": (True, {"conv1.weight": (16, 16, 3, 3), "conv2.weight": (16, 16, 3, 3), "conv1.gain": (16, 1, 1, 1)}),
-    "grn": (True, {"blocks.0.pw1.weight": (32, 16), "blocks.0.grn.gamma": (1, 1, 1, 32), "blocks.1.pw2.weight": (16, 32)}),
-    "gated-mlp": (True, {"blocks.0.1.weight": (64, 32), "blocks.0.3.norm.weight": (32,), "blocks.0.4.weight": (32, 32)}),
-    "autocast-off": (False, {"embed.weight": (16, 3, 4, 4), "qkv.weight": (96, 16), "proj.weight": (32, 32)}),
+    "std-conv": (True, {"conv1.weight": (16, 8, 3, 3), "conv2.weight": (8, 16, 3, 3), "conv1.gain": (16, 1, 1, 1)}),
+    "grn": (True, {"blocks.0.pw1.weight": (32, 8), "blocks.0.grn.gamma": (1, 1, 1, 32), "blocks.1.pw2.weight": (8, 32)}),
+    "gated-mlp": (True, {"blocks.0.1.weight": (64, 16), "blocks.0.3.norm.weight": (32,), "blocks.0.4.weight": (16, 32)}),
+    "autocast-off": (False, {"embed.weight": (16, 3, 4, 4), "qkv.weight": (96, 16), "proj.weight": (16, 32)}),
 }
 
 

@@ -115,8 +115,17 @@ def test_several_pruners_local_settings_override_global():
     pruning.prune()
     conv1 = next(g for g in pruning.groups if any(m.name == "conv1.weight" and m.dim == 0 for m in g.parameters))
     assert len(pruning.kept_channels[conv1.index]) == conv1.size - conv1.size // 4
-    fc_groups = [g for g in pruning.groups if any(m.name.startswith("fc") for m in g.parameters)]
-    assert all(len(pruning.kept_channels[g.index]) == g.size for g in fc_groups)
+    # excluded fc1/fc2 keep their output widths; fc1's input channels (conv3's outputs) still prune
+    kept = {m.name: len(pruning.kept_channels[g.index]) for g in pruning.groups for m in g.parameters if m.dim == 0}
+    assert (kept["fc1.weight"], kept["conv3.weight"]) == (64, 16)
+
+
+def test_frozen_names_leave_every_group_of_the_layer_alone():
+    factory, inputs = ARCHITECTURES["PlainCNN"]
+    pruning = fxprune.compile(factory(), inputs(), {"target_sparsity": 0.5, "prune_domain": "local",
+                                                    "frozen_names": ["fc1"]}).prune()
+    kept = {m.name: len(pruning.kept_channels[g.index]) for g in pruning.groups for m in g.parameters if m.dim == 0}
+    assert (kept["fc1.weight"], kept["conv3.weight"], kept["conv2.weight"]) == (64, 32, 16)
 
 
 def test_state_resumes_to_the_same_masks(tmp_path):
