@@ -57,12 +57,23 @@ def compile(model: torch.nn.Module, example_inputs: tuple, config: dict | Prunin
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"fxprune.compile takes a torch.nn.Module, got {type(model).__name__}; pass the model "
                         "object itself (e.g. the result of MyNet() or from_pretrained)")
+    _refuse_meta(model)
     configs = parse_config(config)
     work = model if inplace else copy.deepcopy(model)
     captured = capture(work, example_inputs, example_kwargs, dynamic_shapes)
     grouping = group_channels(captured.graph_module)
     _warn_dynamic_freezes(grouping, {n for n, _ in work.named_parameters(remove_duplicate=False)})
     return Pruning(work, captured, grouping, configs)
+
+
+def _refuse_meta(model: torch.nn.Module) -> None:
+    """A model built on the meta device (``with torch.device("meta")``) has shapes but no values: there is
+    nothing to score, capture or compare, so it is refused before anything is copied."""
+    meta = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if meta:
+        raise ValueError(f"{type(model).__name__} has {len(meta)} parameters or buffers on the meta device (e.g. "
+                         f"{meta[0]}): they have shapes but no values, so there is nothing to prune by; load or "
+                         "initialise the weights first, e.g. model.to_empty(device='cpu') then load a state dict")
 
 
 def _warn_dynamic_freezes(grouping: Grouping, parameters: set[str]) -> None:

@@ -1,0 +1,43 @@
+"""Models and files fxprune cannot use are refused with an error that names the problem and the fix,
+and nothing is changed: a model on the meta device."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fxprune
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+
+
+def snapshot(model: nn.Module) -> dict:
+    return {k: (v.device, v.dtype, v.shape, None if v.is_meta else v.clone()) for k, v in model.state_dict().items()}
+
+
+def assert_unchanged(model: nn.Module, before: dict) -> None:
+    now = snapshot(model)
+    assert now.keys() == before.keys()
+    for k, (device, dtype, shape, value) in before.items():
+        assert now[k][:3] == (device, dtype, shape), k
+        assert value is None or torch.equal(now[k][3], value), k
+
+
+def test_compile_refuses_a_model_on_the_meta_device():
+    with torch.device("meta"):
+        model = mlp()
+    before = snapshot(model)
+    for inputs in ((torch.randn(2, 8),), (torch.randn(2, 8, device="meta"),)):
+        with pytest.raises(ValueError, match=r"Sequential has 4 parameters or buffers on the meta device \(e\.g\. "
+                                             r"0\.weight\): they have shapes but no values.*load or initialise the "
+                                             r"weights first, e\.g\. model\.to_empty\(device='cpu'\) then load a "
+                                             r"state dict"):
+            fxprune.compile(model, inputs, {"target_sparsity": 0.5}, inplace=True)
+    assert_unchanged(model, before)
+    # the fix the message names works
+    model.to_empty(device="cpu").load_state_dict(mlp().state_dict())
+    assert fxprune.compile(model, (torch.randn(2, 8),), {"target_sparsity": 0.5}).prune().compact() is not None
