@@ -1,6 +1,6 @@
 """Exporters: compact ONNX export and onnxruntime latency benchmarks."""
 
-from .onnx_export import OnnxExport, OnnxMismatchError, export_onnx
+from .onnx_export import OnnxExport, OnnxExportError, OnnxMismatchError, export_onnx
 from .ort_benchmark import BenchmarkResult, benchmark
 
-__all__ = ["export_onnx", "OnnxExport", "OnnxMismatchError", "benchmark", "BenchmarkResult"]
+__all__ = ["export_onnx", "OnnxExport", "OnnxExportError", "OnnxMismatchError", "benchmark", "BenchmarkResult"]

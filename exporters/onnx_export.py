@@ -25,7 +25,8 @@ from torch.utils._pytree import tree_leaves
 from fxprune.errors import FxPruneError
 from fxprune.passes.shapes import dynamic_dims_of, export_program
 
-__all__ = ["OnnxExport", "OnnxMismatchError", "compare_outputs", "export_onnx", "run_onnxruntime"]
+__all__ = ["OnnxExport", "OnnxExportError", "OnnxMismatchError", "check_exportable", "compare_outputs", "export_onnx",
+           "run_onnxruntime"]
 
 # protobuf cannot serialise a single message larger than 2 GiB; leave headroom
 # for the graph itself when deciding whether weights can stay inline.
@@ -38,6 +39,10 @@ _NOISY_LOGGERS = ("torch.onnx", "onnxscript")
 
 class OnnxMismatchError(FxPruneError, RuntimeError):
     """ONNX Runtime and PyTorch disagree on the example inputs."""
+
+
+class OnnxExportError(FxPruneError, ValueError):
+    """The model cannot be exported to ONNX as it is (e.g. bfloat16 weights or inputs)."""
 
 
 @dataclass(frozen=True)
@@ -162,6 +167,8 @@ def export_onnx(
     ------
     ValueError
         If ``example_inputs`` is not a tuple.
+    OnnxExportError
+        If a parameter, buffer or example input is bfloat16 (refused before anything is written).
     OnnxMismatchError
         If ``check`` is set and the outputs differ by more than ``atol``.
     """
@@ -170,6 +177,7 @@ def export_onnx(
             f"example_inputs must be a tuple of positional inputs, got {type(example_inputs).__name__}; "
             "wrap a single tensor as (x,)"
         )
+    check_exportable(model, example_inputs, example_kwargs)
     out_path = Path(path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     inline = _state_bytes(model) < _INLINE_LIMIT_BYTES
@@ -217,6 +225,22 @@ def export_onnx(
         num_nodes=len(proto.graph.node),
         size_bytes=_file_bytes(out_path, proto),
     )
+
+
+def check_exportable(model: torch.nn.Module, example_inputs: tuple, example_kwargs: dict | None = None) -> None:
+    """Raise :class:`OnnxExportError` where ``export_onnx`` would fail for a known reason, before any work.
+
+    bfloat16 fails deep in the exporter or the checker (opset 18's Conv has no bfloat16) or in onnxruntime
+    (no bfloat16 Gemm on CPU): say so up front, with the float32 route that works."""
+    tensors = [*model.named_parameters(), *model.named_buffers(),
+               *((f"input {i}", t) for i, t in enumerate(tree_leaves((tuple(example_inputs), dict(example_kwargs or {}))))
+                 if isinstance(t, torch.Tensor))]
+    bf16 = [name for name, t in tensors if t.dtype == torch.bfloat16]
+    if bf16:
+        raise OnnxExportError(
+            f"ONNX export of bfloat16 is not supported ({len(bf16)} bfloat16 tensors, e.g. {bf16[0]}): ONNX opset 18 "
+            "Conv and onnxruntime's CPU kernels do not take it, so the file could not be checked or run; export a "
+            "float32 copy: copy.deepcopy(model).float() with float32 inputs (x.float())")
 
 
 def run_onnxruntime(path: str, example_inputs: tuple, example_kwargs: dict | None = None,

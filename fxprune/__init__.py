@@ -10,7 +10,8 @@ from fxprune.config import PruningConfig, parse_config, parse_pattern
 from fxprune.errors import (CaptureError, CompactionError, ConfigError, ExampleInputsError, FxPruneError,
                             PruningError)
 from fxprune.explain import Explanation, explain
-from fxprune.exporters import BenchmarkResult, OnnxExport, OnnxMismatchError, benchmark, export_onnx
+from fxprune.exporters import (BenchmarkResult, OnnxExport, OnnxExportError, OnnxMismatchError, benchmark,
+                               export_onnx)
 from fxprune.plan import load_compact, load_plan, save_compact
 from fxprune.pruners import (MagnitudePruner, PatternLockPruner, Pruner, SnipMomentumPruner, SnipPruner,
                              TaylorPruner, get_pruner, register_pruners)
@@ -23,6 +24,6 @@ __all__ = [
     "explain", "Explanation", "save_compact", "load_compact", "load_plan",
     "export_onnx", "OnnxExport", "benchmark", "BenchmarkResult",
     "FxPruneError", "CaptureError", "ConfigError", "ExampleInputsError", "PruningError", "CompactionError",
-    "OnnxMismatchError",
+    "OnnxMismatchError", "OnnxExportError",
 ]
 __version__ = "0.1.0"

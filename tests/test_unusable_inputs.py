@@ -1,13 +1,16 @@
 """Models and files fxprune cannot use are refused with an error that names the problem and the fix,
-and nothing is changed: a model on the meta device."""
+and nothing is changed: a model on the meta device, ONNX export of bfloat16."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
 import torch.nn as nn
 
 import fxprune
+from fxprune import FxPruneError, OnnxExportError
 
 
 def mlp() -> nn.Module:
@@ -41,3 +44,22 @@ def test_compile_refuses_a_model_on_the_meta_device():
     # the fix the message names works
     model.to_empty(device="cpu").load_state_dict(mlp().state_dict())
     assert fxprune.compile(model, (torch.randn(2, 8),), {"target_sparsity": 0.5}).prune().compact() is not None
+
+
+def test_export_onnx_refuses_bfloat16_before_writing(tmp_path):
+    model = mlp().to(torch.bfloat16)
+    before = snapshot(model)
+    x = torch.randn(2, 8, dtype=torch.bfloat16)
+    path = tmp_path / "out" / "bf16.onnx"
+    with pytest.raises(OnnxExportError, match=r"ONNX export of bfloat16 is not supported \(5 bfloat16 tensors, "
+                                              r"e\.g\. 0\.weight\).*export a float32 copy: "
+                                              r"copy\.deepcopy\(model\)\.float\(\)") as info:
+        fxprune.export_onnx(model, path, (x,))
+    assert isinstance(info.value, FxPruneError)
+    assert not path.parent.exists()
+    assert_unchanged(model, before)
+    with pytest.raises(OnnxExportError, match="e.g. input 0"):  # a float32 model given bfloat16 inputs
+        fxprune.export_onnx(mlp(), path, (x,), check=False)
+    # the fix the message names works
+    result = fxprune.export_onnx(copy.deepcopy(model).float(), path, (x.float(),))
+    assert result.max_abs_error < 1e-4
