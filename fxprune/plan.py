@@ -8,7 +8,9 @@ layout is fingerprinted so a plan never lands on a different architecture.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 
 import numpy as np
 import torch
@@ -85,5 +87,52 @@ def save_compact(module: torch.nn.Module, path: str | os.PathLike, example_input
 
 
 def load_compact(path: str | os.PathLike) -> torch.nn.Module:
-    """Load a model saved by :func:`save_compact` as a callable module."""
-    return torch.export.load(path).module()
+    """Load a model saved by :func:`save_compact` as a callable module.
+
+    Raises ``FileNotFoundError`` where there is no such file, and :class:`PruningError` where the file
+    cannot be read as one (truncated, or another kind of file). torch logs such a failure as a
+    traceback; that log is held back, and its first line goes into the error instead.
+    """
+    name = os.fspath(path)
+    if os.path.isdir(name):
+        raise IsADirectoryError(f"{name} is a folder; pass the .pt2 file that fxprune.save_compact wrote")
+    if not os.path.isfile(name):
+        raise FileNotFoundError(f"{name}: no such file; write one with fxprune.save_compact(model, path, "
+                                "example_inputs)")
+    with _held_log("torch.export") as held:
+        try:
+            return torch.export.load(name).module()
+        except Exception as err:
+            cause = next((r.exc_info[1] for r in reversed(held.records) if r.exc_info), err)
+            raise PruningError(f"{name} cannot be loaded: truncated or not a .pt2 written by save_compact "
+                               f"({type(cause).__name__}: {_first_sentence(cause)}); save it again with "
+                               "fxprune.save_compact") from err
+
+
+def _first_sentence(err: BaseException) -> str:
+    """torch's reader errors run to several sentences of advice after the cause (and may open with
+    ``[enforce fail at file.cc:N] .``): the cause alone."""
+    text = re.sub(r"^\[enforce fail[^\]]*\]\s*\.?\s*", "", str(err).strip())
+    return (text.splitlines() or [""])[0].split(". ")[0][:200]
+
+
+class _held_log(logging.Handler):
+    """Context manager: the records of logger ``name`` (and of its children that have no handler of their
+    own) are kept here instead of going to its handlers."""
+
+    def __init__(self, name: str):
+        super().__init__(logging.DEBUG)
+        self.logger = logging.getLogger(name)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def __enter__(self) -> "_held_log":  # torch gives its loggers stderr handlers of their own: swap them out
+        self.saved = self.logger.handlers[:], self.logger.propagate
+        self.logger.handlers = [self]
+        self.logger.propagate = False
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.logger.handlers, self.logger.propagate = self.saved

@@ -1,16 +1,17 @@
 """Models and files fxprune cannot use are refused with an error that names the problem and the fix,
-and nothing is changed: a model on the meta device, ONNX export of bfloat16."""
+and nothing is changed: a model on the meta device, ONNX export of bfloat16, a truncated .pt2."""
 
 from __future__ import annotations
 
 import copy
+import logging
 
 import pytest
 import torch
 import torch.nn as nn
 
 import fxprune
-from fxprune import FxPruneError, OnnxExportError
+from fxprune import FxPruneError, OnnxExportError, PruningError
 
 
 def mlp() -> nn.Module:
@@ -63,3 +64,27 @@ def test_export_onnx_refuses_bfloat16_before_writing(tmp_path):
     # the fix the message names works
     result = fxprune.export_onnx(copy.deepcopy(model).float(), path, (x.float(),))
     assert result.max_abs_error < 1e-4
+
+
+def test_load_compact_of_a_truncated_file_is_one_quiet_error(tmp_path, capfd):
+    x = torch.randn(2, 8)
+    small = fxprune.compile(mlp(), (x,), {"target_sparsity": 0.5}).prune().compact()
+    whole = tmp_path / "small.pt2"
+    fxprune.save_compact(small, whole, (x,))
+    data = whole.read_bytes()
+    cut = tmp_path / "cut.pt2"
+    cut.write_bytes(data[: len(data) // 2])
+    handlers = list(logging.getLogger("torch.export").handlers)
+    capfd.readouterr()
+    with pytest.raises(PruningError, match=rf"{cut} cannot be loaded: truncated or not a \.pt2 written by "
+                                           r"save_compact \(.*central directory\)"):
+        fxprune.load_compact(cut)
+    assert capfd.readouterr().err == ""  # torch logs a 15-line traceback here; it is held back
+    assert logging.getLogger("torch.export").handlers == handlers
+    assert cut.read_bytes() == data[: len(data) // 2]
+    with pytest.raises(FileNotFoundError, match="no such file; write one with fxprune.save_compact"):
+        fxprune.load_compact(tmp_path / "missing.pt2")
+    with pytest.raises(IsADirectoryError, match="is a folder"):
+        fxprune.load_compact(tmp_path)
+    with torch.no_grad():  # the whole file still loads
+        torch.testing.assert_close(fxprune.load_compact(whole)(x), small(x))
