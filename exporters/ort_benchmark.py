@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -228,12 +228,14 @@ def _validate(
     return base
 
 
-def _random_inputs(session: Any, seed: int) -> dict[str, np.ndarray]:
-    """Build a feed from the session's declared inputs; symbolic dims become 1."""
+def _random_inputs(session: Any, seed: int, size_of: Callable[[Any, int, Any], int] | None = None
+                   ) -> dict[str, np.ndarray]:
+    """Build a feed from the session's declared inputs; symbolic dims become 1, or ``size_of(input, index, dim)``."""
     rng = np.random.default_rng(seed)
     feed: dict[str, np.ndarray] = {}
     for meta in session.get_inputs():
-        shape = tuple(d if isinstance(d, int) and d > 0 else 1 for d in meta.shape)
+        shape = tuple(d if isinstance(d, int) and d > 0 else size_of(meta, i, d) if size_of else 1
+                      for i, d in enumerate(meta.shape))
         dtype = _ORT_DTYPES.get(meta.type)
         if dtype is None:
             raise ValueError(f"input {meta.name!r}: cannot generate random data for type {meta.type}")
