@@ -88,7 +88,7 @@ class PruningConfig:
     excluded_names: tuple = ()  # these layers keep their output width; their inputs follow their producers
     frozen_names: tuple = ()  # nothing of these layers is pruned (every group they are part of is left alone)
     prune_layer_type: tuple = ()
-    round_to: int = 1
+    round_to: int | str = "auto"  # "auto": kept widths aligned to 16 elements where a group is wide enough
     magnitude_norm: str = "l2"
     prune_hidden_size: bool = False  # also prune groups spanned by LayerNorm/RMSNorm statistics
     uniform_layers: bool = False  # the same role in every repeated block keeps the same width
@@ -121,8 +121,9 @@ class PruningConfig:
             raise ConfigError(f"prune_domain must be 'global' or 'local', got {self.prune_domain!r}")
         if self.sparsity_decay_type not in DECAY_TYPES:
             raise ConfigError(f"sparsity_decay_type must be one of {DECAY_TYPES}, got {self.sparsity_decay_type!r}")
-        if not isinstance(self.round_to, int) or self.round_to < 1:
-            raise ConfigError(f"round_to must be an integer >= 1, got {self.round_to!r}")
+        if self.round_to != "auto" and (isinstance(self.round_to, bool) or not isinstance(self.round_to, int)
+                                        or self.round_to < 1):
+            raise ConfigError(f"round_to must be an integer >= 1 or 'auto', got {self.round_to!r}")
         if self.magnitude_norm not in ("l1", "l2"):
             raise ConfigError(f"magnitude_norm must be 'l1' or 'l2', got {self.magnitude_norm!r}")
         for key in ("prune_hidden_size", "uniform_layers"):

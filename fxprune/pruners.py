@@ -19,7 +19,7 @@ from fxprune.importance import group_scores
 from fxprune.patterns import n_of_m_masks, nxm_masks, pattern_lock_masks
 from fxprune.registry import PRUNERS, registered_names, unknown_pruner
 from fxprune.schedulers import get_scheduler
-from fxprune.selection import choose_kept, prune_counts, repeated_blocks, uniform_counts
+from fxprune.selection import aligned_round_to, choose_kept, prune_counts, repeated_blocks, uniform_counts
 
 __all__ = ["PRUNERS", "register_pruners", "get_pruner", "registered_names", "Pruner", "MagnitudePruner",
            "SnipPruner", "SnipMomentumPruner", "TaylorPruner", "PatternLockPruner"]
@@ -112,32 +112,41 @@ class Pruner:
         """Kept-channel mask per group index at overall ``sparsity``."""
         scores = {g.index: self.channel_scores(g) for g in self.groups}
         cfg = self.config
+        round_to = ({g.index: aligned_round_to(g) for g in self.groups} if cfg.round_to == "auto"
+                    else cfg.round_to)
         options = dict(target=sparsity, scope=cfg.prune_domain, max_ratio=cfg.max_sparsity_ratio_per_layer,
-                       min_ratio=cfg.min_sparsity_ratio_per_op, round_to=cfg.round_to)
+                       min_ratio=cfg.min_sparsity_ratio_per_op, round_to=round_to)
         if cfg.uniform_layers:
             counts = uniform_counts(scores, repeated_blocks(self.groups), **options)
         else:
             counts = prune_counts(scores, **options)
-        self._note_adjustments(sparsity, counts)
+        self._note_adjustments(sparsity, counts, round_to)
         parts = {g.index: g.parts for g in self.groups}
         return {g: choose_kept(scores[g], counts[g], parts[g]) for g in scores}
 
-    def _note_adjustments(self, sparsity: float, counts: dict[int, int]) -> None:
+    def _note_adjustments(self, sparsity: float, counts: dict[int, int], round_to) -> None:
         """Say where the requested target could not be met as asked, once per reason (a warning and the report)."""
         cfg, sizes = self.config, {g.index: g.size for g in self.groups}
+        rounding = cfg.round_to if isinstance(cfg.round_to, int) else 1  # "auto" rounds only where it fits
         total = sum(sizes.values())
         reached = sum(counts.values()) / total if total else 0.0
         found = []
-        small = sorted({n for n in sizes.values() if 1 < cfg.round_to and n <= cfg.round_to})
+        small = sorted({n for n in sizes.values() if 1 < rounding and n <= rounding})
         if small:
             found.append(f"round_to={cfg.round_to} is not smaller than {sum(n in small for n in sizes.values())} "
                          f"groups (sizes {small[:5]}), which are pruned without rounding")
-        step = cfg.round_to * (len(sizes) if cfg.prune_domain == "local" else 1)  # what rounding alone may move
+        # what an explicit round_to alone may move the total by; "auto" is held to 1% of the channels
+        step = rounding * (len(sizes) if cfg.prune_domain == "local" else 1) if isinstance(cfg.round_to, int) else 1
         if sparsity == cfg.target_sparsity and total and abs(reached - sparsity) > max(0.01, step / total):
-            why = ("every group keeps at least one channel and at most "
-                   f"max_sparsity_ratio_per_layer={cfg.max_sparsity_ratio_per_layer} of its channels go")
-            if cfg.round_to > 1:
-                why += f", and kept counts are rounded to multiples of round_to={cfg.round_to}"
+            capped = [g for g, n in sizes.items() if counts[g] >= min(int(n * cfg.max_sparsity_ratio_per_layer), n - 1)]
+            reasons = []
+            if capped:
+                reasons.append(f"{len(capped)} groups are at their cap (every group keeps at least one channel, and at "
+                               f"most max_sparsity_ratio_per_layer={cfg.max_sparsity_ratio_per_layer} of its channels go)")
+            if max(round_to.values(), default=1) > 1 if isinstance(round_to, dict) else round_to > 1:
+                reasons.append(f"kept counts are rounded to aligned widths (round_to={cfg.round_to!r}; round_to=1 "
+                               "gives exact counts)")
+            why = "; ".join(reasons) or "groups are pruned in whole channels"
             found.append(f"target_sparsity {sparsity} reached {reached:.4f} over its {len(sizes)} groups: {why}")
         for note in found:
             if note not in self.notes:

@@ -86,7 +86,7 @@ def test_a_llama_whose_vocabulary_equals_its_ffn_width_reloads(tmp_path):
 
 
 @pytest.mark.parametrize("build, x, config, layer", [
-    (_llama, IDS, {"target_sparsity": 0.5}, "mlp"),  # global scope: layers end up with different widths
+    (_llama, IDS, {"target_sparsity": 0.5, "round_to": 1}, "mlp"),  # global scope: layers end up with different widths
     (_bert, IDS, UNIFORM, "attention"),  # heads: no BERT config says 2 heads of 16
     (_resnet, PIXELS, UNIFORM, "stages"),  # ResNetConfig ties inner widths to hidden_sizes // 4
 ], ids=["llama-global", "bert-heads", "resnet"])
@@ -106,7 +106,7 @@ def test_no_checkpoint_is_written_when_no_config_describes_the_model(build, x, c
 
 def test_uniform_layers_meets_the_global_budget_with_equal_widths():
     model = _llama()
-    plain = fxprune.compile(model.eval(), IDS, {"target_sparsity": 0.5}).prune()
+    plain = fxprune.compile(model.eval(), IDS, {"target_sparsity": 0.5, "round_to": 1}).prune()
     uniform = fxprune.compile(model.eval(), IDS, UNIFORM).prune()
     ffn = [g for g in uniform.groups if g.size == 128]
     assert len(ffn) == 3

@@ -239,7 +239,8 @@ def test_pruner_pattern_schedule_matrix(pruner, pattern, schedule):
     factory, inputs = ARCHITECTURES["PlainCNN"]
     target = 0.5
     pruning = fxprune.compile(factory(), inputs(), {"pruning_type": pruner, "pattern": pattern, "target_sparsity": target,
-                                                     "prune_domain": "global", **SCHEDULES[schedule]})
+                                                    "round_to": 1,  # exact counts: no width alignment
+                                                    "prune_domain": "global", **SCHEDULES[schedule]})
     _fit_cnn(pruning, steps=8, batch=2, seed=1)
     for name, mask in pruning.masks.items():
         assert (pruning.model.get_parameter(name)[~mask] == 0).all()
@@ -312,3 +313,29 @@ def test_taylor_scores_restart_after_each_pruning_step():
     pruning.model(*inputs()).square().mean().backward()
     pruning.on_before_optimizer_step()
     assert set(pruning.pruners[0].scores) == set(pruning.pruners[0].modules)
+
+
+def test_default_round_to_aligns_kept_widths_to_16_elements():
+    """round_to "auto": conv channels keep multiples of 16 in groups of 64 and more; narrower groups are exact."""
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 96, 1), torch.nn.ReLU(), torch.nn.Conv2d(96, 48, 1), torch.nn.ReLU(),
+                              torch.nn.Conv2d(48, 4, 1))
+    pruning = fxprune.compile(net, (torch.randn(2, 3, 8, 8),), {"target_sparsity": 0.4, "prune_domain": "local"})
+    pruning.prune()
+    kept = sorted(len(k) for k in pruning.kept_channels.values())
+    assert kept == [29, 64]  # 48 * 0.6 = 28.8 -> 29 (unrounded: 48 < 4 * 16); 96 * 0.6 = 57.6 -> 64
+    # 1 - 93 / 144 = 0.354 instead of 0.4: said, not hidden
+    assert pruning.report().notes == ["target_sparsity 0.4 reached 0.3542 over its 2 groups: kept counts are rounded to "
+                                      "aligned widths (round_to='auto'; round_to=1 gives exact counts)"]
+
+
+def test_a_target_that_cannot_be_met_is_reported():
+    net = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 16), torch.nn.ReLU(),
+                              torch.nn.Linear(16, 2))
+    with pytest.warns(UserWarning, match=r"target_sparsity 0.999 reached 0.9583 over its 2 groups: 2 groups are at their "
+                                         r"cap \(every group keeps at least one channel"):
+        pruning = fxprune.compile(net, (torch.randn(2, 8),), {"target_sparsity": 0.999}).prune()
+    assert pruning.report().notes == [
+        "target_sparsity 0.999 reached 0.9583 over its 2 groups: 2 groups are at their cap (every group keeps at least "
+        "one channel, and at most max_sparsity_ratio_per_layer=0.98 of its channels go)"]
+    with pytest.warns(UserWarning, match=r"round_to=64 is not smaller than 2 groups \(sizes \[16, 32\]\)"):
+        fxprune.compile(net, (torch.randn(2, 8),), {"target_sparsity": 0.5, "round_to": 64}).prune()
