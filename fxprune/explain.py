@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fxprune.passes.group import group_channels
+from fxprune.passes.group import UNREAD, group_channels
 from fxprune.passes.ops import OPS, op_name
 from fxprune.passes.trace import capture
 
@@ -40,7 +40,21 @@ class Explanation:
                          f"{', '.join(self.constants)}. If forward computes one from parameters (a cache), the "
                          "graph does not see those parameters change; their dims are frozen when nothing else "
                          "reads them")
+            for constant, unread in self.likely_caches().items():
+                lines.append(f"  {constant} is probably a cache of {', '.join(unread)}: its module holds it and "
+                             "parameters or buffers the graph never reads")
         return "\n".join(lines)
+
+    def likely_caches(self) -> dict[str, list[str]]:
+        """Constant -> unread parameters of the same module: the pattern of a cache refreshed in eval()."""
+        unread = sorted({name for (name, _), reason in self.blocked.items() if UNREAD in reason})
+        out = {}
+        for constant in self.constants:
+            owner = constant.rpartition(".")[0]
+            same = [p for p in unread if p.rpartition(".")[0] == owner]
+            if same:
+                out[constant] = same
+        return out
 
 
 def explain(model: torch.nn.Module, example_inputs: tuple, example_kwargs: dict | None = None,
