@@ -313,19 +313,27 @@ def group_channels(gm: GraphModule) -> Grouping:
                     time.perf_counter() - start, dynamic, sorted({site.module for site in c.norms}), set(results))
 
 
+def _module_members(gm: GraphModule) -> dict[str, list]:
+    """Module path -> the graph nodes inside its forward (every level of nn_module_stack), in graph order."""
+    members: dict[str, list] = {}
+    for node in gm.graph.nodes:
+        for path, _ in (node.meta.get("nn_module_stack") or {}).values():
+            if path:
+                members.setdefault(path, []).append(node)
+    return members
+
+
+def _results(nodes: list, shapes: dict) -> list[str]:
+    """The values a module returns to its caller: its nodes read outside it, in graph order."""
+    inside = set(nodes)
+    return [n.name for n in nodes if n.name in shapes and any(u not in inside for u in n.users)]
+
+
 def _module_results(gm: GraphModule, shapes: dict) -> dict[str, set[str]]:
     """For every layer called in the graph (a module with parameters of its own), the values it
     returns to its caller (read outside it)."""
     layers = {str(n.target).rpartition(".")[0] for n in gm.graph.nodes if n.op == "get_attr"}
-    inside: dict[str, set] = {}
-    for node in gm.graph.nodes:
-        for path, _ in (node.meta.get("nn_module_stack") or {}).values():
-            if path in layers and path:
-                inside.setdefault(path, set()).add(node)
-    results: dict[str, set[str]] = {}
-    for path, nodes in inside.items():
-        results[path] = {n.name for n in nodes if n.name in shapes and any(u not in nodes for u in n.users)}
-    return results
+    return {path: set(_results(nodes, shapes)) for path, nodes in _module_members(gm).items() if path in layers}
 
 
 def _align_norm_sites(gm: GraphModule, sites: list[NormSite], space_atoms: dict, shapes: dict) -> list[NormSite]:
@@ -334,24 +342,22 @@ def _align_norm_sites(gm: GraphModule, sites: list[NormSite], space_atoms: dict,
     module's output holds them too."""
     if not sites:
         return []
-    wanted = {s.module for s in sites}
-    inside: dict[str, set] = {p: set() for p in wanted}
+    members = _module_members(gm)
     first_input: dict[str, str] = {}
     last_output: dict[str, str] = {}
-    for node in gm.graph.nodes:
-        paths = [v[0] for v in (node.meta.get("nn_module_stack") or {}).values() if v[0] in wanted]
-        for path in paths:
-            inside[path].add(node.name)
-            if path not in first_input:
-                for arg in nodes_in(node.args, node.kwargs):
-                    if arg.op != "get_attr" and arg.name not in inside[path] and arg.name in shapes:
-                        first_input[path] = arg.name
-                        break
-
-    for node in gm.graph.nodes:  # the module's result: the value its caller reads
-        for path in [v[0] for v in (node.meta.get("nn_module_stack") or {}).values() if v[0] in wanted]:
-            if node.name in shapes and any(u.name not in inside[path] for u in node.users):
-                last_output[path] = node.name
+    for path in {s.module for s in sites}:
+        nodes = members.get(path, [])
+        inside = set()
+        for node in nodes:  # the first value from outside that a node of the module reads
+            inside.add(node)
+            arg = next((a for a in nodes_in(node.args, node.kwargs)
+                        if a.op != "get_attr" and a not in inside and a.name in shapes), None)
+            if arg is not None:
+                first_input[path] = arg.name
+                break
+        results = _results(nodes, shapes)
+        if results:
+            last_output[path] = results[-1]
 
     def channels(space):
         labs = space_atoms.get(space)
