@@ -40,10 +40,9 @@ def _region_macs(args) -> int:
     sub = next((a for a in args if isinstance(a, torch.fx.GraphModule)), None)
     if sub is None:
         return 0
-    operands = [a for a in args[args.index(sub) + 1:]]
     counter = _Counter(sub)
     with torch.no_grad():
-        counter.run(*operands)
+        counter.run(*args[args.index(sub) + 1:])
     return counter.macs
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import pytest
 import torch
 import torch.nn as nn
 import torch.utils._pytree as pytree
@@ -152,6 +153,18 @@ class Family:
             before, after = repr((node.target, node.args, node.kwargs)), new and repr((new.target, new.args, new.kwargs))
             assert new is None or after != before, (
                 f"{case.id}: the compact graph kept its size arguments {node.args}")
+
+    def tests(self):
+        """The family's two test functions, for its test module to bind: ``test_op, test_compact_equals_masked``."""
+
+        @pytest.mark.parametrize("index", range(len(self.cases)), ids=[f"{c.id}-{i}" for i, c in enumerate(self.cases)])
+        def test_op(index):
+            self.check(index)
+
+        def test_compact_equals_masked():
+            self.check_exact()
+
+        return test_op, test_compact_equals_masked
 
     def check_exact(self) -> None:
         """compact == masked on a batch the compact pass never checked, in float64."""

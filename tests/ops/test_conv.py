@@ -1,6 +1,5 @@
 """Convolutions: output channels pruned through weight rows; grouped and depthwise kernels keep whole groups."""
 
-import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -65,11 +64,4 @@ CASES = [
 
 FAMILY = Family(CASES, image)
 
-
-@pytest.mark.parametrize("index", range(len(CASES)), ids=[f"{c.id}-{i}" for i, c in enumerate(CASES)])
-def test_op(index):
-    FAMILY.check(index)
-
-
-def test_compact_equals_masked():
-    FAMILY.check_exact()
+test_op, test_compact_equals_masked = FAMILY.tests()

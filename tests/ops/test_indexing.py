@@ -2,7 +2,6 @@
 
 import operator
 
-import pytest
 import torch
 import torch.nn as nn
 
@@ -37,11 +36,4 @@ CASES = [
 
 FAMILY = Family(CASES, lambda batch: torch.randn(batch, 8))
 
-
-@pytest.mark.parametrize("index", range(len(CASES)), ids=[f"{c.id}-{i}" for i, c in enumerate(CASES)])
-def test_op(index):
-    FAMILY.check(index)
-
-
-def test_compact_equals_masked():
-    FAMILY.check_exact()
+test_op, test_compact_equals_masked = FAMILY.tests()

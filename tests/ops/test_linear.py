@@ -1,6 +1,5 @@
 """Linear layers, products against a parameter, and attention heads."""
 
-import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -49,11 +48,4 @@ CASES = [
 
 FAMILY = Family(CASES, lambda batch: torch.randn(batch, 8))
 
-
-@pytest.mark.parametrize("index", range(len(CASES)), ids=[c.id for c in CASES])
-def test_op(index):
-    FAMILY.check(index)
-
-
-def test_compact_equals_masked():
-    FAMILY.check_exact()
+test_op, test_compact_equals_masked = FAMILY.tests()

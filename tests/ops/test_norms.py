@@ -1,6 +1,5 @@
 """Norm layers: per-channel statistics follow the channels; LayerNorm/RMSNorm groups prune with prune_hidden_size."""
 
-import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -65,14 +64,7 @@ CASES = [
 
 FAMILY = Family(CASES, lambda batch: torch.randn(batch, 3, 8, 8), {"prune_hidden_size": True})
 
-
-@pytest.mark.parametrize("index", range(len(CASES)), ids=[c.id for c in CASES])
-def test_op(index):
-    FAMILY.check(index)
-
-
-def test_compact_equals_masked():
-    FAMILY.check_exact()
+test_op, test_compact_equals_masked = FAMILY.tests()
 
 
 def test_layer_norm_frozen_without_prune_hidden_size():
