@@ -4,16 +4,45 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["Report", "LayerRow", "build_report"]
+from fxprune.passes.compact import space_keep
+from fxprune.passes.couplings import PARAM_PREFIX
+
+__all__ = ["Report", "LayerRow", "build_report", "layer_of", "block_of"]
+
+
+def layer_of(parameter: str) -> str:
+    """The module that owns ``parameter`` (its own name for a top-level one): what a user calls a layer."""
+    return parameter.rpartition(".")[0] or parameter
+
+
+def block_of(layer: str) -> str:
+    """The repeated block a layer is in: its path up to the first index that is not the layer itself.
+
+    ``encoder.layer.3.attention.self.query`` -> ``encoder.layer.3``; ``layer1.0.conv1`` -> ``layer1.0``;
+    without such an index, the top-level module (``features.3`` -> ``features``), or ``""`` for a
+    top-level layer. Pictures group layers by it, so a block reads as one unit.
+    """
+    parts = layer.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part.isdigit():
+            return ".".join(parts[:i + 1])
+    return parts[0] if len(parts) > 1 else ""
 
 
 @dataclass
 class LayerRow:
+    """Widths of one weight (2-D or more): dim 0 (out) and dim 1 (in), before and after pruning."""
+
     name: str
     out_before: int
     out_after: int
     in_before: int
     in_after: int
+    parameter: str = ""  # the weight these widths are of, e.g. ``conv1.weight``
+
+    @property
+    def block(self) -> str:
+        return block_of(self.name)
 
     @property
     def sparsity(self) -> float:
@@ -54,21 +83,26 @@ class Report:
         lines += [f"note: {note}" for note in self.notes]
         return "\n".join(lines)
 
+    def plot(self, path) -> None:
+        """Draw the per-layer widths before/after, grouped by block (needs ``pip install fxprune[plot]``)."""
+        from fxprune.plots import plot_report
+
+        plot_report(self, path)
+
 
 def build_report(pruning, params_before, params_after, macs_before, macs_after) -> Report:
-    keep_len = {}
-    for g in pruning.groups:
-        keep = pruning._kept[g.index]
-        for m in g.parameters:
-            import numpy as np
+    """Widths come from the same keep masks the compact graph is sliced with, so they are its shapes."""
+    keep = space_keep(pruning.grouping, pruning._atom_kept())
 
-            kept = int(np.where(m.atoms >= 0, keep[np.maximum(m.atoms, 0)], True).sum())
-            keep_len[(m.name, m.dim)] = kept
+    def width(name: str, dim: int, size: int) -> int:
+        mask = keep.get((PARAM_PREFIX + name, dim))
+        return size if mask is None else int(mask.sum())
+
     rows = []
     for name, p in pruning.model.named_parameters():
         if p.dim() < 2:
             continue
-        rows.append(LayerRow(name.rpartition(".")[0] or name, p.shape[0], keep_len.get((name, 0), p.shape[0]),
-                             p.shape[1], keep_len.get((name, 1), p.shape[1])))
+        rows.append(LayerRow(layer_of(name), p.shape[0], width(name, 0, p.shape[0]), p.shape[1],
+                             width(name, 1, p.shape[1]), name))
     return Report(rows, params_before, params_after, macs_before, macs_after, pruning.sparsity, len(pruning.groups),
                   dict(pruning.grouping.blocked), [n for p in pruning.pruners for n in p.notes])
