@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["BenchmarkResult", "BenchmarkRow", "benchmark"]
+__all__ = ["BenchmarkResult", "BenchmarkRow", "benchmark", "plot_benchmarks"]
 
 _COLUMNS = ("model", "threads", "median ms", "p10 ms", "p90 ms", "speedup", "ideal", "speedup/ideal")
 
@@ -53,6 +53,16 @@ class BenchmarkResult:
 
     rows: list[BenchmarkRow] = field(default_factory=list)
     baseline: str = ""
+    inputs: dict[str, tuple[tuple[int, ...], str]] = field(default_factory=dict)  # name -> (shape, dtype) timed
+
+    @property
+    def input_summary(self) -> str:
+        """``x 1x3x224x224 float32``: what was timed, for titles and headings."""
+        return ", ".join(f"{name} {'x'.join(map(str, shape))} {dtype}" for name, (shape, dtype) in self.inputs.items())
+
+    def plot(self, path, title: str | None = None) -> None:
+        """Median latency per model and thread count, and speedup over the baseline (needs ``fxprune[plot]``)."""
+        plot_benchmarks([self], path, titles=None if title is None else [title])
 
     def as_dicts(self) -> list[dict[str, Any]]:
         """Rows as plain dicts, e.g. for JSON or pandas."""
@@ -169,6 +179,7 @@ def benchmark(
         }
         if feed is None:
             feed = _random_inputs(sessions[base], seed)
+        result.inputs = {name: (tuple(a.shape), str(a.dtype)) for name, a in feed.items()}
         for session in sessions.values():
             for _ in range(warmup):
                 session.run(None, feed)
@@ -198,6 +209,58 @@ def benchmark(
                 )
             )
     return result
+
+
+def plot_benchmarks(results, path, titles=None) -> None:
+    """One column per result (a batch size, say): median latency with p10-p90 bars on top, speedup below.
+
+    Speedup is over each result's baseline; where MACs were given, the ideal speedup (baseline MACs
+    over the model's) is marked on its bar, so the gap to ideal shows at a glance.
+    """
+    from fxprune.plots import pyplot, save_figure
+
+    plt = pyplot()
+    results = list(results)
+    if not results or not all(r.rows for r in results):
+        raise ValueError("nothing to plot: every result needs rows (run fxprune.benchmark first)")
+    titles = [r.input_summary or f"run {i + 1}" for i, r in enumerate(results)] if titles is None else list(titles)
+    if len(titles) != len(results):
+        raise ValueError(f"{len(titles)} titles for {len(results)} results")
+    fig, axes = plt.subplots(2, len(results), figsize=(4.5 * len(results), 6.0), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for col, (title, result) in enumerate(zip(titles, results)):
+        top, bottom = axes[0, col], axes[1, col]
+        labels = list(dict.fromkeys(r.label for r in result.rows))
+        threads = list(dict.fromkeys(r.threads for r in result.rows))
+        by = {(r.label, r.threads): r for r in result.rows}
+        width = 0.8 / len(labels)
+        for k, label in enumerate(labels):
+            rows = [by[label, t] for t in threads]
+            x = np.arange(len(threads)) + (k - (len(labels) - 1) / 2) * width
+            med = np.array([r.median_ms for r in rows])
+            err = np.array([[r.median_ms - r.p10_ms for r in rows], [r.p90_ms - r.median_ms for r in rows]])
+            color = colors[k % len(colors)]
+            top.bar(x, med, width, yerr=err, capsize=3, label=label, color=color)
+            bottom.bar(x, [r.speedup for r in rows], width, color=color)
+            ideal = [(xi, r.ideal) for xi, r in zip(x, rows) if r.ideal is not None and label != result.baseline]
+            if ideal:
+                marked = bottom.get_legend_handles_labels()[1]
+                bottom.scatter(*zip(*ideal), marker="_", s=400, color="black", zorder=3,
+                               label=None if marked else "ideal speedup (MACs ratio)")
+        ticks = [f"{t} thread{'s' * (t > 1)}" for t in threads]
+        top.set_xticks(np.arange(len(threads)), ticks)
+        bottom.set_xticks(np.arange(len(threads)), ticks)
+        top.set_ylabel("median latency (ms)")
+        bottom.set_ylabel(f"speedup over {result.baseline}")
+        bottom.axhline(1.0, color="#888888", linewidth=0.8, zorder=0)
+        top.set_ylim(0, 1.25 * max(r.p90_ms for r in result.rows))  # room for the legend above the bars
+        bottom.set_ylim(0, 1.3 * max(max(r.speedup, r.ideal or 0.0) for r in result.rows))
+        top.set_title(title, fontsize=10)
+        top.legend(fontsize=8, ncol=len(labels), loc="upper left")
+        if bottom.get_legend_handles_labels()[1]:
+            bottom.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    save_figure(fig, path, dpi=120)
 
 
 def _validate(

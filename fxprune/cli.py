@@ -444,12 +444,7 @@ def _bench(args) -> int:
         if not os.path.isfile(model):
             raise UsageError(f"{model}: no such ONNX file; write one with 'fxprune prune' or fxprune.export_onnx")
     if args.plot:
-        try:
-            import matplotlib
-        except ImportError as err:
-            raise UsageError(f"--plot needs matplotlib, which is not installed ({err}): pip install fxprune[plot] "
-                             "(in a clone: pip install -e '.[plot]')") from err
-        matplotlib.use("Agg")
+        _require_matplotlib("--plot")
     labels = _labels(args.models)
     dims = dict(args.dim)
 
@@ -469,21 +464,32 @@ def _bench(args) -> int:
                              "must take the same inputs")
 
     from fxprune.exporters import benchmark
+    from fxprune.exporters.ort_benchmark import plot_benchmarks
 
-    results = []
+    results, titles = [], []
     for batch in args.batch or [None]:
         feed = _random_feed(sessions[base], args.models[0], batch, dims)
         result = benchmark(dict(zip(labels, args.models)), threads=args.threads, warmup=args.warmup,
                            repeat=args.repeat, inputs=feed)
-        shapes = ", ".join(f"{name} {'x'.join(map(str, a.shape))} {a.dtype}" for name, a in feed.items())
-        print(f"onnxruntime latency, inputs {shapes}:")
+        print(f"onnxruntime latency, inputs {result.input_summary}:")
         print(result)
         print()
-        results.append((f"batch {batch}" if batch else shapes, result))
+        results.append(result)
+        titles.append(f"batch {batch}" if batch else result.input_summary)
     if args.plot:
-        _plot(results, args.plot)
+        plot_benchmarks(results, args.plot, titles)
         print(f"plot: {args.plot}")
     return 0
+
+
+def _require_matplotlib(option: str) -> None:
+    """Before any timing or capture: a missing extra is a one-line error, not a traceback minutes later."""
+    from fxprune.plots import pyplot
+
+    try:
+        pyplot(option)
+    except ImportError as err:
+        raise UsageError(str(err)) from err
 
 
 def _labels(paths: list[str]) -> list[str]:
@@ -516,32 +522,6 @@ def _random_feed(session, path: str, batch: int | None, dims: dict[str, int]) ->
                          f"--dim {dim}=SIZE")
 
     return _random_inputs(session, 0, size_of)
-
-
-def _plot(results, path: str) -> None:
-    """One panel per batch: median latency per thread count, a bar per model, p10-p90 as error bars."""
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    fig, axes = plt.subplots(1, len(results), figsize=(4.5 * len(results), 3.6), squeeze=False)
-    for ax, (title, result) in zip(axes[0], results):
-        labels = list(dict.fromkeys(r.label for r in result.rows))
-        threads = list(dict.fromkeys(r.threads for r in result.rows))
-        width = 0.8 / len(labels)
-        for k, label in enumerate(labels):
-            rows = [next(r for r in result.rows if r.label == label and r.threads == t) for t in threads]
-            x = np.arange(len(threads)) + (k - (len(labels) - 1) / 2) * width
-            med = np.array([r.median_ms for r in rows])
-            err = np.array([[r.median_ms - r.p10_ms for r in rows], [r.p90_ms - r.median_ms for r in rows]])
-            ax.bar(x, med, width, yerr=err, capsize=3, label=label)
-        ax.set_xticks(np.arange(len(threads)), [f"{t} thread{'s' * (t > 1)}" for t in threads])
-        ax.set_ylabel("median latency (ms)")
-        ax.set_title(title)
-        ax.legend()
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def _explain(args) -> int:
