@@ -78,8 +78,13 @@ examples:
 _EXPLAIN_EPILOG = f"""\
 {_INT_HELP}
 
+--graph draws the groups over the model's layers: .html (a picture to hover, and tables of the
+groups and of the frozen dims with their reasons; no network needed), .svg or .png (the picture;
+these three need matplotlib: pip install fxprune[plot]) or .dot (Graphviz, no extra needed).
+
 examples:
   fxprune explain mymodels:build --input 1x3x224x224
+  fxprune explain mymodels:build --input 1x3x224x224 --graph groups.html
   fxprune explain mymodels:bert --input 1x128:int64"""
 
 _DEMO_EPILOG = """\
@@ -194,6 +199,8 @@ def _parser() -> argparse.ArgumentParser:
                      "mymodels:build (imported from the current folder)")
     exp.add_argument("--input", type=parse_input_spec, action="append", metavar="SPEC",
                      help=_SPEC_HELP + " (default 1x3x224x224)")
+    exp.add_argument("--graph", metavar="FILE", help="also draw the groups over the layers: FILE.html, .svg, .png "
+                     "(need pip install fxprune[plot]) or .dot")
 
     demo = command("demo", "digits CNN: train, prune during fine-tune, compact, ONNX, latency", _DEMO_EPILOG)
     demo.add_argument("--sparsity", type=_fraction, default=0.5, help="fraction of channels to remove, in [0, 1) "
@@ -525,12 +532,25 @@ def _random_feed(session, path: str, batch: int | None, dims: dict[str, int]) ->
 
 
 def _explain(args) -> int:
+    if args.graph:
+        from fxprune.group_graph import graph_format
+
+        try:
+            ext = graph_format(args.graph)
+        except ValueError as err:
+            raise UsageError(f"--graph {err}") from err
+        if ext != ".dot":
+            _require_matplotlib(f"--graph {ext}")
     model = load_model(args.factory)
     inputs = make_inputs(args.input or [parse_input_spec("1x3x224x224")], model)
 
     from fxprune.explain import explain
 
-    print(explain(model.eval(), inputs))
+    explanation = explain(model.eval(), inputs)
+    print(explanation)
+    if args.graph:
+        explanation.draw(args.graph)
+        print(f"graph: {args.graph}")
     return 0
 
 
