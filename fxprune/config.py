@@ -92,6 +92,17 @@ class PruningConfig:
     magnitude_norm: str = "l2"
     prune_hidden_size: bool = False  # also prune groups spanned by LayerNorm/RMSNorm statistics
     uniform_layers: bool = False  # the same role in every repeated block keeps the same width
+    target_speedup: float | None = None  # instead of a sparsity: onnxruntime speedup of the compact model
+    target_latency_ms: float | None = None  # instead of a sparsity: onnxruntime latency of the compact model
+    latency_threads: int = 1  # intra-op threads the latency targets are measured with
+    latency_batch: int | None = None  # batch they are measured at (default: the example's)
+    latency_verify: bool = True  # time the compact model after the last pruning step and correct a miss
+    latency_cache: str | None = None  # folder of the per-layer latency tables (default ~/.cache/fxprune)
+
+    @property
+    def latency_target(self) -> bool:
+        """Pruned to a latency (``target_speedup`` or ``target_latency_ms``) rather than a sparsity."""
+        return self.target_speedup is not None or self.target_latency_ms is not None
 
     @property
     def parsed_pattern(self) -> Pattern:
@@ -130,6 +141,7 @@ class PruningConfig:
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(f"{key} must be True or False, got {getattr(self, key)!r}")
         pattern = self.parsed_pattern
+        self._validate_latency(pattern)
         if pattern.kind == "n:m" and s > pattern.n / pattern.m:
             raise ConfigError(f"target_sparsity {s} is above what pattern {self.pattern} allows ({pattern.n / pattern.m})")
         if self.pruning_type not in registered_names():  # a list, unhashable, is refused too
@@ -141,6 +153,26 @@ class PruningConfig:
                 except (re.error, TypeError) as err:
                     raise ConfigError(f"{key} entry {pat!r} is not a valid regular expression: {err}") from err
         return self
+
+    def _validate_latency(self, pattern: Pattern) -> None:
+        for key, low in (("target_speedup", 1.0), ("target_latency_ms", 0.0)):
+            v = getattr(self, key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > low):
+                raise ConfigError(f"{key} must be a number above {low:g}, got {v!r}")
+        if self.target_speedup is not None and self.target_latency_ms is not None:
+            raise ConfigError("give target_speedup or target_latency_ms, not both")
+        for key in ("latency_threads", "latency_batch"):
+            v = getattr(self, key)
+            if not (v is None and key == "latency_batch") and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ConfigError(f"{key} must be an integer >= 1, got {v!r}")
+        if not isinstance(self.latency_verify, bool):
+            raise ConfigError(f"latency_verify must be True or False, got {self.latency_verify!r}")
+        if self.latency_target and not pattern.is_channel:
+            raise ConfigError(f"target_speedup and target_latency_ms remove whole channels; pattern {self.pattern!r} "
+                              "only zeroes weights, which onnxruntime does not run faster: use 'channelx1'")
+        if self.latency_target and self.uniform_layers:
+            raise ConfigError("uniform_layers=True cannot be combined with a latency target yet: the latency "
+                              "allocation gives each group its own width")
 
 
 _FIELDS = {f.name for f in fields(PruningConfig)}
@@ -185,9 +217,26 @@ def parse_config(config: dict | PruningConfig | None) -> list[PruningConfig]:
         if local is not None:
             raise ConfigError("give either 'pruners' or 'pruning_configs', not both")
         local = config.pop("pruning_configs")
-    base = replace(PruningConfig(), **_normalise(config, "config"))
+    top = _normalise(config, "config")
+    _one_target(top, "config")
+    base = replace(PruningConfig(), **top)
     if not local:
         return [base.validate()]
     if not isinstance(local, (list, tuple)):
         raise ConfigError(f"'pruners' must be a list of dicts, got {type(local).__name__}")
-    return [replace(base, **_normalise(p, f"pruners[{i}]")).validate() for i, p in enumerate(local)]
+    own = [_normalise(p, f"pruners[{i}]") for i, p in enumerate(local)]
+    for i, keys in enumerate(own):
+        _one_target(keys, f"pruners[{i}]")
+    configs = [replace(base, **keys).validate() for keys in own]
+    if sum(c.latency_target for c in configs) > 1:
+        raise ConfigError("a latency target (target_speedup / target_latency_ms) is the whole model's: give it to "
+                          "one pruner only (the others then prune to their target_sparsity)")
+    return configs
+
+
+def _one_target(keys: dict, where: str) -> None:
+    """A sparsity and a latency target at once would leave one of them unmet: refused."""
+    given = [k for k in ("target_sparsity", "target_speedup", "target_latency_ms") if k in keys]
+    if len(given) > 1:
+        raise ConfigError(f"{where} gives {' and '.join(given)}: a pruner prunes to one target, a sparsity or "
+                          "a latency; drop all but one")

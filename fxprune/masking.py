@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from fxprune.errors import PruningError
+from fxprune.errors import ConfigError, PruningError
+from fxprune.latency import LatencyModel
 from fxprune.norms import sync_norms
 from fxprune.passes.compact import space_keep
 from fxprune.pruners import Pruner
@@ -25,6 +26,12 @@ if TYPE_CHECKING:
     from fxprune.api import Pruning
 
 __all__ = ["Masking"]
+
+# a measured relative latency within 1% of the one asked for meets it: run-to-run noise of onnxruntime
+# on an idle machine is about that
+LATENCY_TOLERANCE = 1.01
+# a compact model more than 5% faster than asked lost channels it did not need to: pruned again, less
+LATENCY_OVERSHOOT = 0.95
 
 
 class Masking:
@@ -42,6 +49,12 @@ class Masking:
         self._element_masks: dict[str, torch.Tensor] = {}
         self.global_step = 0
         self._training = False
+        self.latency_checks: list[dict] = []  # measured compact latency after each latency-target pruning step
+        for pruner in self.pruners:
+            if pruner.config.latency_target:
+                cfg = pruner.config
+                pruner.latency = LatencyModel(self, cfg.latency_threads, cfg.latency_batch, cfg.latency_cache)
+                pruner.kept_fraction = lambda: np.array([k.mean() for k in self._kept.values()])
 
     # -- kept channels and masks ----------------------------------------------------------
     @property
@@ -125,7 +138,11 @@ class Masking:
                                      or not 0.0 <= sparsity < 1.0):
             raise ValueError(f"prune(sparsity) takes a number in [0, 1), got {sparsity!r}; 0.5 removes half "
                              "the channels")
+        if sparsity is not None and any(p.config.latency_target for p in self.pruners):
+            raise ConfigError("this config prunes to a latency target (target_speedup / target_latency_ms): call "
+                              "prune() without a sparsity, or drop the latency target to prune to one")
         for pruner in self.pruners:
+            pruner.prepare()
             target = pruner.target_sparsity_ratio if sparsity is None else sparsity
             self._step_pruner(pruner, target)
         return self
@@ -138,7 +155,42 @@ class Masking:
             self._build_masks()
             self.apply_masks()
         pruner.current_sparsity_ratio = target
+        if pruner.latency is not None and target == pruner.scheduler.target and pruner.config.latency_verify:
+            self._meet_latency(pruner)
         pruner.on_pruning_step()
+
+    def _meet_latency(self, pruner: Pruner, tries: int = 3) -> None:
+        """Time the compact model against the dense one; where it misses the latency target, or beats it by
+        more than :data:`LATENCY_OVERSHOOT` (channels removed for nothing), aim the prediction by the measured
+        error and prune again, up to ``tries`` measurements. The plan kept is the one that meets the target
+        with the fewest channels removed (else the fastest). Every measurement is in ``pruning.latency_checks``
+        (the plan kept marked ``"kept": True``); a target still missed is a warning."""
+        lat, cfg = pruner.latency, pruner.config
+        want = 1.0 / cfg.target_speedup if cfg.target_speedup else cfg.target_latency_ms / lat.dense_ms
+        if want >= 1.0:
+            return
+        tried = []
+        for attempt in range(tries):
+            dense_ms, compact_ms = lat.measure(self.compact(check=False))
+            measured, predicted = compact_ms / dense_ms, pruner.predicted_ms / lat.dense_ms
+            self.latency_checks.append({"step": self.global_step, "attempt": attempt, "dense_ms": dense_ms,
+                                        "compact_ms": compact_ms, "measured_speedup": 1.0 / measured,
+                                        "predicted_speedup": float(1.0 / predicted), "target_speedup": 1.0 / want,
+                                        "threads": lat.threads, "batch": lat.batch, "kept": False})
+            tried.append((measured, {g: k.copy() for g, k in self._kept.items()}, self.latency_checks[-1]))
+            if want * LATENCY_OVERSHOOT <= measured <= want * LATENCY_TOLERANCE or attempt == tries - 1:
+                break
+            lat.correction *= measured / want
+            self.set_kept(pruner.select(pruner.scheduler.target))
+        meeting = [t for t in tried if t[0] <= want * LATENCY_TOLERANCE]
+        measured, kept, check = max(meeting, key=lambda t: t[0]) if meeting else min(tried, key=lambda t: t[0])
+        check["kept"] = True
+        if kept is not tried[-1][1]:
+            self.set_kept(kept)
+        if measured > want * LATENCY_TOLERANCE:
+            pruner._note(f"latency target missed after {tries} measurements: the compact model runs "
+                         f"{1.0 / measured:.2f}x faster than the dense one where {1.0 / want:.2f}x was asked "
+                         f"(onnxruntime, {lat.threads} threads, batch {lat.batch}); see pruning.latency_checks")
 
     # -- training-loop hooks --------------------------------------------------------------
     def on_train_begin(self) -> None:
@@ -162,6 +214,7 @@ class Masking:
         for pruner in self.pruners:
             pruner.global_step = self.global_step
             if pruner.scheduler.is_pruning_step(self.global_step):
+                pruner.prepare()
                 self._step_pruner(pruner, pruner.scheduler.sparsity(self.global_step))
 
     def on_before_optimizer_step(self) -> None:

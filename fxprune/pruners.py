@@ -19,7 +19,8 @@ from fxprune.importance import group_scores
 from fxprune.patterns import n_of_m_masks, nxm_masks, pattern_lock_masks
 from fxprune.registry import PRUNERS, registered_names, unknown_pruner
 from fxprune.schedulers import get_scheduler
-from fxprune.selection import aligned_round_to, choose_kept, prune_counts, repeated_blocks, uniform_counts
+from fxprune.selection import (aligned_round_to, choose_kept, latency_counts, prune_counts, repeated_blocks,
+                               uniform_counts)
 
 __all__ = ["PRUNERS", "register_pruners", "get_pruner", "registered_names", "Pruner", "MagnitudePruner",
            "SnipPruner", "SnipMomentumPruner", "TaylorPruner", "PatternLockPruner"]
@@ -95,6 +96,11 @@ class Pruner:
         self.target_sparsity_ratio = config.target_sparsity
         self.max_sparsity_ratio_per_layer = config.max_sparsity_ratio_per_layer
         self.notes: list[str] = []  # where a request was adjusted to be feasible (see _note_adjustments)
+        # under target_speedup / target_latency_ms: the latency model and every group's kept fraction
+        # (set by Pruning, see fxprune.latency); predicted_ms is the last plan's predicted latency
+        self.latency = None
+        self.kept_fraction = None
+        self.predicted_ms: float | None = None
 
     # -- scoring hooks (override what the criterion needs) ---------------------------
     def on_before_optimizer_step(self) -> None:
@@ -108,12 +114,30 @@ class Pruner:
         return group_scores(group, self.modules, self.config.magnitude_norm, self.scores or None)
 
     # -- selection ------------------------------------------------------------------
+    def prepare(self) -> None:
+        """Before a pruning step. A latency target times its tables and the dense model here (once), and
+        ``target_latency_ms`` becomes the fraction of the dense latency the schedule removes."""
+        if self.latency is None:
+            return
+        self.latency.build()
+        ms = self.config.target_latency_ms
+        if ms is not None:
+            dense = self.latency.dense_ms
+            self.scheduler.target = max(0.0, 1.0 - ms / dense)
+            if ms >= dense:
+                self._note(f"target_latency_ms {ms} is not below the dense model's {dense:.3f} ms (onnxruntime, "
+                           f"{self.config.latency_threads} threads, batch {self.latency.batch}): nothing is pruned")
+        self.target_sparsity_ratio = self.scheduler.target
+
     def select(self, sparsity: float) -> dict[int, np.ndarray]:
-        """Kept-channel mask per group index at overall ``sparsity``."""
+        """Kept-channel mask per group index at overall ``sparsity`` (under a latency target: the fraction
+        of the dense latency to remove)."""
         scores = {g.index: self.channel_scores(g) for g in self.groups}
         cfg = self.config
         round_to = ({g.index: aligned_round_to(g) for g in self.groups} if cfg.round_to == "auto"
                     else cfg.round_to)
+        if cfg.latency_target:
+            return self._select_latency(scores, sparsity, round_to)
         options = dict(target=sparsity, scope=cfg.prune_domain, max_ratio=cfg.max_sparsity_ratio_per_layer,
                        min_ratio=cfg.min_sparsity_ratio_per_op, round_to=round_to)
         if cfg.uniform_layers:
@@ -123,6 +147,27 @@ class Pruner:
         self._note_adjustments(sparsity, counts, round_to)
         parts = {g.index: g.parts for g in self.groups}
         return {g: choose_kept(scores[g], counts[g], parts[g]) for g in scores}
+
+    def _select_latency(self, scores, removed: float, round_to) -> dict[int, np.ndarray]:
+        """Widths by importance per predicted ms saved, aiming the prediction by the last measured error."""
+        lat, cfg = self.latency, self.config
+        target_ms = lat.dense_ms * (1.0 - removed) / lat.correction
+        per_group = round_to if isinstance(round_to, dict) else {g: round_to for g in scores}
+        counts, self.predicted_ms = latency_counts(scores, lat, self.kept_fraction(), target_ms,
+                                                   cfg.max_sparsity_ratio_per_layer, cfg.min_sparsity_ratio_per_op,
+                                                   per_group)
+        if self.predicted_ms > target_ms * 1.01:
+            self._note(f"latency target {target_ms:.3f} ms (predicted) cannot be reached: the groups are at their "
+                       f"cap at {self.predicted_ms:.3f} ms (max_sparsity_ratio_per_layer="
+                       f"{cfg.max_sparsity_ratio_per_layer}, the layers this config leaves alone, and the ops no "
+                       "channel pruning shrinks)")
+        parts = {g.index: g.parts for g in self.groups}
+        return {g: choose_kept(scores[g], counts[g], parts[g]) for g in scores}
+
+    def _note(self, note: str) -> None:
+        if note not in self.notes:
+            self.notes.append(note)
+            warnings.warn(f"{self.config.pruning_type} pruner: {note}", UserWarning, stacklevel=6)
 
     def _note_adjustments(self, sparsity: float, counts: dict[int, int], round_to) -> None:
         """Say where the requested target could not be met as asked, once per reason (a warning and the report)."""
@@ -149,9 +194,7 @@ class Pruner:
             why = "; ".join(reasons) or "groups are pruned in whole channels"
             found.append(f"target_sparsity {sparsity} reached {reached:.4f} over its {len(sizes)} groups: {why}")
         for note in found:
-            if note not in self.notes:
-                self.notes.append(note)
-                warnings.warn(f"{cfg.pruning_type} pruner: {note}", UserWarning, stacklevel=5)
+            self._note(note)
 
     def element_masks(self, sparsity: float) -> dict[str, torch.Tensor]:
         """Masks of the mask-only patterns (NxM blocks, N:M) at ``sparsity``."""

@@ -3,7 +3,8 @@
 Oneshot (start_step == end_step) jumps to the target at start_step. Iterative
 prunes at start_step, start_step + f, … up to end_step; the k-th of T pruning
 steps (k = 1..T) aims at ``s(k / T)``, so the first pruning step already prunes and
-the last reaches the target exactly (the reference is off by one on both).
+the last reaches the target exactly (the reference is off by one on both). Under a
+latency target the scheduled quantity is the fraction of the dense latency removed.
 """
 
 from __future__ import annotations
@@ -17,7 +18,11 @@ class Scheduler:
     def __init__(self, config):
         self.start, self.end = config.start_step, config.end_step
         self.freq = config.update_frequency_on_step
-        self.target = min(config.target_sparsity, config.max_sparsity_ratio_per_layer)
+        # under a latency target the schedule moves the fraction of the dense latency removed instead:
+        # 1 - 1/target_speedup, or for target_latency_ms set once the dense model is timed
+        self.target = (1.0 - 1.0 / config.target_speedup if config.target_speedup is not None
+                       else 0.0 if config.target_latency_ms is not None
+                       else min(config.target_sparsity, config.max_sparsity_ratio_per_layer))
         self.decay = config.sparsity_decay_type
 
     @property

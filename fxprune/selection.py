@@ -16,7 +16,7 @@ import re
 
 import numpy as np
 
-__all__ = ["prune_counts", "choose_kept", "repeated_blocks", "uniform_counts", "aligned_round_to", "ALIGN"]
+__all__ = ["prune_counts", "latency_counts", "choose_kept", "repeated_blocks", "uniform_counts", "aligned_round_to", "ALIGN"]
 
 # kept widths are aligned to this many elements under ``round_to: "auto"`` (the default): onnxruntime's CPU
 # conv and GEMM kernels work on blocks of 8 floats (AVX2) or 16 (AVX-512). 16 serves both; on ResNet-50 it
@@ -106,6 +106,59 @@ def _allocate_global(sorted_scores, sizes, caps, counts, budget, round_to, weigh
         budget -= cost
         push(g)
     return counts
+
+
+def latency_counts(scores: dict[int, np.ndarray], latency, frac: np.ndarray, target_ms: float,
+                   max_ratio: float = 0.98, min_ratio: float = 0.0, round_to: dict[int, int] | None = None
+                   ) -> tuple[dict[int, int], float]:
+    """Channels to remove per group so the predicted latency reaches ``target_ms``; and that prediction.
+
+    Greedy on importance per millisecond (HALP's knapsack, relaxed): the next chunk removed
+    is the one whose channels' summed score per predicted ms saved is lowest. A chunk keeps
+    the group's width a multiple of its ``round_to``, so aligned widths are the only ones
+    tried. Savings change as neighbouring groups shrink (a conv's time depends on its
+    input and output widths), so a popped chunk is re-priced and put back if it got dearer
+    (lazy greedy). ``frac`` is every group's current kept fraction; groups not in ``scores``
+    stay as they are.
+    """
+    sizes = {g: len(s) for g, s in scores.items()}
+    round_to = round_to or {}
+    caps = {g: _cap(n, max_ratio) for g, n in sizes.items()}
+    counts = {g: min(int(math.ceil(n * min_ratio - 1e-9)), caps[g]) for g, n in sizes.items()}
+    sorted_scores = {g: np.sort(s) for g, s in scores.items()}
+    frac = frac.astype(float).copy()
+    for g, c in counts.items():
+        frac[g] = (sizes[g] - c) / sizes[g]
+    predicted = latency.predict(frac)
+
+    def chunk(g):
+        n, c, r = sizes[g], counts[g], round_to.get(g, 1)
+        unit = 1 if n <= r else ((n - c) % r or r)
+        if c + unit > caps[g] or (n > r and n - c - unit < r):
+            return None
+        saved = latency.delta(g, (n - c - unit) / n, frac)
+        cost = float(sorted_scores[g][c:c + unit].sum())
+        return cost / max(saved, 1e-9), unit, saved
+
+    heap = []
+    for g in scores:
+        if (entry := chunk(g)) is not None:
+            heapq.heappush(heap, (entry[0], g))
+    while heap and predicted > target_ms:
+        _, g = heapq.heappop(heap)
+        entry = chunk(g)
+        if entry is None:
+            continue
+        price, unit, saved = entry
+        if heap and price > heap[0][0] * (1 + 1e-9):  # dearer now than the next: price it again later
+            heapq.heappush(heap, (price, g))
+            continue
+        counts[g] += unit
+        frac[g] = (sizes[g] - counts[g]) / sizes[g]
+        predicted -= saved
+        if (entry := chunk(g)) is not None:
+            heapq.heappush(heap, (entry[0], g))
+    return counts, predicted
 
 
 def repeated_blocks(groups) -> list[list[int]]:

@@ -1,0 +1,336 @@
+"""Predicted onnxruntime latency of a pruning plan, from per-layer tables timed on this machine.
+
+Every convolution and linear layer of the captured graph is timed alone
+(:mod:`fxprune.exporters.op_timing`) at a grid of its input and output widths, with the
+batch and thread count the user deploys with (HALP's latency lookup table, on onnxruntime).
+A plan's latency is the sum of its layers' interpolated times plus the rest of the model:
+the dense model's measured latency less its layers' share, scaled by the fraction of the
+other ops' activation elements the plan keeps (element-wise ops, norms and attention
+products cost in proportion to the tensors they touch). The prediction steers the
+allocation (:func:`fxprune.selection.latency_counts`); the compact model's measured
+latency is the check (:meth:`LatencyModel.measure`).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from fxprune.errors import ConfigError
+from fxprune.exporters.op_timing import OpShape, OpTimer
+from fxprune.passes.couplings import value_key
+from fxprune.passes.ops.conv import CONV_ND
+from fxprune.passes.shapes import dynamic_dims_of, flat_inputs
+
+__all__ = ["LatencyModel", "Layer", "width_grid"]
+
+aten = torch.ops.aten
+
+# widths timed per layer dim, as fractions of the dense width (aligned to 16 where the dim is wide enough)
+FRACTIONS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
+
+
+def width_grid(size: int, step: int = 1) -> list[int]:
+    """The widths a table times for a dim of ``size`` whose widths move in multiples of ``step``."""
+    unit = step * max(1, 16 // step) if size >= 64 * step else step
+    points = {max(unit, int(round(f * size / unit)) * unit) for f in FRACTIONS}
+    return sorted(p for p in points | {size} if p <= size)
+
+
+@dataclass
+class Layer:
+    """A timed layer: its shape at the dense widths and the channel spaces its widths follow.
+
+    ``tied`` is the input channels per convolution group of a grouped or depthwise conv, whose
+    output width follows its input width (one table dim); None when the two widths are free.
+    """
+
+    node: str
+    base: OpShape
+    x_space: tuple
+    y_space: tuple
+    tied: int | None = None
+
+    def shape(self, cin: int, cout: int) -> OpShape:
+        b = self.base
+        if b.kind == "matmul":
+            return OpShape("matmul", b.x[:-1] + (cin,), (cin, cout), b.bias)
+        if self.tied is not None:
+            groups = cin // self.tied
+            cout = groups * (b.w[0] // b.group)
+            return OpShape("conv", (b.x[0], cin) + b.x[2:], (cout,) + b.w[1:], b.bias, b.strides, b.pads,
+                           b.dilations, groups)
+        return OpShape("conv", (b.x[0], cin) + b.x[2:], (cout, cin) + b.w[2:], b.bias, b.strides, b.pads,
+                       b.dilations, 1)
+
+
+def _pads(padding, kernel, dilation) -> list[int]:
+    if isinstance(padding, str):
+        if padding == "valid":
+            return [0] * (2 * len(kernel))
+        total = [d * (k - 1) for k, d in zip(kernel, dilation)]
+        return [t // 2 for t in total] + [t - t // 2 for t in total]
+    return list(padding) * 2
+
+
+def find_layers(gm: torch.fx.GraphModule, shapes: dict, batch_scale: float) -> list[Layer]:
+    """Convolutions and parameter matmuls (linear, addmm, mm/matmul by a weight) of the graph."""
+    layers = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        args = list(node.args)
+        if node.target in CONV_ND and len(args) >= 2 and getattr(args[1], "op", None) == "get_attr":
+            x, w = value_key(args[0]), value_key(args[1])
+            xs, ws = shapes.get(x), shapes.get(w)
+            if xs is None or len(xs) != len(ws) or len(xs) < 3:
+                continue
+            nd = len(xs) - 2
+            get = lambda i, name, d: args[i] if len(args) > i else node.kwargs.get(name, d)  # noqa: E731
+            stride, padding, dilation, groups = (get(3, "stride", [1]), get(4, "padding", [0]),
+                                                 get(5, "dilation", [1]), get(6, "groups", 1))
+            expand = lambda v: list(v) * nd if len(v) == 1 else list(v)  # noqa: E731
+            bias = get(2, "bias", None) is not None
+            pads = _pads(padding if isinstance(padding, str) else expand(padding), ws[2:], expand(dilation))
+            base = OpShape("conv", (max(1, round(xs[0] * batch_scale)),) + tuple(xs[1:]), tuple(ws), bias,
+                           tuple(expand(stride)), tuple(pads), tuple(expand(dilation)), int(groups))
+            layers.append(Layer(node.name, base, (x, 1), (node.name, 1), ws[1] if groups != 1 else None))
+        elif node.target in (aten.linear.default, aten.addmm.default, aten.mm.default, aten.matmul.default):
+            xi, wi = (1, 2) if node.target == aten.addmm.default else (0, 1)
+            if len(args) <= wi or getattr(args[wi], "op", None) != "get_attr":
+                continue
+            x, w = value_key(args[xi]), value_key(args[wi])
+            xs, ws, ys = shapes.get(x), shapes.get(w), shapes.get(node.name)
+            if not xs or not ws or not ys or len(ws) != 2:
+                continue
+            k, o = (ws[1], ws[0]) if node.target == aten.linear.default else (ws[0], ws[1])
+            bias = node.target == aten.addmm.default or (len(args) > 2 and args[2] is not None)
+            lead = (max(1, round(xs[0] * batch_scale)),) + tuple(xs[1:-1])
+            layers.append(Layer(node.name, OpShape("matmul", lead + (k,), (k, o), bool(bias)),
+                                (x, len(xs) - 1), (node.name, len(ys) - 1)))
+    return layers
+
+
+class _Space:
+    """Width of a channel space as a function of each group's kept fraction."""
+
+    def __init__(self, size: int, frozen: int, elems: dict[int, int]):
+        self.size, self.frozen, self.elems = size, frozen, elems
+
+    def width(self, frac: np.ndarray) -> float:
+        return self.frozen + sum(n * frac[g] for g, n in self.elems.items())
+
+
+class LatencyModel:
+    """Latency tables of one captured model at one batch and thread count.
+
+    Built by :meth:`build` (times the dense model and every layer width not in the cache,
+    with a progress bar); :meth:`predict` then gives a plan's latency in ms from the kept
+    fraction of every group, and :meth:`measure` times a compact model against the dense one.
+    """
+
+    def __init__(self, pruning, threads: int = 1, batch: int | None = None, cache_dir=None, progress: bool | None = None):
+        self.pruning, self.threads, self.progress = pruning, threads, progress
+        self.cache_dir = cache_dir
+        self.example_batch = _example_batch(pruning)
+        self.batch = batch or self.example_batch
+        if self.batch != self.example_batch and not _batch_is_dynamic(pruning):
+            raise ConfigError(f"latency_batch={batch} differs from the example's batch ({self.example_batch}), but the "
+                              "capture fixed the batch: leave latency_batch unset or capture with a dynamic batch")
+        grouping = pruning.grouping
+        self.sizes = np.array([g.size for g in pruning.groups], dtype=float)
+        # the graph's shapes may be at another batch than the example (a size-1 batch is captured at 2)
+        placeholders = [n.name for n in pruning.captured.graph_module.graph.nodes if n.op == "placeholder"
+                        and len(grouping.shapes.get(n.name) or ()) >= 1]
+        graph_batch = grouping.shapes[placeholders[0]][0] if placeholders else self.example_batch
+        self.layers = find_layers(pruning.captured.graph_module, grouping.shapes, self.batch / graph_batch)
+        self.spaces: dict[tuple, _Space] = {}
+        layer_nodes = {layer.node for layer in self.layers}
+        self.values: list[tuple[float, list[_Space]]] = []  # (dense elements, spaces of its pruned dims)
+        for node in pruning.captured.graph_module.graph.nodes:
+            shape = grouping.shapes.get(node.name)
+            if node.op != "call_function" or node.name in layer_nodes or not shape:
+                continue
+            dims = [self._space((node.name, d)) for d in range(len(shape))]
+            self.values.append((float(np.prod(shape)), [s for s in dims if s.elems]))
+        self.rest_elements = sum(n for n, _ in self.values)
+        self.tables: list[tuple[list[int], list[int], np.ndarray]] = []
+        self.dense_ms: float | None = None
+        self.rest_ms = 0.0
+        self.scale = 1.0
+        self.correction = 1.0  # how much lower than asked the prediction is aimed (from the last measurement)
+        self._onnx = None  # folder of the dense model's ONNX file, exported once
+        self._touch = self._by_group()
+
+    def _space(self, key: tuple) -> _Space:
+        if key not in self.spaces:
+            g = self.pruning.grouping
+            size = g.shapes[key[0]][key[1]]
+            atoms = g.space_atoms.get(key)
+            if atoms is None:
+                self.spaces[key] = _Space(size, size, {})
+            else:
+                groups = np.where(atoms >= 0, g.atom_group[np.maximum(atoms, 0)], -1)
+                counts = np.bincount(groups[groups >= 0], minlength=len(self.sizes)) if (groups >= 0).any() else []
+                self.spaces[key] = _Space(size, int((groups < 0).sum()),
+                                          {int(i): int(n) for i, n in enumerate(counts) if n})
+        return self.spaces[key]
+
+    def _by_group(self) -> dict[int, tuple[list[int], list[int]]]:
+        """Group -> (indices of the layers, indices of the other values) whose widths it changes."""
+        touch: dict[int, tuple[list[int], list[int]]] = {}
+        for i, layer in enumerate(self.layers):
+            for g in set(self._space(layer.x_space).elems) | set(self._space(layer.y_space).elems):
+                touch.setdefault(g, ([], []))[0].append(i)
+        for j, (_, spaces) in enumerate(self.values):
+            for g in {g for s in spaces for g in s.elems}:
+                touch.setdefault(g, ([], []))[1].append(j)
+        return touch
+
+    # -- building the tables ----------------------------------------------------------------
+    def build(self) -> "LatencyModel":
+        """Time the dense model and every layer width the cache lacks (once; later calls return at once)."""
+        if self.dense_ms is not None:
+            return self
+        grids = []
+        for layer in self.layers:
+            x, y = self._space(layer.x_space), self._space(layer.y_space)
+            if layer.tied is not None:
+                grids.append((width_grid(x.size, layer.tied) if x.elems else [x.size], None))
+            else:
+                grids.append((width_grid(x.size) if x.elems else [x.size],
+                              width_grid(y.size) if y.elems else [y.size]))
+
+        def time_tables():
+            timer = OpTimer(self.threads, self.cache_dir)
+            shapes = [layer.shape(a, b) for layer, (gi, go) in zip(self.layers, grids) for a in gi
+                      for b in (go or [None])]
+            todo = list({s.key(): s for s in shapes if s not in timer}.values())
+            for shape in tqdm(todo, desc="latency tables", unit="shape", disable=self._quiet(), leave=False):
+                timer(shape)
+            if todo:
+                timer.save()
+            return [np.array([[timer(layer.shape(a, b)) for b in (go or [None])] for a in gi])
+                    for layer, (gi, go) in zip(self.layers, grids)], timer.measured
+
+        tables, self.timed_shapes = _share(time_tables)
+        self.tables = [(gi, go, t) for (gi, go), t in zip(grids, tables)]
+        self.dense_ms = self.measure()[0]
+        layers_ms = sum(t[-1][-1, -1] for t in self.tables)
+        self.rest_ms = max(self.dense_ms - layers_ms, 0.0)
+        # a layer timed alone pays its own input/output layout changes and call: the tables can add up to
+        # more than the whole model. Predictions are scaled so the dense plan predicts the measured time
+        self.scale = self.dense_ms / (layers_ms + self.rest_ms) if layers_ms + self.rest_ms else 1.0
+        return self
+
+    def _quiet(self) -> bool | None:
+        return None if self.progress is None else not self.progress
+
+    # -- prediction -------------------------------------------------------------------------
+    def layer_ms(self, i: int, frac: np.ndarray) -> float:
+        layer, (gi, go, table) = self.layers[i], self.tables[i]
+        a = self._space(layer.x_space).width(frac)
+        if go is None:
+            return _interp(gi, table[:, 0], a)
+        b = self._space(layer.y_space).width(frac)
+        column = np.array([_interp(go, row, b) for row in table])
+        return _interp(gi, column, a)
+
+    def _value_elements(self, j: int, frac: np.ndarray) -> float:
+        n, spaces = self.values[j]
+        for s in spaces:
+            n *= s.width(frac) / s.size
+        return n
+
+    def predict(self, frac: np.ndarray) -> float:
+        """Latency in ms of the model with each group keeping ``frac[g]`` of its channels."""
+        self.build()
+        layers = sum(self.layer_ms(i, frac) for i in range(len(self.layers)))
+        kept = sum(self._value_elements(j, frac) for j in range(len(self.values)))
+        return self.scale * (layers + self.rest_ms * (kept / self.rest_elements if self.rest_elements else 1.0))
+
+    def delta(self, g: int, new: float, frac: np.ndarray) -> float:
+        """Predicted ms saved when group ``g`` goes from ``frac[g]`` to ``new`` (others unchanged)."""
+        layer_ids, value_ids = self._touch.get(g, ((), ()))
+        after = frac.copy()
+        after[g] = new
+        saved = sum(self.layer_ms(i, frac) - self.layer_ms(i, after) for i in layer_ids)
+        if self.rest_elements:
+            saved += self.rest_ms / self.rest_elements * sum(
+                self._value_elements(j, frac) - self._value_elements(j, after) for j in value_ids)
+        return self.scale * saved
+
+    # -- measurement ------------------------------------------------------------------------
+    def measure(self, compact: torch.nn.Module | None = None, repeat: int = 30) -> tuple[float, float | None]:
+        """Median onnxruntime ms of the dense model and of ``compact`` (interleaved), at this batch and threads."""
+        from fxprune.exporters.onnx_export import export_onnx
+        from fxprune.exporters.ort_benchmark import benchmark
+
+        def timed():
+            p = self.pruning
+            if self._onnx is None:
+                self._onnx = tempfile.TemporaryDirectory(prefix="fxprune-latency-")
+            models = {"dense": str(Path(self._onnx.name) / "dense.onnx")}
+            if not Path(models["dense"]).is_file():
+                export_onnx(p.captured.graph_module, models["dense"], p.example_inputs, p.example_kwargs, check=False)
+            if compact is not None:
+                models["compact"] = str(Path(self._onnx.name) / "compact.onnx")
+                export_onnx(compact, models["compact"], p.example_inputs, p.example_kwargs, check=False)
+            import onnxruntime as ort
+
+            names = [i.name for i in ort.InferenceSession(models["dense"], providers=["CPUExecutionProvider"]
+                                                          ).get_inputs()]
+            result = benchmark(models, threads=[self.threads], warmup=5, repeat=repeat, inputs=self._feed(names))
+            ms = {row.label: row.median_ms for row in result.rows}
+            return ms["dense"], ms.get("compact")
+
+        return _share(timed)
+
+    def _feed(self, names: list[str]) -> dict[str, np.ndarray]:
+        p = self.pruning
+        tensors = [t for t in flat_inputs(p.example_inputs, p.example_kwargs) if isinstance(t, torch.Tensor)]
+        if len(tensors) != len(names):
+            raise ConfigError(f"the exported model takes {len(names)} inputs and the example has {len(tensors)} "
+                              "tensors; latency targets need every example tensor to be a model input")
+        feed = {}
+        for name, t in zip(names, tensors):
+            t = t.detach().cpu()
+            if self.batch != self.example_batch and t.dim() >= 1 and t.shape[0] == self.example_batch:
+                t = t[torch.arange(self.batch) % self.example_batch]
+            feed[name] = t.float().numpy() if t.dtype == torch.bfloat16 else t.numpy()
+        return feed
+
+
+def _interp(grid: list[int], values: np.ndarray, x: float) -> float:
+    """Piecewise-linear in width; below the narrowest width timed, in proportion to the width."""
+    if len(grid) == 1:
+        return float(values[0])
+    if x < grid[0]:
+        return float(values[0]) * x / grid[0]
+    return float(np.interp(x, grid, values))
+
+
+def _example_batch(pruning) -> int:
+    tensors = [t for t in flat_inputs(pruning.example_inputs, pruning.example_kwargs)
+               if isinstance(t, torch.Tensor) and t.dim() >= 1]
+    return int(tensors[0].shape[0]) if tensors else 1
+
+
+def _batch_is_dynamic(pruning) -> bool:
+    return any(0 in dims for dims in dynamic_dims_of(pruning.captured.graph_module).values())
+
+
+def _share(value):
+    """Under torch.distributed, rank 0's measurement for every rank (timing noise must not make ranks' plans
+    differ); ``value`` is a number or a function that measures (run on rank 0 only)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return value() if callable(value) else value
+    box = [(value() if callable(value) else value) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -1,0 +1,233 @@
+"""Latency targets: tables, prediction, allocation, the measured check and its correction, bad configs.
+
+Most tests replace onnxruntime timing by a deterministic cost (a layer's time is its MACs, a
+model's time the MACs of its graph), so the prediction is exact and every assertion is about
+fxprune's own logic; one test times real onnxruntime sessions and checks the disk cache.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import fxprune
+from fxprune.errors import ConfigError
+from fxprune.exporters.op_timing import OpShape, OpTimer
+from fxprune.latency import LatencyModel, width_grid
+from fxprune.passes.macs import count_macs
+from fxprune.passes.shapes import flat_inputs
+from fxprune.selection import latency_counts
+from tests.models import ARCHITECTURES
+
+NS_PER_MAC = 1e-6  # fake cost: 1 ms per million MACs
+
+
+def shape_macs(shape: OpShape) -> float:
+    """MACs of one timed layer, from its shapes."""
+    if shape.kind == "matmul":
+        return float(np.prod(shape.x[:-1]) * shape.w[0] * shape.w[1])
+    out = 1
+    for size, k, s, d, lo, hi in zip(shape.x[2:], shape.w[2:], shape.strides, shape.dilations,
+                                     shape.pads[:len(shape.strides)], shape.pads[len(shape.strides):]):
+        out *= (size + lo + hi - d * (k - 1) - 1) // s + 1
+    return float(shape.x[0] * shape.w[0] * shape.w[1] * np.prod(shape.w[2:]) * out)
+
+
+@pytest.fixture
+def fake_timing(monkeypatch, tmp_path):
+    """Layer time = MACs; model time = graph MACs times ``state["factor"]`` for compact models."""
+    state = {"factor": 1.0, "measured": 0}
+    monkeypatch.setenv("FXPRUNE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(OpTimer, "_time", lambda self, shape: shape_macs(shape) * NS_PER_MAC)
+
+    def measure(self, compact=None, repeat=30):
+        p = self.pruning
+        args = flat_inputs(p.example_inputs, p.example_kwargs)
+        dense = count_macs(p.captured.graph_module, args) * NS_PER_MAC * self.batch / self.example_batch
+        state["measured"] += compact is not None
+        if compact is None:
+            return dense, None
+        return dense, count_macs(compact, args) * NS_PER_MAC * self.batch / self.example_batch * state["factor"]
+
+    monkeypatch.setattr(LatencyModel, "measure", measure)
+    return state
+
+
+def build(name="ResNetBasic", **config):
+    factory, inputs = ARCHITECTURES[name]
+    return fxprune.compile(factory(), inputs(), config)
+
+
+def test_width_grid_is_aligned_and_ends_at_the_size():
+    assert width_grid(256) == [32, 64, 96, 128, 160, 192, 224, 256]
+    assert width_grid(24) == [3, 6, 9, 12, 15, 18, 21, 24]
+    assert width_grid(12, step=4) == [4, 8, 12]  # grouped conv: whole convolution groups only
+
+
+def test_target_speedup_is_met_and_compact_equals_masked(fake_timing):
+    p = build(target_speedup=2.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a met target is no warning
+        p.prune()
+    check = p.latency_checks[-1]
+    assert check["kept"]
+    assert 2.0 / 1.01 <= check["measured_speedup"] <= 2.0 / 0.95, p.latency_checks
+    # with exact costs the first plan is the one kept: no correction needed
+    assert len(p.latency_checks) == 1 and math.isclose(check["predicted_speedup"], check["measured_speedup"], rel_tol=0.02)
+    small = p.compact()
+    assert p.compact_error <= 1e-4
+    x = ARCHITECTURES["ResNetBasic"][1]()
+    with torch.no_grad():
+        torch.testing.assert_close(small(*x), p.model(*x), atol=1e-4, rtol=1e-4)
+
+
+def test_allocation_prefers_channels_that_cost_the_most_time(fake_timing):
+    """Uniform importance: the greedy removes the channels that save the most MACs per channel first, so the
+    MACs fall by more than the channel fraction does (a sparsity target would remove evenly)."""
+    p = build(target_speedup=1.5, latency_verify=False)
+    for pruner in p.pruners:
+        pruner.channel_scores = lambda g: np.ones(g.size)
+    p.prune()
+    rep = p.report()
+    # exact costs: the prediction is the compact model's MACs, and the target is passed by less than one
+    # channel of the residual group (6% of this small model's time each)
+    assert p.pruners[0].predicted_ms == pytest.approx(rep.macs_after * NS_PER_MAC * 1.0)
+    assert 1.5 <= rep.macs_ratio < 1.5 / (1 - 0.07)
+    assert rep.channel_sparsity < 1 - 1 / 1.5
+
+
+def test_a_measured_miss_is_corrected(fake_timing):
+    """The real model runs 30% slower than predicted: the plan is pruned again, aimed lower, until it meets."""
+    fake_timing["factor"] = 1.3
+    p = build(target_speedup=2.0)
+    p.prune()
+    checks = p.latency_checks
+    assert len(checks) >= 2 and checks[0]["measured_speedup"] < 2.0 / 1.01
+    kept = [c for c in checks if c["kept"]]
+    assert len(kept) == 1 and kept[0]["measured_speedup"] >= 2.0 / 1.01, checks
+    # the plan kept is the one measured (what compact() gives now is what was timed)
+    assert count_macs(p.compact(), flat_inputs(p.example_inputs, {})) * NS_PER_MAC * 1.3 == pytest.approx(
+        kept[0]["compact_ms"])
+    assert p.pruners[0].latency.correction == pytest.approx(1.3, rel=0.1)
+
+
+def test_an_overshoot_is_pruned_again_less(fake_timing):
+    fake_timing["factor"] = 0.7  # the compact model is faster than predicted: fewer channels need to go
+    p = build(target_speedup=2.0)
+    p.prune()
+    first, last = p.latency_checks[0], next(c for c in p.latency_checks if c["kept"])
+    assert first["measured_speedup"] > 2.0 / 0.95
+    assert 2.0 / 1.01 <= last["measured_speedup"] <= 2.0 / 0.95 + 0.1
+    assert p.sparsity < 1 - 1 / 2.0
+
+
+def test_an_unreachable_target_warns_and_says_why(fake_timing):
+    fake_timing["factor"] = 3.0
+    p = build(target_speedup=2.0, max_sparsity_ratio_per_layer=0.3)
+    with pytest.warns(UserWarning, match="latency target"):
+        p.prune()
+    assert any("latency target" in n for n in p.report().notes)
+
+
+def test_target_latency_ms(fake_timing):
+    p = build(target_latency_ms=1e9, latency_verify=False)
+    with pytest.warns(UserWarning, match="not below the dense model"):
+        p.prune()
+    assert p.sparsity == 0.0
+    p = build(target_latency_ms=1.0)
+    dense = p.pruners[0].latency.build().dense_ms
+    p.prune()
+    assert next(c for c in p.latency_checks if c["kept"])["compact_ms"] <= 1.0 * 1.01 < dense
+
+
+def test_iterative_schedule_moves_latency_down_step_by_step(fake_timing):
+    p = build(target_speedup=2.0, start_step=0, end_step=4, update_frequency_on_step=2, latency_verify=False)
+    lat = p.pruners[0].latency
+    model = p.model
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    p.attach(opt)
+    x = ARCHITECTURES["ResNetBasic"][1]()
+    predicted = []
+    for step in range(5):
+        predicted.append(p.pruners[0].predicted_ms)
+        model(*x).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    dense = lat.dense_ms
+    ms = [m for i, m in enumerate(predicted) if i % 2 == 0]  # after the pruning steps 0, 2, 4
+    assert ms == sorted(ms, reverse=True) and ms[0] > dense / 2.0 * 1.01
+    assert ms[-1] <= dense / 2.0 * 1.01
+
+
+def test_latency_batch_scales_the_tables_and_the_feed(fake_timing):
+    p = build(target_speedup=2.0, latency_batch=8, latency_verify=False)
+    lat = p.pruners[0].latency.build()
+    assert lat.batch == 8 and all(layer.base.x[0] == 8 for layer in lat.layers)
+    feed = lat._feed(["x"])
+    assert feed["x"].shape[0] == 8
+
+
+def test_latency_counts_stops_at_the_target():
+    class Linear:
+        """Each channel of group g costs ms[g]; no neighbours."""
+        ms = np.array([4.0, 1.0])
+
+        def predict(self, frac):
+            return float((self.ms * frac * 10).sum())
+
+        def delta(self, g, new, frac):
+            return float(self.ms[g] * (frac[g] - new) * 10)
+
+    scores = {0: np.ones(10), 1: np.ones(10)}
+    counts, predicted = latency_counts(scores, Linear(), np.ones(2), target_ms=30.0)
+    assert counts == {0: 5, 1: 0} and predicted == pytest.approx(30.0)  # the expensive group goes first
+    scores = {0: np.full(10, 8.0), 1: np.ones(10)}  # ... unless its channels matter more per ms
+    counts, _ = latency_counts(scores, Linear(), np.ones(2), target_ms=45.0)
+    assert counts[1] == 5 and counts[0] == 0
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"target_speedup": 1.0}, "target_speedup must be a number above 1"),
+    ({"target_latency_ms": -2}, "target_latency_ms must be a number above 0"),
+    ({"target_speedup": 2, "target_latency_ms": 3}, "target_speedup and target_latency_ms"),
+    ({"target_speedup": 2, "target_sparsity": 0.5}, "target_sparsity and target_speedup"),
+    ({"target_speedup": 2, "pattern": "4x1"}, "only zeroes weights"),
+    ({"target_speedup": 2, "uniform_layers": True}, "uniform_layers"),
+    ({"target_speedup": 2, "latency_threads": 0}, "latency_threads must be an integer"),
+    ({"target_speedup": 2, "pruners": [{"names": ["conv1"]}, {"names": ["fc"]}]}, "one pruner only"),
+])
+def test_bad_latency_configs_are_refused(config, message):
+    with pytest.raises(ConfigError, match=message):
+        build(**config)
+
+
+def test_prune_with_a_sparsity_under_a_latency_target_is_refused(fake_timing):
+    p = build(target_speedup=2.0)
+    with pytest.raises(ConfigError, match="latency target"):
+        p.prune(0.3)
+    assert p.sparsity == 0.0
+
+
+def test_latency_batch_needs_a_dynamic_batch():
+    factory, inputs = ARCHITECTURES["PlainCNN"]
+    with pytest.raises(ConfigError, match="capture fixed the batch"):
+        fxprune.compile(factory(), inputs(), {"target_speedup": 2.0, "latency_batch": 4}, dynamic_shapes={})
+
+
+def test_real_onnxruntime_tables_are_cached(tmp_path):
+    """Real timing: the tables are written once, a second model build measures nothing, and the
+    prediction for the dense plan is the measured dense latency."""
+    factory, inputs = ARCHITECTURES["PlainCNN"]
+    config = {"target_speedup": 1.5, "latency_cache": str(tmp_path), "latency_verify": False}
+    first = fxprune.compile(factory(), inputs(), config).pruners[0].latency.build()
+    assert first.timed_shapes > 0 and list(tmp_path.glob("op_latency-*.json"))
+    second = fxprune.compile(factory(), inputs(), config).pruners[0].latency.build()
+    assert second.timed_shapes == 0
+    assert second.predict(np.ones(len(second.sizes))) == pytest.approx(second.dense_ms)
+    (next(tmp_path.glob("op_latency-*.json"))).write_text("{not json")  # a damaged cache is timed again
+    third = fxprune.compile(factory(), inputs(), config).pruners[0].latency.build()
+    assert third.timed_shapes == first.timed_shapes
