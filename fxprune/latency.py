@@ -3,10 +3,11 @@
 Every convolution and linear layer of the captured graph is timed alone
 (:mod:`fxprune.exporters.op_timing`) at a grid of its input and output widths, with the
 batch and thread count the user deploys with (HALP's latency lookup table, on onnxruntime).
-A plan's latency is the sum of its layers' interpolated times plus the rest of the model:
-the dense model's measured latency less its layers' share, scaled by the fraction of the
-other ops' activation elements the plan keeps (element-wise ops, norms and attention
-products cost in proportion to the tensors they touch). The prediction steers the
+A plan's latency is the sum of its layers' interpolated times plus the rest of the model
+(the dense model's measured latency less its layers' share, scaled by the fraction of the
+other ops' activation elements the plan keeps: element-wise ops, norms and attention
+products cost in proportion to the tensors they touch), mapped to milliseconds by a line
+fit on two measured models, the dense one and a probe at half width. The prediction steers the
 allocation (:func:`fxprune.selection.latency_counts`); the compact model's measured
 latency is the check (:meth:`LatencyModel.measure`).
 """
@@ -134,8 +135,10 @@ class LatencyModel:
     fraction of every group, and :meth:`measure` times a compact model against the dense one.
     """
 
-    def __init__(self, pruning, threads: int = 1, batch: int | None = None, cache_dir=None, progress: bool | None = None):
+    def __init__(self, pruning, threads: int = 1, batch: int | None = None, cache_dir=None, progress: bool | None = None,
+                 groups: list[int] | None = None):
         self.pruning, self.threads, self.progress = pruning, threads, progress
+        self.groups = list(range(len(pruning.groups))) if groups is None else list(groups)  # the ones pruned
         self.cache_dir = cache_dir
         self.example_batch = _example_batch(pruning)
         self.batch = batch or self.example_batch
@@ -162,7 +165,8 @@ class LatencyModel:
         self.tables: list[tuple[list[int], list[int], np.ndarray]] = []
         self.dense_ms: float | None = None
         self.rest_ms = 0.0
-        self.scale = 1.0
+        self.scale, self.offset = 1.0, 0.0  # predicted ms = scale * (tables + rest) + offset, fit on two models
+        self.probe: dict = {}
         self.correction = 1.0  # how much lower than asked the prediction is aimed (from the last measurement)
         self._onnx = None  # folder of the dense model's ONNX file, exported once
         self._touch = self._by_group()
@@ -220,13 +224,37 @@ class LatencyModel:
 
         tables, self.timed_shapes = _share(time_tables)
         self.tables = [(gi, go, t) for (gi, go), t in zip(grids, tables)]
-        self.dense_ms = self.measure()[0]
-        layers_ms = sum(t[-1][-1, -1] for t in self.tables)
-        self.rest_ms = max(self.dense_ms - layers_ms, 0.0)
-        # a layer timed alone pays its own input/output layout changes and call: the tables can add up to
-        # more than the whole model. Predictions are scaled so the dense plan predicts the measured time
-        self.scale = self.dense_ms / (layers_ms + self.rest_ms) if layers_ms + self.rest_ms else 1.0
+        # two measured models fit the prediction: the dense one and a probe with every pruned group at half
+        # its width. A layer timed alone pays its own layout changes and call, and the whole model has costs
+        # no width changes (dispatch, thread-pool sync), so the tables give the shape of the curve, not its
+        # scale and offset
+        probe_frac, probe = self._probe()
+        self.dense_ms, probe_ms = self.measure(probe)
+        self.rest_ms = max(self.dense_ms - sum(t[-1][-1, -1] for t in self.tables), 0.0)
+        raw_dense, raw_probe = self._raw(np.ones(len(self.sizes))), self._raw(probe_frac)
+        a = (self.dense_ms - probe_ms) / (raw_dense - raw_probe) if raw_dense > raw_probe else 0.0
+        c = self.dense_ms - a * raw_dense
+        if a <= 0 or c < 0:  # noise or no offset: a scale through the origin, least squares on both
+            a, c = (self.dense_ms * raw_dense + probe_ms * raw_probe) / (raw_dense ** 2 + raw_probe ** 2), 0.0
+        self.scale, self.offset = a, c
+        self.probe = {"kept_fraction": 0.5, "measured_ms": probe_ms, "predicted_ms": a * raw_probe + c}
         return self
+
+    def _probe(self) -> tuple[np.ndarray, torch.fx.GraphModule]:
+        """Every pruned group at about half its channels (aligned, concat branches non-empty): its kept fractions
+        and its compact graph, built without touching the masked model."""
+        from fxprune.passes.compact import compact_graph
+        from fxprune.selection import aligned_round_to, choose_kept
+
+        p = self.pruning
+        kept = {g: k.copy() for g, k in p._kept.items()}
+        for g in self.groups:
+            group = p.groups[g]
+            step = aligned_round_to(group)
+            keep = max(step, int(round(group.size / 2 / step)) * step) if group.size > step else (group.size + 1) // 2
+            kept[g] = choose_kept(-np.arange(group.size, dtype=float), group.size - keep, group.parts)
+        frac = np.array([k.mean() for k in kept.values()])
+        return frac, compact_graph(p.captured.graph_module, p.grouping, p._atom_kept(kept), dict(p.model.state_dict()))
 
     def _quiet(self) -> bool | None:
         return None if self.progress is None else not self.progress
@@ -247,12 +275,15 @@ class LatencyModel:
             n *= s.width(frac) / s.size
         return n
 
+    def _raw(self, frac: np.ndarray) -> float:
+        layers = sum(self.layer_ms(i, frac) for i in range(len(self.layers)))
+        kept = sum(self._value_elements(j, frac) for j in range(len(self.values)))
+        return layers + self.rest_ms * (kept / self.rest_elements if self.rest_elements else 1.0)
+
     def predict(self, frac: np.ndarray) -> float:
         """Latency in ms of the model with each group keeping ``frac[g]`` of its channels."""
         self.build()
-        layers = sum(self.layer_ms(i, frac) for i in range(len(self.layers)))
-        kept = sum(self._value_elements(j, frac) for j in range(len(self.values)))
-        return self.scale * (layers + self.rest_ms * (kept / self.rest_elements if self.rest_elements else 1.0))
+        return self.scale * self._raw(frac) + self.offset
 
     def delta(self, g: int, new: float, frac: np.ndarray) -> float:
         """Predicted ms saved when group ``g`` goes from ``frac[g]`` to ``new`` (others unchanged)."""

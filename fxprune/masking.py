@@ -53,7 +53,8 @@ class Masking:
         for pruner in self.pruners:
             if pruner.config.latency_target:
                 cfg = pruner.config
-                pruner.latency = LatencyModel(self, cfg.latency_threads, cfg.latency_batch, cfg.latency_cache)
+                pruner.latency = LatencyModel(self, cfg.latency_threads, cfg.latency_batch, cfg.latency_cache,
+                                              groups=[g.index for g in pruner.groups])
                 pruner.kept_fraction = lambda: np.array([k.mean() for k in self._kept.values()])
 
     # -- kept channels and masks ----------------------------------------------------------
@@ -124,11 +125,13 @@ class Masking:
         total = sum(self._params[k].numel() for k in self.masks)
         return float(sum((~m).sum() for m in self.masks.values()) / total) if total else 0.0
 
-    def _atom_kept(self) -> np.ndarray:
+    def _atom_kept(self, group_kept: dict[int, np.ndarray] | None = None) -> np.ndarray:
+        """Per atom, whether it is kept: under the current masks, or under ``group_kept`` (group -> bool mask)."""
+        group_kept = self._kept if group_kept is None else group_kept
         kept = np.ones(len(self.grouping.atom_group), dtype=bool)
         valid = self.grouping.atom_group >= 0
         idx = np.flatnonzero(valid)
-        kept[idx] = [self._kept[g][c] for g, c in zip(self.grouping.atom_group[idx], self.grouping.atom_local[idx])]
+        kept[idx] = [group_kept[g][c] for g, c in zip(self.grouping.atom_group[idx], self.grouping.atom_local[idx])]
         return kept
 
     # -- pruning steps --------------------------------------------------------------------

@@ -1,0 +1,178 @@
+"""Latency targets and the same request against the peer, on Hugging Face models (random init).
+
+    python benchmarks/bench_latency.py --out benchmarks/results_latency.md
+    python benchmarks/bench_latency.py --models resnet50 --targets 2 --settings 1x1   # quick
+
+(a) **Same request.** fxprune's default config with the classifier excluded,
+``{"target_sparsity": 0.5, "excluded_names": ["classifier"]}``, and Torch-Pruning at its defaults
+with the same request (``MagnitudePruner(pruning_ratio=0.5, ignored_layers=[classifier])``, L2 group
+magnitude), both one-shot; dense, fxprune and peer ONNX files timed interleaved at 1 and 2 threads,
+batch 1. ideal = dense MACs / compact MACs (fxprune's counter for both).
+
+(b) **Latency targets.** ``{"target_speedup": T, "excluded_names": ["classifier"],
+"latency_threads": t, "latency_batch": b}`` for every target and (threads x batch) setting: the
+speedup fxprune predicted for its first plan, the speedup measured for it (the prediction error),
+the speedup measured for the plan kept (after the check's corrections), and how many compact
+models were timed. The latency tables are timed once per model and setting (the second target
+reads them from the cache); their time is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+
+import numpy as np
+import torch
+import transformers
+
+import fxprune
+from fxprune.passes.macs import count_macs
+
+MODELS = {
+    "resnet50": ("ResNetForImageClassification", "ResNetConfig"),
+    "mobilenetv2": ("MobileNetV2ForImageClassification", "MobileNetV2Config"),
+    "convnext-tiny": ("ConvNextForImageClassification", "ConvNextConfig"),
+    "bert-base": ("BertForSequenceClassification", "BertConfig"),
+}
+
+
+def build(name: str):
+    model_cls, config_cls = MODELS[name]
+    torch.manual_seed(0)
+    model = getattr(transformers, model_cls)(getattr(transformers, config_cls)()).eval()
+    if name.startswith("bert"):
+        x = torch.randint(0, model.config.vocab_size, (1, 128), generator=torch.Generator().manual_seed(0))
+    else:
+        x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    return model, x
+
+
+def classifier(model) -> str:
+    return "classifier"
+
+
+def logits(out):
+    return out.logits if hasattr(out, "logits") else out
+
+
+def peer(model, x, tmp: str) -> tuple[str, int] | str:
+    """Torch-Pruning at its defaults with the same request; (onnx path, MACs) or why it could not run."""
+    try:
+        import torch_pruning as tp
+    except ImportError as err:
+        return f"torch_pruning not importable ({err}); pip install torch-pruning==1.6.1"
+    try:
+        pruner = tp.pruner.MagnitudePruner(model, (x,), importance=tp.importance.GroupMagnitudeImportance(p=2),
+                                           pruning_ratio=0.5, ignored_layers=[model.classifier],
+                                           output_transform=logits)
+        pruner.step()
+        model.eval()
+        gm = torch.export.export(model, (x,), strict=False).module()
+        path = os.path.join(tmp, "peer.onnx")
+        fxprune.export_onnx(model, path, (x,), check=True)
+        return path, count_macs(gm, (x,))
+    except Exception as err:  # noqa: BLE001 - the peer's failure is a result
+        return f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
+
+
+def same_request(name: str, repeat: int, lines: list[str]) -> None:
+    model, x = build(name)
+    tmp = tempfile.mkdtemp()
+    p = fxprune.compile(model, (x,), {"target_sparsity": 0.5, "excluded_names": [classifier(model)]})
+    small = p.prune().compact()
+    rep = p.report()
+    files = {"dense": fxprune.export_onnx(p.captured.graph_module, os.path.join(tmp, "dense.onnx"), (x,)).path,
+             "fxprune": fxprune.export_onnx(small, os.path.join(tmp, "fx.onnx"), (x,)).path}
+    macs = {"dense": rep.macs_before, "fxprune": rep.macs_after}
+    got = peer(build(name)[0], x, tmp)
+    if isinstance(got, tuple):
+        files["torch-pruning"], macs["torch-pruning"] = got
+    else:
+        lines.append(f"- {name}: Torch-Pruning failed: {got}")
+    res = fxprune.benchmark(files, threads=(1, 2), repeat=repeat, warmup=3, macs=macs, baseline="dense",
+                            inputs={_input_name(files["dense"]): x.numpy()})
+    for r in res.rows:
+        lines.append(f"| {name} | {r.label} | {r.threads} | {r.median_ms:.2f} | {r.speedup:.2f}x | {r.ideal:.2f} | "
+                     f"{r.efficiency:.2f} |")
+
+
+def _input_name(path: str) -> str:
+    import onnxruntime
+
+    return onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"]).get_inputs()[0].name
+
+
+def targets(name: str, target_list, settings, cache: str, lines: list[str]) -> None:
+    model, x = build(name)
+    for threads, batch in settings:
+        for target in target_list:
+            t0 = time.perf_counter()
+            p = fxprune.compile(model, (x,), {"target_speedup": target, "excluded_names": [classifier(model)],
+                                              "latency_threads": threads, "latency_batch": batch,
+                                              "latency_cache": cache})
+            lat = p.pruners[0].latency
+            t1 = time.perf_counter()
+            lat.build()
+            t2 = time.perf_counter()
+            p.prune()
+            t3 = time.perf_counter()
+            first = p.latency_checks[0]
+            kept = next(c for c in p.latency_checks if c["kept"])
+            error = first["predicted_speedup"] / first["measured_speedup"] - 1
+            rep = p.report()
+            lines.append(f"| {name} | {target:g}x | {threads} | {batch} | {first['predicted_speedup']:.2f}x | "
+                         f"{first['measured_speedup']:.2f}x | {error:+.1%} | **{kept['measured_speedup']:.2f}x** | "
+                         f"{len(p.latency_checks)} | {rep.macs_ratio:.2f} | {p.sparsity:.2f} | "
+                         f"{t2 - t1:.0f} ({lat.timed_shapes} shapes) | {t3 - t2:.0f} |")
+            print(lines[-1], flush=True)
+            del p
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    ap.add_argument("--targets", nargs="+", type=float, default=[2.0, 3.0])
+    ap.add_argument("--settings", nargs="+", default=["1x1", "2x8"], help="THREADSxBATCH")
+    ap.add_argument("--repeat", type=int, default=30)
+    ap.add_argument("--skip-same-request", action="store_true")
+    ap.add_argument("--cache", default=None, help="latency-table cache folder (default: a fresh temporary one, "
+                                                  "so table times are what a first run pays)")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    settings = [tuple(int(v) for v in s.split("x")) for s in args.settings]
+    cache = args.cache or tempfile.mkdtemp(prefix="fxprune-tables-")
+    began = time.perf_counter()
+    import onnxruntime
+
+    head = [f"# Latency targets and the same request ({datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC)", "",
+            f"Command: `python benchmarks/bench_latency.py {' '.join(sys.argv[1:])}`", "",
+            f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; torch {torch.__version__}, "
+            f"onnxruntime {onnxruntime.__version__}, transformers {transformers.__version__}, fxprune {fxprune.__version__}",
+            ""]
+    a = ["## (a) Same request: 50% channels, classifier excluded, each tool's defaults (batch 1)", "",
+         "| model | method | threads | median ms | speedup | ideal | speedup/ideal |", "|---|---|---:|---:|---:|---:|---:|"]
+    b = ["## (b) target_speedup: predicted and measured", "",
+         "| model | target | threads | batch | predicted (1st plan) | measured (1st plan) | prediction error | "
+         "measured (plan kept) | models timed | ideal (MACs) | channel sparsity | tables s | prune s |",
+         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name in args.models:
+        if not args.skip_same_request:
+            same_request(name, args.repeat, a)
+            print("\n".join(a[-4:]), flush=True)
+        targets(name, args.targets, settings, cache, b)
+    text = "\n".join(head + ([] if args.skip_same_request else a + [""]) + b +
+                     ["", f"Total wall time: {(time.perf_counter() - began) / 60:.1f} min"]) + "\n"
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()
