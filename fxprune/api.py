@@ -14,6 +14,7 @@ import warnings
 import torch
 
 from fxprune.assignment import assign_pruners
+from fxprune.calibration import Calibration
 from fxprune.compaction import Compaction
 from fxprune.config import PruningConfig, parse_config
 from fxprune.masking import Masking
@@ -87,7 +88,7 @@ def _warn_dynamic_freezes(grouping: Grouping, parameters: set[str]) -> None:
                       UserWarning, stacklevel=3)
 
 
-class Pruning(Masking, Compaction):
+class Pruning(Masking, Compaction, Calibration):
     """A model being pruned: masks, pruners, hooks, and the compact pass.
 
     Built from parts that each hold one concern: :func:`~fxprune.assignment.assign_pruners`

@@ -30,6 +30,7 @@ ALIASES = {
     "target_sparsity_ratio": "target_sparsity",
 }
 DECAY_TYPES = ("exp", "cos", "linear", "cube")
+COMPENSATIONS = ("none", "bias", "least_squares")
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,7 @@ class PruningConfig:
     latency_batch: int | None = None  # batch they are measured at (default: the example's)
     latency_verify: bool = True  # time the compact model after the last pruning step and correct a miss
     latency_cache: str | None = None  # folder of the per-layer latency tables (default ~/.cache/fxprune)
+    compensation: str = "none"  # re-fit consumers of removed channels from calibration data (fxprune.compensation)
 
     @property
     def latency_target(self) -> bool:
@@ -142,6 +144,14 @@ class PruningConfig:
                 raise ConfigError(f"{key} must be True or False, got {getattr(self, key)!r}")
         pattern = self.parsed_pattern
         self._validate_latency(pattern)
+        if self.compensation not in COMPENSATIONS:
+            raise ConfigError(f"compensation must be one of {', '.join(map(repr, COMPENSATIONS))}, got "
+                              f"{self.compensation!r}")
+        if self.compensation != "none" and (not pattern.is_channel or self.latency_target):
+            why = (f"pattern {self.pattern!r} only zeroes weights" if not pattern.is_channel else
+                   "a latency target may re-plan after measuring, and compensation cannot be undone")
+            raise ConfigError(f"compensation {self.compensation!r} re-fits the layers that lose whole input channels: "
+                              f"{why}; use compensation 'none' here")
         if pattern.kind == "n:m" and s > pattern.n / pattern.m:
             raise ConfigError(f"target_sparsity {s} is above what pattern {self.pattern} allows ({pattern.n / pattern.m})")
         if self.pruning_type not in registered_names():  # a list, unhashable, is refused too

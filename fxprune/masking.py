@@ -152,7 +152,9 @@ class Masking:
 
     def _step_pruner(self, pruner: Pruner, target: float) -> None:
         if pruner.pattern.is_channel:
-            self.set_kept(pruner.select(target))
+            kept = pruner.select(target)
+            pruner.after_select(self, kept)
+            self.set_kept(kept)
         else:
             self._element_masks.update({k: v.to(torch.bool) for k, v in pruner.element_masks(target).items()})
             self._build_masks()

@@ -113,6 +113,12 @@ class Pruner:
         """Score per channel of ``group``; lower is pruned first."""
         return group_scores(group, self.modules, self.config.magnitude_norm, self.scores or None)
 
+    def after_select(self, pruning, kept: dict[int, np.ndarray]) -> None:
+        """Between choosing ``kept`` and masking the rest, while removed weights still hold their values:
+        ``compensation`` re-fits the kept weights here (:mod:`fxprune.compensation`)."""
+        if self.config.compensation != "none":
+            pruning.compensate(self, kept)
+
     # -- selection ------------------------------------------------------------------
     def prepare(self) -> None:
         """Before a pruning step. A latency target times its tables and the dense model here (once), and

@@ -1,0 +1,309 @@
+"""Activation statistics from calibration data, for pruning without fine-tuning.
+
+Criteria such as Wanda-SP and FLAP rank channels by what flows through them, and
+compensation re-fits the kept weights to what the removed ones contributed; both need the
+layers' input statistics. ``pruning.calibrate(batches)`` runs the masked model over the
+batches once and streams, per prunable layer (``nn.Linear``, ``nn.Conv1d/2d/3d`` and Hugging
+Face's ``Conv1D`` whose weight is a group member), sums in float64: per input feature the sum
+and sum of squares, per output feature the same, and for layers that consume a group's
+channels the second moment ``sum x x^T`` of their inputs. No activation is stored.
+
+A conv's second moment is the channel Gram over pixels: every position's ``C_in`` vector
+counts as one sample, so memory is ``C_in^2`` whatever the kernel. It is exact for 1x1 convs
+and Linear layers; for a kxk conv it treats every kernel tap as seeing the same channel
+covariance and ignores the correlation between neighbouring pixels (least squares then
+re-fits each tap with the same map). The Gram is collected only where it is used (a pruner
+with ``compensation: least_squares``, or ``calibrate(gram=True)``), and not for layers with
+more input features than ``max_gram_features`` (4096: 128 MB in float64).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Iterable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.utils._pytree as pytree
+from tqdm import tqdm
+
+from fxprune.errors import PruningError
+
+if TYPE_CHECKING:
+    from fxprune.api import Pruning
+    from fxprune.pruners import Pruner
+
+__all__ = ["Calibration", "CalibrationStats", "LayerStats", "require_calibration"]
+
+
+@dataclass
+class LayerStats:
+    """Float64 sums over every input (and output) feature vector a layer saw during calibration.
+
+    ``in_dim`` / ``out_dim`` are the weight dims of its input and output features (Linear and
+    conv: 1 and 0; Hugging Face ``Conv1D``: 0 and 1). A conv's sums run over its pixels, channel by channel.
+    """
+
+    module: str
+    weight: str
+    in_dim: int
+    out_dim: int
+    groups: int
+    batched_dims: int  # dims of a batched conv input (its channels at 1, else at 0); 0: features last
+    rows: torch.Tensor  # feature vectors seen (a float64 scalar, so it all-reduces with the sums)
+    sum: torch.Tensor
+    sum_sq: torch.Tensor
+    out_rows: torch.Tensor
+    out_sum: torch.Tensor
+    out_sum_sq: torch.Tensor
+    gram_sum: torch.Tensor | None = None
+
+    @property
+    def count(self) -> int:
+        return int(self.rows)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return _per_row(self.sum, self.rows)
+
+    @property
+    def mean_sq(self) -> torch.Tensor:
+        return _per_row(self.sum_sq, self.rows)
+
+    @property
+    def var(self) -> torch.Tensor:
+        return (self.mean_sq - self.mean ** 2).clamp_min(0.0)
+
+    @property
+    def gram(self) -> torch.Tensor | None:
+        """E[x x^T] over the input feature vectors."""
+        return None if self.gram_sum is None else _per_row(self.gram_sum, self.rows)
+
+    @property
+    def out_mean(self) -> torch.Tensor:
+        return _per_row(self.out_sum, self.out_rows)
+
+    @property
+    def out_mean_sq(self) -> torch.Tensor:
+        return _per_row(self.out_sum_sq, self.out_rows)
+
+    def is_consumer(self, dim: int) -> bool:
+        """A member along ``dim`` of this weight reads the layer's input features one to one."""
+        return dim == self.in_dim and self.groups == 1 and self.count > 0
+
+    def is_producer(self, dim: int) -> bool:
+        return dim == self.out_dim and self.out_rows > 0
+
+    def _tensors(self) -> list[torch.Tensor]:
+        out = [self.rows, self.sum, self.sum_sq, self.out_rows, self.out_sum, self.out_sum_sq]
+        return out + ([self.gram_sum] if self.gram_sum is not None else [])
+
+    def _add(self, x: torch.Tensor, out: bool) -> None:
+        rows = _feature_rows(x, self.batched_dims, (self.out_sum if out else self.sum).numel())
+        if out:
+            self.out_rows += rows.shape[0]
+            self.out_sum += rows.sum(0)
+            self.out_sum_sq += rows.square().sum(0)
+            return
+        self.rows += rows.shape[0]
+        self.sum += rows.sum(0)
+        self.sum_sq += rows.square().sum(0)
+        if self.gram_sum is not None:
+            self.gram_sum += rows.T @ rows
+
+
+def _per_row(total: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    return total / max(float(rows), 1.0)
+
+
+@dataclass
+class CalibrationStats:
+    """What :meth:`Calibration.calibrate` collected: :class:`LayerStats` per module name."""
+
+    layers: dict[str, LayerStats]
+    batches: int = 0
+    missed: list[str] = field(default_factory=list)  # hooked layers whose forward never ran as a module
+
+    def for_parameter(self, name: str) -> LayerStats | None:
+        """The statistics of the layer whose weight is parameter ``name`` (None if it has none)."""
+        module, _, attr = name.rpartition(".")
+        stats = self.layers.get(module)
+        return stats if stats is not None and attr == "weight" else None
+
+
+def _feature_rows(x: torch.Tensor, batched_dims: int, features: int) -> torch.Tensor:
+    """``x`` as float64 rows of ``features``, one per sample and position."""
+    axis = -1 if not batched_dims else (1 if x.dim() == batched_dims else 0)
+    return x.detach().movedim(axis, -1).reshape(-1, features).double()
+
+
+def _layer_kind(module: nn.Module) -> tuple[int, int, int, int, int, int] | None:
+    """(in_dim, out_dim, groups, batched_dims, in_features, out_features) of a prunable layer, else None."""
+    if isinstance(module, nn.Linear):
+        return 1, 0, 1, 0, module.in_features, module.out_features
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return 1, 0, module.groups, module.weight.dim(), module.in_channels, module.out_channels
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # Hugging Face GPT-2: weight (in, out)
+        return 0, 1, 1, 0, module.weight.shape[0], module.nf
+    return None
+
+
+def require_calibration(stats: CalibrationStats | None, who: str) -> CalibrationStats:
+    """The statistics, or an error that says how to collect them."""
+    if stats is None:
+        raise PruningError(f"{who} needs activation statistics and none were collected: call "
+                           "pruning.calibrate(batches) before prune(), with batches an iterable of model inputs "
+                           "(tensors, tuples of positional args or dicts of kwargs), e.g. 8-32 batches of "
+                           "training data")
+    return stats
+
+
+class Calibration:
+    """Calibration statistics and compensation; a part of :class:`fxprune.Pruning`.
+
+    Reads ``model``, ``groups``, ``pruners``, ``_claimed`` and ``captured`` from the object it is
+    part of; ``calibration`` is None until :meth:`calibrate` runs.
+    """
+
+    calibration: CalibrationStats | None = None
+
+    @torch.no_grad()
+    def calibrate(self, batches: Iterable, progress: bool | None = None, gram: bool | None = None,
+                  max_gram_features: int = 4096) -> "Pruning":
+        """Run ``pruning.model`` (eval mode, no grad) over ``batches`` and keep its layers' input statistics.
+
+        Each batch is a tensor, a tuple of positional arguments or a dict of keyword arguments, of any
+        batch shape the model takes; tensors are moved to the model's device. A tqdm bar shows on a
+        terminal unless ``progress=False``. ``gram``: collect the consumers' input
+        Gram matrices (what ``compensation: least_squares`` solves with); None collects them when a pruner
+        asks for that compensation. Under ``torch.distributed`` the sums are all-reduced, so every rank
+        prunes from the statistics of all ranks' batches. Call it before ``prune()``: it measures the
+        model as it is now. Returns the pruning object; the statistics are ``pruning.calibration``.
+        """
+        if gram is None:
+            gram = any(p.config.compensation == "least_squares" for p in self.pruners)
+        layers, handles = self._hook_layers(gram, max_gram_features)
+        model, device = self.model, next((p.device for p in self.model.parameters()), torch.device("cpu"))
+        modes = [(m, m.training) for m in model.modules()]
+        fastpath = torch.backends.mha.get_fastpath_enabled()
+        # the fused encoder-layer path skips the Linear modules, so their hooks would see nothing
+        torch.backends.mha.set_fastpath_enabled(False)
+        model.eval()
+        seen = 0
+        try:
+            total = len(batches) if hasattr(batches, "__len__") else None
+            for batch in tqdm(batches, total=total, desc="calibration", leave=False,
+                              disable=True if progress is False else None):
+                batch = pytree.tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, batch)
+                if isinstance(batch, dict):
+                    model(**batch)
+                elif isinstance(batch, (tuple, list)):
+                    model(*batch)
+                else:
+                    model(batch)
+                seen += 1
+        finally:
+            for h in handles:
+                h.remove()
+            torch.backends.mha.set_fastpath_enabled(fastpath)
+            for m, mode in modes:
+                m.training = mode
+        if not seen:
+            raise ValueError("calibrate() got no batches: pass an iterable of model inputs (a list of tensors, "
+                             "a DataLoader of inputs, ...)")
+        unique = list({id(s): s for _, s in sorted(layers.items())}.values())  # a shared module's sums once
+        if dist.is_available() and dist.is_initialized():
+            for stats in unique:
+                for t in stats._tensors():
+                    dist.all_reduce(t)
+        for stats in unique:
+            for f in ("rows", "sum", "sum_sq", "out_rows", "out_sum", "out_sum_sq", "gram_sum"):
+                if getattr(stats, f) is not None:
+                    setattr(stats, f, getattr(stats, f).cpu())
+        missed = sorted(n for n, s in layers.items() if s.count == 0)
+        if missed:
+            warnings.warn(f"calibration reached no input of {len(missed)} layers (e.g. {missed[0]}): their forward "
+                          "never ran as a module (a fused path, or a weight read directly, as nn.MultiheadAttention "
+                          "reads out_proj.weight); channels only they hold are scored by |W|", UserWarning,
+                          stacklevel=2)
+        self.calibration = CalibrationStats(layers, seen, missed)
+        for pruner in self.pruners:
+            pruner.calibration = self.calibration
+        return self
+
+    def _hook_layers(self, gram: bool, max_gram_features: int):
+        """Accumulators and hooks for every prunable layer whose weight is a group member."""
+        members: set[str] = set()
+        claimed: set[tuple[str, int]] = set()  # (module, weight dim) of the members of the groups pruners own
+        for g in self.groups:
+            for m in g.parameters:
+                module, _, attr = m.name.rpartition(".")
+                if attr == "weight":
+                    members.add(module)
+                    if g.index in self._claimed:
+                        claimed.add((module, m.dim))
+        layers: dict[str, LayerStats] = {}
+        handles = []
+        by_object: dict[int, LayerStats] = {}
+        for name in sorted(members):
+            try:
+                module = self.model.get_submodule(name)
+            except AttributeError:
+                continue
+            kind = _layer_kind(module)
+            if kind is None:
+                continue
+            if id(module) in by_object:  # one module under two names: one set of sums
+                layers[name] = by_object[id(module)]
+                continue
+            in_dim, out_dim, groups, batched, n_in, n_out = kind
+            dev = module.weight.device
+            zeros = lambda n: torch.zeros(n, dtype=torch.float64, device=dev)  # noqa: E731
+            wants_gram = gram and groups == 1 and (name, in_dim) in claimed and n_in <= max_gram_features
+            stats = LayerStats(name, f"{name}.weight", in_dim, out_dim, groups, batched, zeros(()), zeros(n_in),
+                               zeros(n_in), zeros(()), zeros(n_out), zeros(n_out),
+                               zeros((n_in, n_in)) if wants_gram else None)
+            layers[name] = by_object[id(module)] = stats
+            handles.append(module.register_forward_pre_hook(_input_hook(stats), with_kwargs=True))
+            handles.append(module.register_forward_hook(_output_hook(stats)))
+        return layers, handles
+
+    def compensate(self, pruner: "Pruner", kept: dict[int, np.ndarray]) -> None:
+        """Re-fit the consumers of the channels ``kept`` is about to remove (see :mod:`fxprune.compensation`)."""
+        from fxprune.compensation import compensate  # it reads this module's statistics: imported late
+
+        compensate(self, pruner, kept)
+
+
+def _input_hook(stats: LayerStats):
+    def hook(module, args, kwargs):
+        x = args[0] if args else next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
+        if isinstance(x, torch.Tensor) and x.is_floating_point():
+            stats._add(x, out=False)
+
+    return hook
+
+
+def _output_hook(stats: LayerStats):
+    def hook(module, args, out):
+        if isinstance(out, torch.Tensor) and out.is_floating_point():
+            stats._add(out, out=True)
+
+    return hook
+
+
+def member_channel_sum(values: torch.Tensor | np.ndarray, atoms: np.ndarray, size: int) -> np.ndarray:
+    """Per group channel, the sum of ``values`` (one per index of a member's dim) over the indices it owns."""
+    v = values.numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
+    valid = atoms >= 0
+    return np.bincount(atoms[valid], weights=v.astype(np.float64)[valid], minlength=size)
+
+
+def weight_out_in(weight: torch.Tensor, stats: LayerStats) -> torch.Tensor:
+    """A (out, in, taps) view of a layer's weight, whatever its layout; writing to it writes the weight."""
+    w = weight.t() if stats.in_dim == 0 else weight  # Hugging Face Conv1D stores (in, out)
+    return w.unsqueeze(-1) if w.dim() == 2 else w.flatten(2)
+
