@@ -6,6 +6,8 @@ compact ONNX model and measure it with onnxruntime.
 """
 
 from fxprune.api import Pruning, compile
+from fxprune.calibrated import ActivationPruner, FlapPruner, WandaSPPruner
+from fxprune.calibration import CalibrationStats
 from fxprune.config import PruningConfig, parse_config, parse_pattern
 from fxprune.errors import (CaptureError, CompactionError, ConfigError, ExampleInputsError, FxPruneError,
                             PruningError)
@@ -20,7 +22,7 @@ from fxprune.report import Report
 __all__ = [
     "compile", "Pruning", "PruningConfig", "parse_config", "parse_pattern", "Report",
     "register_pruners", "get_pruner", "Pruner", "MagnitudePruner", "SnipPruner", "SnipMomentumPruner",
-    "TaylorPruner", "PatternLockPruner",
+    "TaylorPruner", "PatternLockPruner", "ActivationPruner", "WandaSPPruner", "FlapPruner", "CalibrationStats",
     "explain", "Explanation", "save_compact", "load_compact", "load_plan",
     "export_onnx", "OnnxExport", "benchmark", "BenchmarkResult",
     "FxPruneError", "CaptureError", "ConfigError", "ExampleInputsError", "PruningError", "CompactionError",
