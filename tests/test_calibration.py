@@ -1,0 +1,219 @@
+"""Pruning without fine-tuning: calibration statistics, the calibrated pruners, and compensation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import transformers
+
+import fxprune
+from tests.checks import assert_compact_matches_masked, fresh_like
+from tests.models import ARCHITECTURES
+
+PRUNERS = ["activation", "wanda_sp", "flap"]
+
+
+def _batches(shape, n=3, seed=0, rows=3):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, *shape, generator=gen) for b in range(rows, rows + n)]  # batches of unequal sizes
+
+
+def _compile(name, **config):
+    factory, inputs = ARCHITECTURES[name]
+    model = factory()
+    return model, fxprune.compile(model, inputs(), {"round_to": 1, **config})
+
+
+def _bert():
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                                  vocab_size=100)
+    return transformers.BertModel(cfg).eval()
+
+
+def _token_batches(n=3, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, 100, (4, 16), generator=gen)
+        mask = torch.ones_like(ids)
+        mask[0, 12:] = 0  # one padded sequence
+        out.append({"input_ids": ids, "attention_mask": mask})
+    return out
+
+
+def _direct(model, batches, layer, conv):
+    """Inputs and outputs of ``layer`` over ``batches``, as float64 rows of features (stored, not streamed)."""
+    seen = {"in": [], "out": []}
+    hooks = [layer.register_forward_pre_hook(lambda m, a: seen["in"].append(a[0].double())),
+             layer.register_forward_hook(lambda m, a, o: seen["out"].append(o.double()))]
+    with torch.no_grad():
+        for b in batches:
+            model(b)
+    for h in hooks:
+        h.remove()
+
+    def rows(ts):
+        return torch.cat([(t.transpose(1, -1) if conv else t).reshape(-1, t.shape[1 if conv else -1]) for t in ts])
+
+    return rows(seen["in"]), rows(seen["out"])
+
+
+@pytest.mark.parametrize("name, shape, layers", [
+    # layer -> (is a conv, reads a group's channels: has a Gram); conv1 and the MLP's fc1 read the model input
+    ("PlainCNN", (3, 32, 32), {"conv2": (True, True), "fc1": (False, True), "conv1": (True, False)}),
+    ("MLP", (5, 64), {"fc2": (False, True), "fc3": (False, True), "fc1": (False, False)}),  # any batch shape
+], ids=["cnn", "mlp-3d"])
+def test_statistics_equal_a_direct_computation(name, shape, layers):
+    model, pruning = _compile(name)
+    batches = _batches(shape)
+    pruning.calibrate(batches, progress=False, gram=True)
+    stats = pruning.calibration
+    assert stats.batches == len(batches) and not stats.missed
+    for layer, (conv, consumer) in layers.items():
+        x, y = _direct(pruning.model, batches, pruning.model.get_submodule(layer), conv)
+        s = stats.for_parameter(f"{layer}.weight")
+        assert s.count == x.shape[0]
+        torch.testing.assert_close(s.mean, x.mean(0), atol=1e-12, rtol=1e-10)
+        torch.testing.assert_close(s.mean_sq, x.square().mean(0), atol=1e-12, rtol=1e-10)
+        torch.testing.assert_close(s.var, x.var(0, unbiased=False), atol=1e-10, rtol=1e-8)
+        torch.testing.assert_close(s.out_mean_sq, y.square().mean(0), atol=1e-12, rtol=1e-10)
+        if not consumer:
+            assert s.gram is None
+        else:
+            torch.testing.assert_close(s.gram, x.T @ x / x.shape[0], atol=1e-12, rtol=1e-10)
+    assert stats.for_parameter("fc1.bias") is None
+
+
+def test_statistics_of_a_transformer_from_dict_batches():
+    model = _bert()
+    pruning = fxprune.compile(model, (torch.randint(0, 100, (1, 16)),), {"pruning_type": "wanda_sp"})
+    batches = _token_batches()
+    pruning.calibrate(batches, progress=False)
+    stats = pruning.calibration
+    assert stats.for_parameter("encoder.layer.0.attention.output.dense.weight").gram is None  # no least_squares
+    seen = []
+    layer = pruning.model.get_submodule("encoder.layer.1.output.dense")  # the FFN down projection
+    hook = layer.register_forward_pre_hook(lambda m, a: seen.append(a[0].double().reshape(-1, 128)))
+    with torch.no_grad():
+        for b in batches:
+            pruning.model(**b)
+    hook.remove()
+    x = torch.cat(seen)
+    s = stats.for_parameter("encoder.layer.1.output.dense.weight")
+    assert s.count == 3 * 4 * 16
+    torch.testing.assert_close(s.mean_sq, x.square().mean(0), atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("pruner", PRUNERS)
+@pytest.mark.parametrize("name, shape", [("PlainCNN", (3, 32, 32)), ("MLP", (64,))], ids=["cnn", "mlp"])
+def test_pruners_reach_the_target_and_compact_equals_masked(pruner, name, shape):
+    _, pruning = _compile(name, pruning_type=pruner, target_sparsity=0.5, compensation="least_squares")
+    pruning.calibrate(_batches(shape), progress=False).prune()
+    assert pruning.sparsity == pytest.approx(0.5, abs=0.01)
+    small = pruning.compact()
+    assert_compact_matches_masked(pruning, small, fresh_like(ARCHITECTURES[name][1]()), atol=1e-4, rtol=1e-4)
+
+
+def _output_errors(build, batches, run, config):
+    """Mean squared output error vs the dense model on the calibration batches, per compensation."""
+    errors = {}
+    for compensation in ("none", "bias", "least_squares"):
+        model, pruning = build(dict(config, compensation=compensation))
+        pruning.calibrate(batches, progress=False).prune()
+        with torch.no_grad():
+            errors[compensation] = sum(float((run(model, b) - run(pruning.model, b)).square().mean())
+                                       for b in batches) / len(batches)
+        assert pruning.compact_error is None
+        pruning.compact()  # checks compact == masked on the example inputs
+    return errors
+
+
+@pytest.mark.parametrize("case", ["cnn", "mlp", "bert"])
+def test_compensation_reduces_the_output_error(case):
+    config = {"pruning_type": "wanda_sp", "target_sparsity": 0.5, "round_to": 1}
+    if case == "bert":
+        def build(cfg):
+            model = _bert()
+            return model, fxprune.compile(model, (torch.randint(0, 100, (1, 16)),), cfg)
+
+        batches, run = _token_batches(), lambda m, b: m(**b).last_hidden_state
+    else:
+        name, shape = {"cnn": ("PlainCNN", (3, 32, 32)), "mlp": ("MLP", (64,))}[case]
+        build, run = (lambda cfg: _compile(name, **cfg)), lambda m, b: m(b)
+        batches = _batches(shape, n=4, rows=16 if case == "cnn" else 64)
+    errors = _output_errors(build, batches, run, config)
+    # measured with these seeds (none / bias / least_squares): cnn 2.0e-4 / 8.4e-5 / 6.7e-5,
+    # mlp 2.6e-3 / 2.0e-3 / 1.2e-3, bert 3.4e-4 / 1.8e-4 / 1.3e-5
+    assert errors["bias"] < 0.85 * errors["none"], errors
+    assert errors["least_squares"] < 0.9 * errors["bias"], errors
+
+
+def test_bias_free_conv_shifts_its_batch_norm():
+    """PlainCNN's convs have no bias: the mean of their removed inputs goes into the BatchNorm's running mean."""
+    _, pruning = _compile("PlainCNN", pruning_type="activation", target_sparsity=0.5, compensation="bias")
+    before = pruning.model.bn2.running_mean.clone()
+    pruning.calibrate(_batches((3, 32, 32)), progress=False).prune()
+    assert not torch.equal(before, pruning.model.bn2.running_mean)
+    assert not any("no bias" in n for n in pruning.pruners[0].notes)
+
+
+def test_without_calibration_the_error_says_what_to_call():
+    _, pruning = _compile("MLP", pruning_type="flap")
+    with pytest.raises(fxprune.PruningError, match=r"pruning\.calibrate\(batches\)"):
+        pruning.prune()
+    _, pruning = _compile("MLP", pruning_type="magnitude", compensation="bias")
+    with pytest.raises(fxprune.PruningError, match=r"compensation 'bias'.*pruning\.calibrate\(batches\)"):
+        pruning.prune()
+    with pytest.raises(ValueError, match="no batches"):
+        pruning.calibrate([])
+
+
+def test_bad_compensation_is_a_config_error():
+    with pytest.raises(fxprune.ConfigError, match="compensation must be one of"):
+        fxprune.parse_config({"compensation": "ridge"})
+    with pytest.raises(fxprune.ConfigError, match="only zeroes weights"):
+        fxprune.parse_config({"compensation": "bias", "pattern": "4x1"})
+    with pytest.raises(fxprune.ConfigError, match="whole channels"):
+        _compile("MLP", pruning_type="wanda_sp", pattern="2:4", target_sparsity=0.5)
+    assert fxprune.parse_config({})[0].compensation == "none"
+
+
+def test_multihead_attention_heads_fall_back_to_magnitude_with_a_note():
+    """nn.MultiheadAttention reads out_proj.weight without calling the module: its heads get no statistics;
+    the FFN's Linear layers do (the fused encoder fast path is off while calibrating)."""
+    factory, inputs = ARCHITECTURES["TwoLayerTransformer"]
+    pruning = fxprune.compile(factory(), inputs(), {"pruning_type": "activation", "round_to": 1}, dynamic_shapes={})
+    with pytest.warns(UserWarning, match="calibration reached no input"):
+        pruning.calibrate(_batches((8, 32)), progress=False)
+    assert pruning.calibration.for_parameter("encoder.layers.0.linear2.weight").count > 0
+    with pytest.warns(UserWarning, match="scored by"):
+        pruning.prune()
+    pruning.compact()
+
+
+def _ddp_worker(rank: int, world: int, rendezvous: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
+    _, pruning = _compile("MLP", pruning_type="wanda_sp")
+    pruning.calibrate(_batches((64,), n=4)[rank::world], progress=False, gram=True)
+    s = pruning.calibration.for_parameter("fc2.weight")
+    if rank == 0:
+        torch.save({"rows": s.rows, "mean_sq": s.mean_sq, "gram": s.gram}, out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_statistics_are_summed_over_ranks(tmp_path):
+    out = str(tmp_path / "stats.pt")
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "rendezvous"), out), nprocs=2, join=True)
+    got = torch.load(out, weights_only=True)
+    _, pruning = _compile("MLP", pruning_type="wanda_sp")
+    pruning.calibrate(_batches((64,), n=4), progress=False, gram=True)
+    s = pruning.calibration.for_parameter("fc2.weight")
+    assert float(got["rows"]) == s.count
+    torch.testing.assert_close(got["mean_sq"], s.mean_sq, atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(got["gram"], s.gram, atol=1e-12, rtol=1e-10)
+    assert np.isfinite(s.gram.numpy()).all()
