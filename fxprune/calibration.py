@@ -19,6 +19,8 @@ more input features than ``max_gram_features`` (4096: 128 MB in float64).
 
 from __future__ import annotations
 
+import itertools
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterable
@@ -60,6 +62,9 @@ class LayerStats:
     out_sum: torch.Tensor
     out_sum_sq: torch.Tensor
     gram_sum: torch.Tensor | None = None
+    conv: nn.Module | None = None  # a conv consumer: its geometry, for what each kernel tap reads
+    tap_rows: torch.Tensor | None = None  # output positions seen
+    tap_sum: torch.Tensor | None = None  # (in, taps): the input each tap reads, summed over output positions
 
     @property
     def count(self) -> int:
@@ -83,6 +88,12 @@ class LayerStats:
         return None if self.gram_sum is None else _per_row(self.gram_sum, self.rows)
 
     @property
+    def tap_mean(self) -> torch.Tensor:
+        """(in, taps): the mean input each kernel tap reads over the output positions, zero padding included;
+        for a Linear layer its input mean. The mean output of the layer is ``sum W[:, i, t] tap_mean[i, t]``."""
+        return self.mean[:, None] if self.tap_sum is None else _per_row(self.tap_sum, self.tap_rows)
+
+    @property
     def out_mean(self) -> torch.Tensor:
         return _per_row(self.out_sum, self.out_rows)
 
@@ -99,7 +110,7 @@ class LayerStats:
 
     def _tensors(self) -> list[torch.Tensor]:
         out = [self.rows, self.sum, self.sum_sq, self.out_rows, self.out_sum, self.out_sum_sq]
-        return out + ([self.gram_sum] if self.gram_sum is not None else [])
+        return out + [t for t in (self.gram_sum, self.tap_rows, self.tap_sum) if t is not None]
 
     def _add(self, x: torch.Tensor, out: bool) -> None:
         rows = _feature_rows(x, self.batched_dims, (self.out_sum if out else self.sum).numel())
@@ -113,6 +124,10 @@ class LayerStats:
         self.sum_sq += rows.square().sum(0)
         if self.gram_sum is not None:
             self.gram_sum += rows.T @ rows
+        if self.conv is not None:
+            positions, sums = _tap_sums(x.detach(), self.conv, self.batched_dims)
+            self.tap_rows += positions
+            self.tap_sum += sums
 
 
 def _per_row(total: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -138,6 +153,28 @@ def _feature_rows(x: torch.Tensor, batched_dims: int, features: int) -> torch.Te
     """``x`` as float64 rows of ``features``, one per sample and position."""
     axis = -1 if not batched_dims else (1 if x.dim() == batched_dims else 0)
     return x.detach().movedim(axis, -1).reshape(-1, features).double()
+
+
+def _tap_sums(x: torch.Tensor, conv: nn.Module, batched_dims: int) -> tuple[int, torch.Tensor]:
+    """(output positions, (C_in, taps) sums of the input each kernel tap reads there): padding is linear, so
+    the batch is summed first and padded once, and each tap's strided window of it is summed."""
+    total = x.double().sum(0) if x.dim() == batched_dims else x.double()  # (C, *spatial)
+    kernel, stride, dilation = conv.kernel_size, conv.stride, conv.dilation
+    if conv.padding == "valid":
+        pads = [(0, 0)] * len(kernel)
+    elif conv.padding == "same":
+        pads = [((d * (k - 1)) // 2, d * (k - 1) - (d * (k - 1)) // 2) for k, d in zip(kernel, dilation)]
+    else:
+        pads = [(p, p) for p in conv.padding]
+    flat = [side for pad in reversed(pads) for side in pad]
+    mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+    padded = torch.nn.functional.pad(total[None], flat, mode=mode)[0] if any(flat) else total
+    out = [(n - d * (k - 1) - 1) // s + 1 for n, k, s, d in zip(padded.shape[1:], kernel, stride, dilation)]
+    sums = [padded[(slice(None), *(slice(j * d, j * d + (o - 1) * s + 1, s)
+                                   for j, d, o, s in zip(tap, dilation, out, stride)))].sum(tuple(range(1, padded.dim())))
+            for tap in itertools.product(*(range(k) for k in kernel))]
+    samples = x.shape[0] if x.dim() == batched_dims else 1
+    return samples * math.prod(out), torch.stack(sums, 1)
 
 
 def _layer_kind(module: nn.Module) -> tuple[int, int, int, int, int, int] | None:
@@ -220,7 +257,7 @@ class Calibration:
                 for t in stats._tensors():
                     dist.all_reduce(t)
         for stats in unique:
-            for f in ("rows", "sum", "sum_sq", "out_rows", "out_sum", "out_sum_sq", "gram_sum"):
+            for f in ("rows", "sum", "sum_sq", "out_rows", "out_sum", "out_sum_sq", "gram_sum", "tap_rows", "tap_sum"):
                 if getattr(stats, f) is not None:
                     setattr(stats, f, getattr(stats, f).cpu())
         missed = sorted(n for n, s in layers.items() if s.count == 0)
@@ -263,9 +300,12 @@ class Calibration:
             dev = module.weight.device
             zeros = lambda n: torch.zeros(n, dtype=torch.float64, device=dev)  # noqa: E731
             wants_gram = gram and groups == 1 and (name, in_dim) in claimed and n_in <= max_gram_features
+            conv = module if batched and groups == 1 and (name, in_dim) in claimed else None
             stats = LayerStats(name, f"{name}.weight", in_dim, out_dim, groups, batched, zeros(()), zeros(n_in),
                                zeros(n_in), zeros(()), zeros(n_out), zeros(n_out),
-                               zeros((n_in, n_in)) if wants_gram else None)
+                               zeros((n_in, n_in)) if wants_gram else None, conv,
+                               zeros(()) if conv is not None else None,
+                               zeros((n_in, module.weight[0, 0].numel())) if conv is not None else None)
             layers[name] = by_object[id(module)] = stats
             handles.append(module.register_forward_pre_hook(_input_hook(stats), with_kwargs=True))
             handles.append(module.register_forward_hook(_output_hook(stats)))

@@ -8,10 +8,13 @@ before the masks zero the removed weights (``Pruner.after_select``). It edits th
 weights of ``pruning.model``, so ``compact()`` still equals the masked model.
 
 - ``bias`` (FLAP): the removed channels' mean contribution moves into the bias,
-  ``b += W[:, R] E[x_R]``; the output error left is the removed channels' fluctuation.
+  ``b += W[:, R] E[x_R]``; the output error left is the removed channels' fluctuation. For a conv,
+  ``E[x_R]`` is taken per kernel tap over the output positions, so zero padding is accounted for
+  (on small feature maps most positions read some padding).
 - ``least_squares``: ridge regression of the layer's current output on its kept inputs,
-  ``W_K = W G[:, K] (G[K, K] + lambda I)^-1`` with ``G = E[x x^T]``, fitted together with a bias
-  shift (the constant input ``1`` is added to the kept inputs) where the layer can take one.
+  ``W_K = W G[:, K] (G[K, K] + lambda I)^-1`` with ``G = E[x x^T]``; where the layer can take a
+  bias shift, ``G`` is the covariance instead (an unpenalised intercept) and the shift restores
+  the layer's mean output.
   ``lambda`` is :data:`DAMPING` times the mean of ``diag(G[K, K])``, SparseGPT's dampening: it
   keeps the solve well posed when kept channels are (nearly) collinear or dead and pulls the
   solution towards ``W_K`` by a relative 1% only. On the calibration data this is the best
@@ -60,7 +63,7 @@ def compensate(pruning: "Pruning", pruner: "Pruner", kept: dict[int, np.ndarray]
         else:
             if mode == "least_squares":
                 skipped["gram"].append(layer.module)
-            shift = torch.einsum("oit,i->o", w[:, removed], layer.mean[removed])
+            shift = torch.einsum("oit,it->o", w[:, removed], layer.tap_mean[removed])
             if target is None:
                 skipped["bias"].append(layer.module)
         if target is not None:
@@ -78,25 +81,28 @@ def compensate(pruning: "Pruning", pruner: "Pruner", kept: dict[int, np.ndarray]
 
 def _least_squares(view: torch.Tensor, w: torch.Tensor, keep: np.ndarray, layer: LayerStats,
                    intercept: bool) -> torch.Tensor:
-    """Write the ridge re-fit of the kept columns into ``view``; return the bias shift (zero without one)."""
+    """Write the ridge re-fit of the kept columns into ``view``; return the bias shift (zero without one).
+
+    With an intercept the fit is on centred inputs (the covariance instead of ``E[x x^T]``: an unpenalised
+    bias), and the shift then matches the layer's mean output exactly, from what each kernel tap reads."""
     gram, mean = layer.gram, layer.mean
     kept = torch.from_numpy(np.flatnonzero(keep))
-    k = len(kept)
-    cross = gram[:, kept]  # E[x x_K^T]
-    inner = cross[kept].clone()  # E[x_K x_K^T]
-    diag = inner.diagonal()
-    damping = DAMPING * float(diag.mean()) if k and float(diag.mean()) > 0 else 1e-8
     if intercept:
-        cross = torch.cat([cross, mean[:, None]], 1)
-        inner = torch.cat([torch.cat([inner, mean[kept, None]], 1),
-                           torch.cat([mean[kept], torch.ones(1, dtype=mean.dtype)])[None]], 0)
-    inner.diagonal()[:k] += damping
+        gram = gram - torch.outer(mean, mean)
+    cross = gram[:, kept]  # E[x x_K^T], centred with an intercept
+    inner = cross[kept].clone()
+    diag = inner.diagonal()
+    diag += DAMPING * float(diag.mean()) if len(kept) and float(diag.mean()) > 0 else 1e-8
     try:
         fit = torch.linalg.solve(inner, cross.T).T  # inner is symmetric: fit = cross @ inner^-1
     except RuntimeError:
         fit = cross @ torch.linalg.pinv(inner)
-    view[:, kept, :] = torch.einsum("oit,ik->okt", w, fit[:, :k]).to(view.dtype).to(view.device)
-    return torch.einsum("oit,i->o", w, fit[:, k]) if intercept else torch.zeros(w.shape[0], dtype=w.dtype)
+    refit = torch.einsum("oit,ik->okt", w, fit)
+    view[:, kept, :] = refit.to(view.dtype).to(view.device)
+    if not intercept:
+        return torch.zeros(w.shape[0], dtype=w.dtype)
+    taps = layer.tap_mean
+    return torch.einsum("oit,it->o", w, taps) - torch.einsum("okt,kt->o", refit, taps[kept])
 
 
 def _consumer_changes(pruning: "Pruning", pruner: "Pruner", kept: dict[int, np.ndarray], stats, unseen: list[str]):
