@@ -201,14 +201,7 @@ class LatencyModel:
         """Time the dense model and every layer width the cache lacks (once; later calls return at once)."""
         if self.dense_ms is not None:
             return self
-        grids = []
-        for layer in self.layers:
-            x, y = self._space(layer.x_space), self._space(layer.y_space)
-            if layer.tied is not None:
-                grids.append((width_grid(x.size, layer.tied) if x.elems else [x.size], None))
-            else:
-                grids.append((width_grid(x.size) if x.elems else [x.size],
-                              width_grid(y.size) if y.elems else [y.size]))
+        grids = self._grids()
 
         def time_tables():
             timer = OpTimer(self.threads, self.cache_dir)
@@ -255,6 +248,38 @@ class LatencyModel:
             kept[g] = choose_kept(-np.arange(group.size, dtype=float), group.size - keep, group.parts)
         frac = np.array([k.mean() for k in kept.values()])
         return frac, compact_graph(p.captured.graph_module, p.grouping, p._atom_kept(kept), dict(p.model.state_dict()))
+
+    def _grids(self) -> list[tuple[list[int], list[int] | None]]:
+        """Per layer, the input and output widths its table times (None: the output follows the input)."""
+        grids = []
+        for layer in self.layers:
+            x, y = self._space(layer.x_space), self._space(layer.y_space)
+            if layer.tied is not None:
+                grids.append((width_grid(x.size, layer.tied) if x.elems else [x.size], None))
+            else:
+                grids.append((width_grid(x.size) if x.elems else [x.size],
+                              width_grid(y.size) if y.elems else [y.size]))
+        return grids
+
+    def state_dict(self) -> dict:
+        """What the predictions depend on (tables, fit, correction), so a resumed run plans as the first did
+        instead of timing again and planning on other noise."""
+        if self.dense_ms is None:
+            return {}
+        return {"tables": [t.tolist() for _, _, t in self.tables], "dense_ms": self.dense_ms, "rest_ms": self.rest_ms,
+                "scale": self.scale, "offset": self.offset, "correction": self.correction, "probe": dict(self.probe),
+                "layers": [layer.base.key() for layer in self.layers]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not state:
+            return
+        if state["layers"] != [layer.base.key() for layer in self.layers]:
+            raise ConfigError("the saved latency tables are of other layers (another model, batch or capture)")
+        grids = [(gi, go) for gi, go, _ in self.tables] or self._grids()
+        self.tables = [(gi, go, np.array(t)) for (gi, go), t in zip(grids, state["tables"])]
+        self.dense_ms, self.rest_ms = state["dense_ms"], state["rest_ms"]
+        self.scale, self.offset, self.correction = state["scale"], state["offset"], state["correction"]
+        self.probe = dict(state["probe"])
 
     def _quiet(self) -> bool | None:
         return None if self.progress is None else not self.progress

@@ -213,13 +213,20 @@ class Pruner:
                             max_ratio=cfg.max_sparsity_ratio_per_layer)
 
     def state_dict(self) -> dict:
-        return {"scores": {k: v.clone() for k, v in self.scores.items()}, "global_step": self.global_step,
-                "current_sparsity_ratio": self.current_sparsity_ratio}
+        state = {"scores": {k: v.clone() for k, v in self.scores.items()}, "global_step": self.global_step,
+                 "current_sparsity_ratio": self.current_sparsity_ratio}
+        if self.latency is not None:
+            state["latency"] = self.latency.state_dict()
+            state["latency_target"] = self.scheduler.target
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.scores = {k: v.clone() for k, v in state["scores"].items()}
         self.global_step = state["global_step"]
         self.current_sparsity_ratio = state["current_sparsity_ratio"]
+        if self.latency is not None and state.get("latency"):
+            self.latency.load_state_dict(state["latency"])
+            self.scheduler.target = self.target_sparsity_ratio = state["latency_target"]
 
 
 @register_pruners("magnitude")

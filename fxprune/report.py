@@ -61,6 +61,7 @@ class Report:
     groups: int
     blocked: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)  # requests adjusted to be feasible (a target, round_to), per pruner
+    latency: list = field(default_factory=list)  # measured compact latency under a latency target (latency_checks)
 
     @property
     def macs_ratio(self) -> float:
@@ -80,6 +81,10 @@ class Report:
         lines.append(f"groups: {self.groups}, channel sparsity: {self.channel_sparsity:.1%}")
         lines.append(f"params: {self.params_before:,} → {self.params_after:,} ({self.params_ratio:.2f}x smaller)")
         lines.append(f"MACs:   {self.macs_before:,} → {self.macs_after:,} ({self.macs_ratio:.2f}x fewer)")
+        for c in (c for c in self.latency if c.get("kept")):
+            lines.append(f"latency: {c['dense_ms']:.2f} ms → {c['compact_ms']:.2f} ms measured "
+                         f"({c['measured_speedup']:.2f}x; target {c['target_speedup']:.2f}x, predicted "
+                         f"{c['predicted_speedup']:.2f}x; onnxruntime, {c['threads']} threads, batch {c['batch']})")
         lines += [f"note: {note}" for note in self.notes]
         return "\n".join(lines)
 
@@ -105,4 +110,5 @@ def build_report(pruning, params_before, params_after, macs_before, macs_after) 
         rows.append(LayerRow(layer_of(name), p.shape[0], width(name, 0, p.shape[0]), p.shape[1],
                              width(name, 1, p.shape[1]), name))
     return Report(rows, params_before, params_after, macs_before, macs_after, pruning.sparsity, len(pruning.groups),
-                  dict(pruning.grouping.blocked), [n for p in pruning.pruners for n in p.notes])
+                  dict(pruning.grouping.blocked), [n for p in pruning.pruners for n in p.notes],
+                  [dict(c) for c in getattr(pruning, "latency_checks", [])])

@@ -80,6 +80,7 @@ def test_target_speedup_is_met_and_compact_equals_masked(fake_timing):
     assert 2.0 / 1.01 <= check["measured_speedup"] <= 2.0 / 0.95, p.latency_checks
     # with exact costs the first plan is the one kept: no correction needed
     assert len(p.latency_checks) == 1 and math.isclose(check["predicted_speedup"], check["measured_speedup"], rel_tol=0.02)
+    assert f"({check['measured_speedup']:.2f}x; target 2.00x" in str(p.report())
     small = p.compact()
     assert p.compact_error <= 1e-4
     x = ARCHITECTURES["ResNetBasic"][1]()
@@ -237,3 +238,23 @@ def test_real_onnxruntime_tables_are_cached(tmp_path):
     (next(tmp_path.glob("op_latency-*.json"))).write_text("{not json")  # a damaged cache is timed again
     third = fxprune.compile(factory(), inputs(), config).pruners[0].latency.build()
     assert third.timed_shapes == first.timed_shapes
+
+
+def test_resumed_state_plans_without_timing_again(fake_timing):
+    p = build(target_speedup=2.0, start_step=0, end_step=2, latency_verify=False)
+    p.on_train_begin()
+    p.on_step_begin(0)
+    state = p.state_dict()
+    measured = fake_timing["measured"]
+    q = build(target_speedup=2.0, start_step=0, end_step=2, latency_verify=False)
+    q.load_state_dict(state)
+    lat_p, lat_q = p.pruners[0].latency, q.pruners[0].latency
+    assert (lat_q.dense_ms, lat_q.scale, lat_q.offset) == (lat_p.dense_ms, lat_p.scale, lat_p.offset)
+    q.on_train_begin()
+    p.on_step_begin(2)
+    q.on_step_begin(2)
+    assert fake_timing["measured"] == measured  # nothing timed for the resumed run
+    assert all((p._kept[g] == q._kept[g]).all() for g in p._kept)
+    other = build("PlainCNN", target_speedup=2.0)
+    with pytest.raises(ConfigError, match="other layers"):
+        other.pruners[0].latency.load_state_dict(lat_p.state_dict())
