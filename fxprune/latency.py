@@ -32,6 +32,7 @@ __all__ = ["LatencyModel", "Layer", "width_grid"]
 
 aten = torch.ops.aten
 
+SMOOTH = True  # tables are fit by a bilinear surface before use (see smooth)
 # widths timed per layer dim, as fractions of the dense width (aligned to 16 where the dim is wide enough)
 FRACTIONS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
 
@@ -216,7 +217,7 @@ class LatencyModel:
                     for layer, (gi, go) in zip(self.layers, grids)], timer.measured
 
         tables, self.timed_shapes = _share(time_tables)
-        self.tables = [(gi, go, t) for (gi, go), t in zip(grids, tables)]
+        self.tables = [(gi, go, smooth(gi, go, t) if SMOOTH else t) for (gi, go), t in zip(grids, tables)]
         # two measured models fit the prediction: the dense one and a probe with every pruned group at half
         # its width. A layer timed alone pays its own layout changes and call, and the whole model has costs
         # no width changes (dispatch, thread-pool sync), so the tables give the shape of the curve, not its
@@ -360,6 +361,21 @@ class LatencyModel:
                 t = t[torch.arange(self.batch) % self.example_batch]
             feed[name] = t.float().numpy() if t.dtype == torch.bfloat16 else t.numpy()
         return feed
+
+
+def smooth(grid_in: list[int], grid_out: list[int] | None, table: np.ndarray) -> np.ndarray:
+    """The table replaced by its least-squares fit ``c0 + c1 a + c2 b + c3 a b`` (relative error): a layer's time
+    is near-bilinear in its widths, and the allocation, which picks the chunks whose tables promise the most,
+    would otherwise pick timing noise (a width that happened to time fast alone) first."""
+    a = np.repeat(np.asarray(grid_in, float), table.shape[1])
+    b = np.tile(np.asarray(grid_out if grid_out is not None else [1], float), table.shape[0])
+    y = table.ravel()
+    if y.size < 4:
+        return table
+    basis = np.stack([np.ones_like(a), a, b, a * b], 1) if grid_out is not None else np.stack([np.ones_like(a), a], 1)
+    coef, *_ = np.linalg.lstsq(basis / y[:, None], np.ones_like(y), rcond=None)
+    fitted = basis @ coef
+    return np.maximum(fitted, 0.5 * y.min()).reshape(table.shape)
 
 
 def _interp(grid: list[int], values: np.ndarray, x: float) -> float:

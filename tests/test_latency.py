@@ -258,3 +258,17 @@ def test_resumed_state_plans_without_timing_again(fake_timing):
     other = build("PlainCNN", target_speedup=2.0)
     with pytest.raises(ConfigError, match="other layers"):
         other.pruners[0].latency.load_state_dict(lat_p.state_dict())
+
+
+def test_tables_are_smoothed_to_a_bilinear_surface():
+    """A width that happened to time fast alone is not what the allocation should chase."""
+    from fxprune.latency import smooth
+
+    a, b = [16, 32, 48, 64], [32, 64, 96, 128]
+    exact = np.array([[0.1 + 1e-4 * x * y for y in b] for x in a])
+    assert np.allclose(smooth(a, b, exact), exact)
+    noisy = exact.copy()
+    noisy[2, 1] *= 0.5  # one outlier
+    fitted = smooth(a, b, noisy)
+    assert abs(fitted[2, 1] - exact[2, 1]) < abs(noisy[2, 1] - exact[2, 1]) / 2
+    assert np.all(np.diff(fitted, axis=0) > 0) and np.all(np.diff(fitted, axis=1) > 0)
