@@ -176,7 +176,10 @@ class Masking:
             return
         tried = []
         for attempt in range(tries):
-            dense_ms, compact_ms = lat.measure(self.compact(check=False))
+            if all(k.all() for k in self._kept.values()):  # re-aimed so far that nothing is pruned: the dense model
+                dense_ms = compact_ms = lat.dense_ms
+            else:
+                dense_ms, compact_ms = lat.measure(self.compact(check=False))
             measured, predicted = compact_ms / dense_ms, pruner.predicted_ms / lat.dense_ms
             self.latency_checks.append({"step": self.global_step, "attempt": attempt, "dense_ms": dense_ms,
                                         "compact_ms": compact_ms, "measured_speedup": 1.0 / measured,
@@ -185,7 +188,9 @@ class Masking:
             tried.append((measured, {g: k.copy() for g, k in self._kept.items()}, self.latency_checks[-1]))
             if want * LATENCY_OVERSHOOT <= measured <= want * LATENCY_TOLERANCE or attempt == tries - 1:
                 break
-            lat.correction *= measured / want
+            # one measurement moves the aim by at most 2x either way: a plan far off (a small model whose
+            # fixed costs the tables do not see) would otherwise swing the next one past the dense model
+            lat.correction *= min(2.0, max(0.5, measured / want))
             self.set_kept(pruner.select(pruner.scheduler.target))
         meeting = [t for t in tried if t[0] <= want * LATENCY_TOLERANCE]
         measured, kept, check = max(meeting, key=lambda t: t[0]) if meeting else min(tried, key=lambda t: t[0])

@@ -272,3 +272,35 @@ def test_tables_are_smoothed_to_a_bilinear_surface():
     fitted = smooth(a, b, noisy)
     assert abs(fitted[2, 1] - exact[2, 1]) < abs(noisy[2, 1] - exact[2, 1]) / 2
     assert np.all(np.diff(fitted, axis=0) > 0) and np.all(np.diff(fitted, axis=1) > 0)
+
+
+def _ddp_latency_worker(rank: int, world: int, rendezvous: str, out: str, cache: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
+    # each rank would time its layers differently (here: rank 1 twice as slow); rank 0's figures must win
+    OpTimer._time = lambda self, shape: shape_macs(shape) * NS_PER_MAC * (1 + rank)
+    factory, inputs = ARCHITECTURES["MLP"]
+    p = fxprune.compile(factory(), inputs(), {"target_speedup": 1.5, "latency_cache": f"{cache}/{rank}"})
+    p.prune()
+    kept = torch.cat([torch.from_numpy(p._kept[g]) for g in sorted(p._kept)]).to(torch.int64)
+    gathered = [torch.zeros_like(kept) for _ in range(world)]
+    dist.all_gather(gathered, kept)
+    lat = p.pruners[0].latency
+    figures = torch.tensor([lat.dense_ms, lat.scale, lat.offset, float(len(p.latency_checks))], dtype=torch.float64)
+    all_figures = [torch.zeros_like(figures) for _ in range(world)]
+    dist.all_gather(all_figures, figures)
+    if rank == 0:
+        torch.save({"kept": gathered, "figures": all_figures}, out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_ddp_ranks_plan_on_rank_zeros_timing(tmp_path):
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path / "ddp.pt")
+    mp.spawn(_ddp_latency_worker, args=(2, str(tmp_path / "rendezvous"), out, str(tmp_path)), nprocs=2, join=True)
+    result = torch.load(out, weights_only=True)
+    assert torch.equal(result["kept"][0], result["kept"][1]) and not bool(result["kept"][0].all())
+    assert torch.equal(result["figures"][0], result["figures"][1])
