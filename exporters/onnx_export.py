@@ -24,6 +24,7 @@ from torch.utils._pytree import tree_leaves
 
 from fxprune.errors import FxPruneError
 from fxprune.passes.shapes import dynamic_dims_of, export_program
+from fxprune.progress import stages
 
 __all__ = ["OnnxExport", "OnnxExportError", "OnnxMismatchError", "check_exportable", "compare_outputs", "export_onnx",
            "run_onnxruntime"]
@@ -123,6 +124,7 @@ def export_onnx(
     opset: int = 18,
     atol: float = 1e-4,
     check: bool = True,
+    progress: bool | None = None,
 ) -> OnnxExport:
     """Export ``model`` to a single ONNX file and verify it.
 
@@ -156,6 +158,9 @@ def export_onnx(
         ``max(1, max|output|)`` (see :func:`compare_outputs`).
     check : bool, default True
         Run onnxruntime on ``example_inputs`` and compare all tensor outputs.
+    progress : bool, optional
+        A bar over export, ``onnx.checker`` and the onnxruntime comparison; default: when
+        stderr is a terminal.
 
     Returns
     -------
@@ -183,6 +188,14 @@ def export_onnx(
     inline = _state_bytes(model) < _INLINE_LIMIT_BYTES
 
     kwargs = dict(example_kwargs or {})
+    with stages("ONNX export", ["torch.onnx.export", "onnx.checker"] + (["onnxruntime == torch"] if check else []),
+                progress) as next_stage:
+        next_stage()
+        return _export(model, out_path, example_inputs, kwargs, dynamic_shapes, opset, atol, check, inline, next_stage)
+
+
+def _export(model, out_path, example_inputs, kwargs, dynamic_shapes, opset, atol, check, inline, next_stage
+            ) -> OnnxExport:
     with _eval_mode(model), torch.no_grad():
         reference = model(*example_inputs, **kwargs) if check else None
         with _quiet_exporter():
@@ -199,6 +212,7 @@ def export_onnx(
                 report=False,
             )
 
+    next_stage()
     _name_dynamic_axes(str(out_path), dynamic_dims_of(model))
     onnx.checker.check_model(str(out_path), full_check=True)
     proto = onnx.load(str(out_path), load_external_data=False)
@@ -207,11 +221,12 @@ def export_onnx(
         warnings.warn(
             f"requested opset {opset} but the exporter wrote opset {written_opset} to {out_path}",
             UserWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
 
     error = float("nan")
     if check:
+        next_stage()
         names = [spec.arg.name for spec in program.graph_signature.input_specs
                  if spec.kind == torch.export.graph_signature.InputKind.USER_INPUT
                  and isinstance(spec.arg, torch.export.graph_signature.TensorArgument)]

@@ -20,12 +20,14 @@ from fxprune.config import PruningConfig, parse_config
 from fxprune.masking import Masking
 from fxprune.passes.group import Group, Grouping, group_channels
 from fxprune.passes.trace import Captured, capture
+from fxprune.progress import stages
 
 __all__ = ["compile", "Pruning"]
 
 
 def compile(model: torch.nn.Module, example_inputs: tuple, config: dict | PruningConfig | None = None, *,
-            example_kwargs: dict | None = None, dynamic_shapes=None, inplace: bool = False) -> "Pruning":
+            example_kwargs: dict | None = None, dynamic_shapes=None, inplace: bool = False,
+            progress: bool | None = None) -> "Pruning":
     """Prepare ``model`` for structured pruning.
 
     Parameters
@@ -41,6 +43,7 @@ def compile(model: torch.nn.Module, example_inputs: tuple, config: dict | Prunin
     config : INC-style pruning config (see :class:`fxprune.config.PruningConfig`);
         keys given at top level apply to every entry of ``pruners``.
     inplace : prune the user's own model instead of a copy.
+    progress : a progress bar over capture and grouping; default: when stderr is a terminal.
 
     Returns
     -------
@@ -61,8 +64,11 @@ def compile(model: torch.nn.Module, example_inputs: tuple, config: dict | Prunin
     _refuse_meta(model)
     configs = parse_config(config)
     work = model if inplace else copy.deepcopy(model)
-    captured = capture(work, example_inputs, example_kwargs, dynamic_shapes)
-    grouping = group_channels(captured.graph_module)
+    with stages("compile", ["capture (torch.export)", "group channels"], progress) as next_stage:
+        next_stage()
+        captured = capture(work, example_inputs, example_kwargs, dynamic_shapes)
+        next_stage()
+        grouping = group_channels(captured.graph_module)
     _warn_dynamic_freezes(grouping, {n for n, _ in work.named_parameters(remove_duplicate=False)})
     return Pruning(work, captured, grouping, configs)
 

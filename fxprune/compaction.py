@@ -20,6 +20,7 @@ from fxprune.errors import CompactionError, ConfigError, PruningError
 from fxprune.passes.compact import check_shapes, compact_graph, space_keep
 from fxprune.passes.macs import count_macs, count_params
 from fxprune.passes.shapes import flat_inputs, grown_inputs
+from fxprune.progress import stages
 from fxprune.report import Report, build_report
 
 if TYPE_CHECKING:
@@ -42,11 +43,12 @@ class Compaction:
                                   "weights inside layers (masks only, see pruning.masks); use 'channelx1' "
                                   "to remove whole channels")
 
-    def compact(self, check: bool = True, atol: float = 1e-4) -> torch.fx.GraphModule:
+    def compact(self, check: bool = True, atol: float = 1e-4, progress: bool | None = None) -> torch.fx.GraphModule:
         """Physically remove the pruned channels; returns a smaller graph module.
 
         The result is checked node by node (shapes) and against the masked model's
         outputs on the example inputs: max abs error <= ``atol * max(1, max|y|)``.
+        ``progress``: a bar over the surgery and the checks (default: when stderr is a terminal).
         """
         self._require_channel("compact")
         if all(k.all() for k in self._kept.values()):
@@ -56,18 +58,23 @@ class Compaction:
                                "before compact()")
         self.apply_masks()  # weights changed outside the hooks (own loop, loaded checkpoint) are masked again
         state = dict(self.model.state_dict(keep_vars=False))
-        small = compact_graph(self.captured.graph_module, self.grouping, self._atom_kept(), state)
-        if check:
-            check_shapes(small, flat_inputs(self.example_inputs, self.example_kwargs))
-            self.compact_error = self._compare(small, atol)
-            grown = grown_inputs(self.captured.graph_module, self.example_inputs, self.example_kwargs)
-            if grown is not None:  # sizes that follow dynamic dims are checked at a second shape
-                try:
-                    self.compact_error = max(self.compact_error, self._compare(small, atol, *grown))
-                except CompactionError as err:
-                    raise CompactionError(f"{err} (at the example grown by one along its dynamic dims: "
-                                          f"{[tuple(t.shape) for t in flat_inputs(*grown) if isinstance(t, torch.Tensor)]})"
-                                          ) from err
+        names = ["remove channels"] + (["check shapes", "compare with the masked model"] if check else [])
+        with stages("compact", names, progress) as next_stage:
+            next_stage()
+            small = compact_graph(self.captured.graph_module, self.grouping, self._atom_kept(), state)
+            if check:
+                next_stage()
+                check_shapes(small, flat_inputs(self.example_inputs, self.example_kwargs))
+                next_stage()
+                self.compact_error = self._compare(small, atol)
+                grown = grown_inputs(self.captured.graph_module, self.example_inputs, self.example_kwargs)
+                if grown is not None:  # sizes that follow dynamic dims are checked at a second shape
+                    try:
+                        self.compact_error = max(self.compact_error, self._compare(small, atol, *grown))
+                    except CompactionError as err:
+                        shapes = [tuple(t.shape) for t in flat_inputs(*grown) if isinstance(t, torch.Tensor)]
+                        raise CompactionError(f"{err} (at the example grown by one along its dynamic dims: "
+                                              f"{shapes})") from err
         return small
 
     def compact_eager(self, atol: float = 1e-4) -> torch.nn.Module:

@@ -107,8 +107,7 @@ def run_demo(sparsity: float = 0.5, pruner: str = "snip_momentum", steps: int = 
     os.makedirs(out_dir, exist_ok=True)
     dense_path, small_path = os.path.join(out_dir, "dense.onnx"), os.path.join(out_dir, "compact.onnx")
     for label, module, path in (("dense", pruning.captured.graph_module, dense_path), ("compact", small, small_path)):
-        with tqdm(total=1, desc=f"ONNX export ({label})", leave=False, disable=None):
-            result = fxprune.export_onnx(module, path, example)
+        result = fxprune.export_onnx(module, path, example)  # with its own progress bar on a terminal
         print(f"{label} ONNX: {path} ({result.size_bytes / 1e6:.2f} MB, onnxruntime max abs error "
               f"{result.max_abs_error:.1e})")
     table = fxprune.benchmark({"dense": dense_path, "compact": small_path}, threads=tuple(threads), repeat=repeat,
