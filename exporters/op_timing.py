@@ -23,6 +23,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from .ort_benchmark import session_options
+
 __all__ = ["OpShape", "OpTimer", "machine_key", "default_cache_dir"]
 
 
@@ -134,13 +136,7 @@ class OpTimer:
     def _time(self, shape: OpShape) -> float:
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = self.threads
-        options.inter_op_num_threads = 1
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.add_session_config_entry("session.force_spinning_stop", "1")
-        session = ort.InferenceSession(shape.model().SerializeToString(), sess_options=options,
+        session = ort.InferenceSession(shape.model().SerializeToString(), sess_options=session_options(self.threads),
                                        providers=["CPUExecutionProvider"])
         feed = {"x": np.random.default_rng(1).standard_normal(shape.x).astype(np.float32)}
         for _ in range(3):

@@ -164,15 +164,7 @@ def benchmark(
     result = BenchmarkResult(baseline=base)
     feed = inputs
     for t in thread_counts:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = t
-        options.inter_op_num_threads = 1
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        # models run interleaved, so a session's worker threads would otherwise keep spinning after
-        # its run and take a core from the next model's: on 2 cores that cost BERT-base 25% at 2
-        # threads. Stopping them when a run returns leaves each run as fast as in a lone session.
-        options.add_session_config_entry("session.force_spinning_stop", "1")
+        options = session_options(t)
         sessions = {
             label: ort.InferenceSession(path, sess_options=options, providers=["CPUExecutionProvider"])
             for label, path in models.items()
@@ -261,6 +253,22 @@ def plot_benchmarks(results, path, titles=None) -> None:
             bottom.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     save_figure(fig, path, dpi=120)
+
+
+def session_options(threads: int):
+    """The onnxruntime session options every fxprune timing uses (whole models and single layers alike)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # models run interleaved, so a session's worker threads would otherwise keep spinning after
+    # its run and take a core from the next model's: on 2 cores that cost BERT-base 25% at 2
+    # threads. Stopping them when a run returns leaves each run as fast as in a lone session.
+    options.add_session_config_entry("session.force_spinning_stop", "1")
+    return options
 
 
 def _validate(

@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from fxprune.errors import ConfigError
+from fxprune.exporters.onnx_export import _to_numpy
 from fxprune.exporters.op_timing import OpShape, OpTimer
 from fxprune.passes.couplings import value_key
 from fxprune.passes.ops.conv import CONV_ND
@@ -359,7 +360,7 @@ class LatencyModel:
             t = t.detach().cpu()
             if self.batch != self.example_batch and t.dim() >= 1 and t.shape[0] == self.example_batch:
                 t = t[torch.arange(self.batch) % self.example_batch]
-            feed[name] = t.float().numpy() if t.dtype == torch.bfloat16 else t.numpy()
+            feed[name] = _to_numpy(t)
         return feed
 
 
