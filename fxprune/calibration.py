@@ -19,6 +19,7 @@ more input features than ``max_gram_features`` (4096: 128 MB in float64).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import warnings
@@ -113,7 +114,7 @@ class LayerStats:
         return out + [t for t in (self.gram_sum, self.tap_rows, self.tap_sum) if t is not None]
 
     def _add(self, x: torch.Tensor, out: bool) -> None:
-        rows = _feature_rows(x, self.batched_dims, (self.out_sum if out else self.sum).numel())
+        rows = feature_rows(x, self.batched_dims, (self.out_sum if out else self.sum).numel())
         if out:
             self.out_rows += rows.shape[0]
             self.out_sum += rows.sum(0)
@@ -125,7 +126,7 @@ class LayerStats:
         if self.gram_sum is not None:
             self.gram_sum += rows.T @ rows
         if self.conv is not None:
-            positions, sums = _tap_sums(x.detach(), self.conv, self.batched_dims)
+            positions, sums = tap_sums(x.detach(), self.conv, self.batched_dims)
             self.tap_rows += positions
             self.tap_sum += sums
 
@@ -149,13 +150,13 @@ class CalibrationStats:
         return stats if stats is not None and attr == "weight" else None
 
 
-def _feature_rows(x: torch.Tensor, batched_dims: int, features: int) -> torch.Tensor:
+def feature_rows(x: torch.Tensor, batched_dims: int, features: int) -> torch.Tensor:
     """``x`` as float64 rows of ``features``, one per sample and position."""
     axis = -1 if not batched_dims else (1 if x.dim() == batched_dims else 0)
     return x.detach().movedim(axis, -1).reshape(-1, features).double()
 
 
-def _tap_sums(x: torch.Tensor, conv: nn.Module, batched_dims: int) -> tuple[int, torch.Tensor]:
+def tap_sums(x: torch.Tensor, conv: nn.Module, batched_dims: int) -> tuple[int, torch.Tensor]:
     """(output positions, (C_in, taps) sums of the input each kernel tap reads there): padding is linear, so
     the batch is summed first and padded once, and each tap's strided window of it is summed."""
     total = x.double().sum(0) if x.dim() == batched_dims else x.double()  # (C, *spatial)
@@ -206,6 +207,7 @@ class Calibration:
     """
 
     calibration: CalibrationStats | None = None
+    _calibration_batches = None
 
     @torch.no_grad()
     def calibrate(self, batches: Iterable, progress: bool | None = None, gram: bool | None = None,
@@ -222,32 +224,24 @@ class Calibration:
         """
         if gram is None:
             gram = any(p.config.compensation == "least_squares" for p in self.pruners)
+        replay = any(p.config.compensation != "none" and p.config.compensation_inputs == "pruned"
+                     for p in self.pruners)
+        if replay and iter(batches) is batches:
+            raise ValueError(f"calibrate() got a one-pass iterator ({type(batches).__name__}), but compensation with "
+                             "compensation_inputs 'pruned' runs the calibration batches again at each pruning step: "
+                             "pass a list or a DataLoader, or set compensation_inputs: 'dense'")
         layers, handles = self._hook_layers(gram, max_gram_features)
-        model, device = self.model, next((p.device for p in self.model.parameters()), torch.device("cpu"))
-        modes = [(m, m.training) for m in model.modules()]
-        fastpath = torch.backends.mha.get_fastpath_enabled()
-        # the fused encoder-layer path skips the Linear modules, so their hooks would see nothing
-        torch.backends.mha.set_fastpath_enabled(False)
-        model.eval()
         seen = 0
         try:
-            total = len(batches) if hasattr(batches, "__len__") else None
-            for batch in tqdm(batches, total=total, desc="calibration", leave=False,
-                              disable=True if progress is False else None):
-                batch = pytree.tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, batch)
-                if isinstance(batch, dict):
-                    model(**batch)
-                elif isinstance(batch, (tuple, list)):
-                    model(*batch)
-                else:
-                    model(batch)
-                seen += 1
+            with inference(self.model) as run:
+                total = len(batches) if hasattr(batches, "__len__") else None
+                for batch in tqdm(batches, total=total, desc="calibration", leave=False,
+                                  disable=True if progress is False else None):
+                    run(batch)
+                    seen += 1
         finally:
             for h in handles:
                 h.remove()
-            torch.backends.mha.set_fastpath_enabled(fastpath)
-            for m, mode in modes:
-                m.training = mode
         if not seen:
             raise ValueError("calibrate() got no batches: pass an iterable of model inputs (a list of tensors, "
                              "a DataLoader of inputs, ...)")
@@ -267,6 +261,7 @@ class Calibration:
                           "reads out_proj.weight); channels only they hold are scored by |W|", UserWarning,
                           stacklevel=2)
         self.calibration = CalibrationStats(layers, seen, missed)
+        self._calibration_batches = batches if replay else None  # compensation runs them again
         for pruner in self.pruners:
             pruner.calibration = self.calibration
         return self
@@ -318,9 +313,42 @@ class Calibration:
         compensate(self, pruner, kept)
 
 
+@contextlib.contextmanager
+def inference(model: nn.Module):
+    """``run(batch)`` runs ``model`` in eval mode without grad on one calibration batch (a tensor, a tuple of
+    positional args or a dict of kwargs, moved to the model's device); training flags are restored after."""
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    modes = [(m, m.training) for m in model.modules()]
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+
+    def run(batch):
+        batch = pytree.tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, batch)
+        if isinstance(batch, dict):
+            return model(**batch)
+        if isinstance(batch, (tuple, list)):
+            return model(*batch)
+        return model(batch)
+
+    # the fused encoder-layer path skips the Linear modules, so their hooks would see nothing
+    torch.backends.mha.set_fastpath_enabled(False)
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield run
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+        for m, mode in modes:
+            m.training = mode
+
+
+def first_input(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The tensor a layer's forward reads: its first positional argument, else its first tensor keyword."""
+    return args[0] if args else next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
+
+
 def _input_hook(stats: LayerStats):
     def hook(module, args, kwargs):
-        x = args[0] if args else next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
+        x = first_input(args, kwargs)
         if isinstance(x, torch.Tensor) and x.is_floating_point():
             stats._add(x, out=False)
 

@@ -20,21 +20,35 @@ weights of ``pruning.model``, so ``compact()`` still equals the masked model.
   solution towards ``W_K`` by a relative 1% only. On the calibration data this is the best
   affine re-fit, so it is never worse than ``bias`` there, up to that damping.
 
+Which inputs a layer is fitted on (``compensation_inputs``):
+
+- ``pruned`` (default): sequentially, on the inputs that pruning leaves it. The changed layers
+  are put in waves by their depth in the captured graph (a layer's wave is after every changed
+  layer it reads from), and for each wave the calibration batches run through a copy of the
+  model as it was before the step and through the pruned, already re-fitted model side by
+  side. The fit maps the pruned inputs onto the dense layer's output, with the cross moment
+  ``E[x_dense x_pruned,K^T]`` in place of ``G[:, K]``, so a layer also makes up for what the
+  layers before it could not restore. The batches run once per wave (two blocks' worth of
+  waves per transformer layer for heads + FFN), and the copy holds the model's size once more.
+- ``dense``: each layer on the statistics ``calibrate`` collected, on its own. One pass over
+  the data in all, none at the pruning step.
+
 A layer without a bias: a BatchNorm that its output alone feeds takes the shift in its
 ``running_mean`` (exact in eval mode). Otherwise the shift is skipped with a note: a bias
-created now would not be in the captured graph, and ``compact()`` would drop it. Statistics
-are those of the model when ``calibrate`` ran; each layer is fitted to that data on its own,
-not to the inputs that upstream pruning leaves it.
+created now would not be in the captured graph, and ``compact()`` would drop it.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
-from fxprune.calibration import LayerStats, require_calibration, weight_out_in
+from fxprune.calibration import (LayerStats, feature_rows, first_input, inference, require_calibration, tap_sums,
+                                 weight_out_in)
 
 if TYPE_CHECKING:
     from fxprune.api import Pruning
@@ -50,25 +64,14 @@ def compensate(pruning: "Pruning", pruner: "Pruner", kept: dict[int, np.ndarray]
     """Re-fit every consumer that loses input channels when ``kept`` (group index -> keep mask) is applied."""
     mode = pruner.config.compensation
     stats = require_calibration(pruning.calibration, f"compensation {mode!r}")
-    params = dict(pruning.model.named_parameters(remove_duplicate=False))
     skipped: dict[str, list[str]] = {"unseen": [], "gram": [], "bias": []}
-    for layer, keep, removed in _consumer_changes(pruning, pruner, kept, stats, skipped["unseen"]):
-        if not removed.any():
-            continue
-        view = weight_out_in(params[layer.weight], layer)
-        w = view.detach().double().cpu()
-        target = _bias_target(pruning, layer)
-        if mode == "least_squares" and layer.gram is not None:
-            shift = _least_squares(view, w, keep, layer, intercept=target is not None)
-        else:
-            if mode == "least_squares":
-                skipped["gram"].append(layer.module)
-            shift = torch.einsum("oit,it->o", w[:, removed], layer.tap_mean[removed])
-            if target is None:
-                skipped["bias"].append(layer.module)
-        if target is not None:
-            tensor, sign = target
-            tensor.add_((sign * shift).to(tensor.dtype).to(tensor.device))
+    changes = [c for c in _consumer_changes(pruning, pruner, kept, stats, skipped["unseen"]) if c[2].any()]
+    if pruner.config.compensation_inputs == "pruned" and changes:
+        moments = _replayed(pruning, kept, changes, mode)
+    else:
+        moments = ((layer, keep, _dense_moments(layer, keep, mode), None) for layer, keep, _ in changes)
+    for layer, keep, (cross, inner, taps, kept_taps), weight in moments:
+        _refit(pruning, layer, keep, mode, cross, inner, taps, kept_taps, skipped, weight)
     for key, why in (("unseen", "saw no calibration input: their removed inputs are not compensated"),
                      ("gram", "have no input Gram matrix (more input features than calibrate()'s max_gram_features, "
                               "or calibrate(gram=False)): their removed inputs are compensated by their mean only"),
@@ -79,30 +82,183 @@ def compensate(pruning: "Pruning", pruner: "Pruner", kept: dict[int, np.ndarray]
             pruner._note(f"{len(names)} layers ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}) {why}")
 
 
-def _least_squares(view: torch.Tensor, w: torch.Tensor, keep: np.ndarray, layer: LayerStats,
-                   intercept: bool) -> torch.Tensor:
-    """Write the ridge re-fit of the kept columns into ``view``; return the bias shift (zero without one).
-
-    With an intercept the fit is on centred inputs (the covariance instead of ``E[x x^T]``: an unpenalised
-    bias), and the shift then matches the layer's mean output exactly, from what each kernel tap reads."""
-    gram, mean = layer.gram, layer.mean
+def _refit(pruning: "Pruning", layer: LayerStats, keep: np.ndarray, mode: str, cross, inner, taps: torch.Tensor,
+           kept_taps: torch.Tensor, skipped: dict[str, list[str]], weight: torch.Tensor | None = None) -> None:
+    """Write one layer's re-fit: the kept columns (``least_squares`` with moments) and the bias shift that
+    restores its mean output. ``cross`` = E[x_target x_K^T] and ``inner`` = E[x_K x_K^T] (centred where the
+    layer takes a shift); ``taps`` / ``kept_taps``: the mean input each kernel tap reads, of the inputs the
+    dense layer saw and of the kept inputs it sees now. ``weight``: the layer's weight before the step, where
+    the model's own has been masked already."""
+    params = dict(pruning.model.named_parameters(remove_duplicate=False))
+    view = weight_out_in(params[layer.weight], layer)
+    w = weight_out_in(params[layer.weight] if weight is None else weight, layer).detach().double().cpu()
+    target = _bias_target(pruning, layer)
     kept = torch.from_numpy(np.flatnonzero(keep))
-    if intercept:
-        gram = gram - torch.outer(mean, mean)
-    cross = gram[:, kept]  # E[x x_K^T], centred with an intercept
-    inner = cross[kept].clone()
-    diag = inner.diagonal()
-    diag += DAMPING * float(diag.mean()) if len(kept) and float(diag.mean()) > 0 else 1e-8
-    try:
-        fit = torch.linalg.solve(inner, cross.T).T  # inner is symmetric: fit = cross @ inner^-1
-    except RuntimeError:
-        fit = cross @ torch.linalg.pinv(inner)
-    refit = torch.einsum("oit,ik->okt", w, fit)
-    view[:, kept, :] = refit.to(view.dtype).to(view.device)
-    if not intercept:
-        return torch.zeros(w.shape[0], dtype=w.dtype)
+    if mode == "least_squares" and cross is not None:
+        if target is None:  # no intercept: the fit on uncentred moments, no shift
+            cross, inner = cross[0], inner[0]
+        else:
+            cross, inner = cross[1], inner[1]
+        inner = inner.clone()
+        diag = inner.diagonal()
+        diag += DAMPING * float(diag.mean()) if len(kept) and float(diag.mean()) > 0 else 1e-8
+        try:
+            fit = torch.linalg.solve(inner, cross.T).T  # inner is symmetric: fit = cross @ inner^-1
+        except RuntimeError:
+            fit = cross @ torch.linalg.pinv(inner)
+        refit = torch.einsum("oit,ik->okt", w, fit)
+        view[:, kept, :] = refit.to(view.dtype).to(view.device)
+    else:
+        if mode == "least_squares":
+            skipped["gram"].append(layer.module)
+        refit = w[:, kept]
+    if target is None:
+        if mode == "bias" or cross is None:
+            skipped["bias"].append(layer.module)
+        return
+    shift = torch.einsum("oit,it->o", w, taps) - torch.einsum("okt,kt->o", refit, kept_taps)
+    tensor, sign = target
+    tensor.add_((sign * shift).to(tensor.dtype).to(tensor.device))
+
+
+def _dense_moments(layer: LayerStats, keep: np.ndarray, mode: str):
+    """(cross, inner, taps, kept taps) from ``calibrate``'s statistics: the kept inputs are the dense ones.
+    ``cross`` and ``inner`` are (uncentred, centred) pairs, or None without a Gram."""
+    kept = torch.from_numpy(np.flatnonzero(keep))
     taps = layer.tap_mean
-    return torch.einsum("oit,it->o", w, taps) - torch.einsum("okt,kt->o", refit, taps[kept])
+    if mode != "least_squares" or layer.gram is None:
+        return None, None, taps, taps[kept]
+    gram, mean = layer.gram, layer.mean
+    centred = gram - torch.outer(mean, mean)
+    return ((gram[:, kept], centred[:, kept]), (gram[kept][:, kept], centred[kept][:, kept]), taps, taps[kept])
+
+
+class _Pair:
+    """Float64 sums over the feature vectors a layer reads in the dense copy and in the pruned model at once."""
+
+    def __init__(self, layer: LayerStats, keep: np.ndarray, conv, gram: bool):
+        self.layer, self.conv = layer, conv
+        self.kept = torch.from_numpy(np.flatnonzero(keep))
+        n, k = len(keep), len(self.kept)
+        zeros = lambda *shape: torch.zeros(shape, dtype=torch.float64)  # noqa: E731
+        self.rows, self.sum_dense, self.sum_kept = zeros(), zeros(n), zeros(k)
+        self.cross, self.inner = (zeros(n, k), zeros(k, k)) if gram else (None, None)
+        taps = conv.weight[0, 0].numel() if conv is not None else 1
+        self.positions, self.taps_dense, self.taps_kept = zeros(), zeros(n, taps), zeros(k, taps)
+        self.pending: list[torch.Tensor] = []  # dense inputs waiting for the pruned model's call
+
+    def add(self, dense: torch.Tensor, pruned: torch.Tensor) -> None:
+        if dense.shape != pruned.shape:
+            raise RuntimeError(f"{self.layer.module} read inputs of shape {tuple(dense.shape)} in the dense copy and "
+                               f"{tuple(pruned.shape)} in the pruned model: their calls do not pair up")
+        n = self.sum_dense.numel()
+        d = feature_rows(dense, self.layer.batched_dims, n).cpu()
+        p = feature_rows(pruned, self.layer.batched_dims, n).cpu()[:, self.kept]
+        self.rows += d.shape[0]
+        self.sum_dense += d.sum(0)
+        self.sum_kept += p.sum(0)
+        if self.cross is not None:
+            self.cross += d.T @ p
+            self.inner += p.T @ p
+        if self.conv is None:
+            self.positions += d.shape[0]
+            self.taps_dense += d.sum(0)[:, None]
+            self.taps_kept += p.sum(0)[:, None]
+        else:
+            positions, sums = tap_sums(dense.detach(), self.conv, self.layer.batched_dims)
+            self.positions += positions
+            self.taps_dense += sums.cpu()
+            self.taps_kept += tap_sums(pruned.detach(), self.conv, self.layer.batched_dims)[1].cpu()[self.kept]
+
+    def tensors(self) -> list[torch.Tensor]:
+        out = [self.rows, self.sum_dense, self.sum_kept, self.positions, self.taps_dense, self.taps_kept]
+        return out + ([self.cross, self.inner] if self.cross is not None else [])
+
+    def moments(self):
+        rows, positions = max(float(self.rows), 1.0), max(float(self.positions), 1.0)
+        taps, kept_taps = self.taps_dense / positions, self.taps_kept / positions
+        if self.cross is None:
+            return None, None, taps, kept_taps
+        mean_d, mean_k = self.sum_dense / rows, self.sum_kept / rows
+        cross, inner = self.cross / rows, self.inner / rows
+        return ((cross, cross - torch.outer(mean_d, mean_k)), (inner, inner - torch.outer(mean_k, mean_k)),
+                taps, kept_taps)
+
+
+def _replayed(pruning: "Pruning", kept: dict[int, np.ndarray], changes, mode: str):
+    """Per changed layer, wave by wave, (layer, keep, moments) measured on the pruned model as re-fitted so far;
+    the caller writes each wave's fits before the next wave runs (this is a generator). The fourth item is
+    the layer's weight before the step (the model's own is masked by then)."""
+    batches = pruning._calibration_batches
+    if batches is None:
+        raise RuntimeError("compensation_inputs 'pruned' needs the calibration batches: call pruning.calibrate(batches) "
+                           "again with a list or a DataLoader")
+    dense = copy.deepcopy(pruning.model)  # the model before this step: what each layer's output is fitted to
+    pruning.set_kept(kept)  # masks applied now, so the pruned model reads the inputs it will have
+    waves = _waves(pruning.captured.graph_module, {layer.weight for layer, _, _ in changes})
+    before = dict(dense.named_parameters(remove_duplicate=False))
+    for wave in sorted(set(waves.values())):
+        pairs = {}
+        handles = []
+        for layer, keep, _ in changes:
+            if waves[layer.weight] != wave:
+                continue
+            module = pruning.model.get_submodule(layer.module)
+            conv = module if layer.batched_dims and layer.groups == 1 else None
+            wants_gram = mode == "least_squares" and layer.gram_sum is not None
+            pair = pairs[layer.module] = _Pair(layer, keep, conv, wants_gram)
+            handles.append(dense.get_submodule(layer.module).register_forward_pre_hook(_keep_input(pair), with_kwargs=True))
+            handles.append(module.register_forward_pre_hook(_pair_input(pair), with_kwargs=True))
+        try:
+            with inference(dense) as run_dense, inference(pruning.model) as run_pruned:
+                for batch in batches:
+                    run_dense(batch)
+                    run_pruned(batch)
+                    for pair in pairs.values():
+                        pair.pending.clear()
+        finally:
+            for h in handles:
+                h.remove()
+        for pair in pairs.values():
+            if dist.is_available() and dist.is_initialized():
+                for t in pair.tensors():
+                    dist.all_reduce(t)
+            keep = next(k for layer, k, _ in changes if layer.module == pair.layer.module)
+            yield pair.layer, keep, pair.moments(), before[pair.layer.weight]
+        pruning.apply_masks()  # a re-fitted layer that also loses outputs: those rows are zero again
+
+
+def _keep_input(pair: _Pair):
+    def hook(module, args, kwargs):
+        x = first_input(args, kwargs)
+        if isinstance(x, torch.Tensor) and x.is_floating_point():
+            pair.pending.append(x.detach())
+
+    return hook
+
+
+def _pair_input(pair: _Pair):
+    def hook(module, args, kwargs):
+        x = first_input(args, kwargs)
+        if isinstance(x, torch.Tensor) and x.is_floating_point() and pair.pending:
+            pair.add(pair.pending.pop(0), x.detach())
+
+    return hook
+
+
+def _waves(gm: torch.fx.GraphModule, weights: set[str]) -> dict[str, int]:
+    """Per weight, the wave of the layer using it: the number of changed layers on the longest path to it in
+    the graph (0: it reads nothing a changed layer wrote). A weight the graph does not read is in wave 0."""
+    depth: dict[torch.fx.Node, int] = {}
+    wave: dict[str, int] = {w: 0 for w in weights}
+    for node in gm.graph.nodes:  # topological order
+        inputs = node.all_input_nodes
+        d = max((depth[a] for a in inputs), default=0)
+        mine = [a.target for a in inputs if a.op == "get_attr" and a.target in weights]
+        for w in mine:
+            wave[w] = max(wave[w], d)
+        depth[node] = d + 1 if mine else d
+    return wave
 
 
 def _consumer_changes(pruning: "Pruning", pruner: "Pruner", kept: dict[int, np.ndarray], stats, unseen: list[str]):

@@ -100,6 +100,7 @@ class PruningConfig:
     latency_verify: bool = True  # time the compact model after the last pruning step and correct a miss
     latency_cache: str | None = None  # folder of the per-layer latency tables (default ~/.cache/fxprune)
     compensation: str = "none"  # re-fit consumers of removed channels from calibration data (fxprune.compensation)
+    compensation_inputs: str = "pruned"  # fit each layer on the inputs pruning leaves it, or on the dense ones
 
     @property
     def latency_target(self) -> bool:
@@ -147,6 +148,8 @@ class PruningConfig:
         if self.compensation not in COMPENSATIONS:
             raise ConfigError(f"compensation must be one of {', '.join(map(repr, COMPENSATIONS))}, got "
                               f"{self.compensation!r}")
+        if self.compensation_inputs not in ("pruned", "dense"):
+            raise ConfigError(f"compensation_inputs must be 'pruned' or 'dense', got {self.compensation_inputs!r}")
         if self.compensation != "none" and (not pattern.is_channel or self.latency_target):
             why = (f"pattern {self.pattern!r} only zeroes weights" if not pattern.is_channel else
                    "a latency target may re-plan after measuring, and compensation cannot be undone")
