@@ -18,13 +18,14 @@ from fxprune.plan import load_compact, load_plan, save_compact
 from fxprune.pruners import (MagnitudePruner, PatternLockPruner, Pruner, SnipMomentumPruner, SnipPruner,
                              TaylorPruner, get_pruner, register_pruners)
 from fxprune.report import Report
+from fxprune.sweep import SweepPoint, SweepResult, sweep
 
 __all__ = [
     "compile", "Pruning", "PruningConfig", "parse_config", "parse_pattern", "Report",
     "register_pruners", "get_pruner", "Pruner", "MagnitudePruner", "SnipPruner", "SnipMomentumPruner",
     "TaylorPruner", "PatternLockPruner", "ActivationPruner", "WandaSPPruner", "FlapPruner", "CalibrationStats",
     "explain", "Explanation", "save_compact", "load_compact", "load_plan",
-    "export_onnx", "OnnxExport", "benchmark", "BenchmarkResult",
+    "export_onnx", "OnnxExport", "benchmark", "BenchmarkResult", "sweep", "SweepResult", "SweepPoint",
     "FxPruneError", "CaptureError", "ConfigError", "ExampleInputsError", "PruningError", "CompactionError",
     "OnnxMismatchError", "OnnxExportError",
 ]

@@ -29,7 +29,7 @@ from fxprune.passes.couplings import value_key
 from fxprune.passes.ops.conv import CONV_ND
 from fxprune.passes.shapes import dynamic_dims_of, flat_inputs
 
-__all__ = ["LatencyModel", "Layer", "width_grid"]
+__all__ = ["LatencyModel", "Layer", "width_grid", "example_feed", "batch_of", "batch_is_dynamic"]
 
 aten = torch.ops.aten
 
@@ -142,9 +142,9 @@ class LatencyModel:
         self.pruning, self.threads, self.progress = pruning, threads, progress
         self.groups = list(range(len(pruning.groups))) if groups is None else list(groups)  # the ones pruned
         self.cache_dir = cache_dir
-        self.example_batch = _example_batch(pruning)
+        self.example_batch = batch_of(pruning)
         self.batch = batch or self.example_batch
-        if self.batch != self.example_batch and not _batch_is_dynamic(pruning):
+        if self.batch != self.example_batch and not batch_is_dynamic(pruning):
             raise ConfigError(f"latency_batch={batch} differs from the example's batch ({self.example_batch}), but the "
                               "capture fixed the batch: leave latency_batch unset or capture with a dynamic batch")
         grouping = pruning.grouping
@@ -171,6 +171,7 @@ class LatencyModel:
         self.probe: dict = {}
         self.correction = 1.0  # how much lower than asked the prediction is aimed (from the last measurement)
         self._onnx = None  # folder of the dense model's ONNX file, exported once
+        self._input_names: list[str] | None = None  # the dense ONNX file's input names, read once
         self._touch = self._by_group()
 
     def _space(self, key: tuple) -> _Space:
@@ -339,11 +340,13 @@ class LatencyModel:
             if compact is not None:
                 models["compact"] = str(Path(self._onnx.name) / "compact.onnx")
                 export_onnx(compact, models["compact"], p.example_inputs, p.example_kwargs, check=False)
-            import onnxruntime as ort
+            if self._input_names is None:  # read once: a session on the dense file costs ~0.2 s on ResNet-50
+                import onnxruntime as ort
 
-            names = [i.name for i in ort.InferenceSession(models["dense"], providers=["CPUExecutionProvider"]
-                                                          ).get_inputs()]
-            result = benchmark(models, threads=[self.threads], warmup=5, repeat=repeat, inputs=self._feed(names))
+                session = ort.InferenceSession(models["dense"], providers=["CPUExecutionProvider"])
+                self._input_names = [i.name for i in session.get_inputs()]
+            result = benchmark(models, threads=[self.threads], warmup=5, repeat=repeat,
+                               inputs=self._feed(self._input_names))
             ms = {row.label: row.median_ms for row in result.rows}
             return ms["dense"], ms.get("compact")
 
@@ -351,17 +354,24 @@ class LatencyModel:
 
     def _feed(self, names: list[str]) -> dict[str, np.ndarray]:
         p = self.pruning
-        tensors = [t for t in flat_inputs(p.example_inputs, p.example_kwargs) if isinstance(t, torch.Tensor)]
-        if len(tensors) != len(names):
-            raise ConfigError(f"the exported model takes {len(names)} inputs and the example has {len(tensors)} "
-                              "tensors; latency targets need every example tensor to be a model input")
-        feed = {}
-        for name, t in zip(names, tensors):
-            t = t.detach().cpu()
-            if self.batch != self.example_batch and t.dim() >= 1 and t.shape[0] == self.example_batch:
-                t = t[torch.arange(self.batch) % self.example_batch]
-            feed[name] = _to_numpy(t)
-        return feed
+        return example_feed(p.example_inputs, p.example_kwargs, names, self.batch, self.example_batch)
+
+
+def example_feed(example_inputs: tuple, example_kwargs: dict | None, names: list[str], batch: int,
+                 example_batch: int) -> dict[str, np.ndarray]:
+    """The example's tensors as an onnxruntime feed under ``names``, at ``batch``: tensors whose first dim is
+    the example's batch repeat their rows cyclically, so every timed row is real data."""
+    tensors = [t for t in flat_inputs(example_inputs, example_kwargs) if isinstance(t, torch.Tensor)]
+    if len(tensors) != len(names):
+        raise ConfigError(f"the exported model takes {len(names)} inputs and the example has {len(tensors)} "
+                          "tensors; timing needs every example tensor to be a model input")
+    feed = {}
+    for name, t in zip(names, tensors):
+        t = t.detach().cpu()
+        if batch != example_batch and t.dim() >= 1 and t.shape[0] == example_batch:
+            t = t[torch.arange(batch) % example_batch]
+        feed[name] = _to_numpy(t)
+    return feed
 
 
 def smooth(grid_in: list[int], grid_out: list[int] | None, table: np.ndarray) -> np.ndarray:
@@ -388,13 +398,15 @@ def _interp(grid: list[int], values: np.ndarray, x: float) -> float:
     return float(np.interp(x, grid, values))
 
 
-def _example_batch(pruning) -> int:
+def batch_of(pruning) -> int:
+    """The example's batch: the first dim of its first tensor input (1 without one)."""
     tensors = [t for t in flat_inputs(pruning.example_inputs, pruning.example_kwargs)
                if isinstance(t, torch.Tensor) and t.dim() >= 1]
     return int(tensors[0].shape[0]) if tensors else 1
 
 
-def _batch_is_dynamic(pruning) -> bool:
+def batch_is_dynamic(pruning) -> bool:
+    """Whether the capture left the batch dim dynamic, so the exported files take other batches."""
     return any(0 in dims for dims in dynamic_dims_of(pruning.captured.graph_module).values())
 
 
