@@ -23,7 +23,7 @@ import contextlib
 import itertools
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
@@ -305,6 +305,33 @@ class Calibration:
             handles.append(module.register_forward_pre_hook(_input_hook(stats), with_kwargs=True))
             handles.append(module.register_forward_hook(_output_hook(stats)))
         return layers, handles
+
+    def _calibration_state(self) -> dict | None:
+        """The statistics as tensors and plain values, for ``state_dict()`` (the batches themselves are not kept)."""
+        stats = self.calibration
+        if stats is None:
+            return None
+        layers = {name: {f.name: (getattr(s, f.name) is not None) if f.name == "conv" else getattr(s, f.name)
+                         for f in fields(LayerStats)} for name, s in stats.layers.items()}
+        return {"layers": layers, "batches": stats.batches, "missed": list(stats.missed)}
+
+    def _load_calibration_state(self, state: dict | None) -> None:
+        """Statistics from ``_calibration_state``; a layer shared under two names gets one object again."""
+        if state is None:
+            self.calibration = None
+        else:
+            by_module: dict[str, LayerStats] = {}
+            layers = {}
+            for name, values in state["layers"].items():
+                values = dict(values)
+                values["conv"] = self.model.get_submodule(values["module"]) if values["conv"] else None
+                if values["module"] not in by_module:
+                    by_module[values["module"]] = LayerStats(**values)
+                layers[name] = by_module[values["module"]]
+            self.calibration = CalibrationStats(layers, state["batches"], list(state["missed"]))
+        self._calibration_batches = None  # not saved: compensation on pruned inputs needs calibrate() again
+        for pruner in self.pruners:
+            pruner.calibration = self.calibration
 
     def compensate(self, pruner: "Pruner", kept: dict[int, np.ndarray]) -> None:
         """Re-fit the consumers of the channels ``kept`` is about to remove (see :mod:`fxprune.compensation`)."""

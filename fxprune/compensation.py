@@ -49,6 +49,7 @@ import torch.distributed as dist
 
 from fxprune.calibration import (LayerStats, feature_rows, first_input, inference, require_calibration, tap_sums,
                                  weight_out_in)
+from fxprune.errors import PruningError
 
 if TYPE_CHECKING:
     from fxprune.api import Pruning
@@ -191,8 +192,9 @@ def _replayed(pruning: "Pruning", kept: dict[int, np.ndarray], changes, mode: st
     the layer's weight before the step (the model's own is masked by then)."""
     batches = pruning._calibration_batches
     if batches is None:
-        raise RuntimeError("compensation_inputs 'pruned' needs the calibration batches: call pruning.calibrate(batches) "
-                           "again with a list or a DataLoader")
+        raise PruningError("compensation_inputs 'pruned' runs the calibration batches again, and this pruning object "
+                           "has statistics but not the batches (loaded with load_state_dict): call "
+                           "pruning.calibrate(batches) again, or set compensation_inputs: 'dense'")
     dense = copy.deepcopy(pruning.model)  # the model before this step: what each layer's output is fitted to
     pruning.set_kept(kept)  # masks applied now, so the pruned model reads the inputs it will have
     waves = _waves(pruning.captured.graph_module, {layer.weight for layer, _, _ in changes})

@@ -292,10 +292,11 @@ class Masking:
 
     # -- saved state ----------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """Masks' source (kept channels per group), pruner scores and the step."""
+        """Masks' source (kept channels per group), pruner scores, the step and the calibration statistics."""
         return {"kept": {g: torch.from_numpy(k.copy()) for g, k in self._kept.items()},
                 "element_masks": {k: v.clone() for k, v in self._element_masks.items()},
-                "global_step": self.global_step, "pruners": [p.state_dict() for p in self.pruners]}
+                "global_step": self.global_step, "pruners": [p.state_dict() for p in self.pruners],
+                "calibration": self._calibration_state()}
 
     def load_state_dict(self, state: dict) -> None:
         missing = [k for k in ("kept", "global_step", "pruners") if not isinstance(state, dict) or k not in state]
@@ -308,4 +309,6 @@ class Masking:
         for pruner, ps in zip(self.pruners, state["pruners"]):
             pruner.load_state_dict(ps)
         self._element_masks = {k: v.clone() for k, v in state.get("element_masks", {}).items()}
+        if "calibration" in state:
+            self._load_calibration_state(state["calibration"])
         self.set_kept({g: np.asarray(k, dtype=bool) for g, k in state["kept"].items()})

@@ -306,3 +306,25 @@ def test_statistics_are_summed_over_ranks(tmp_path):
     torch.testing.assert_close(got["mean_sq"], s.mean_sq, atol=1e-12, rtol=1e-10)
     torch.testing.assert_close(got["gram"], s.gram, atol=1e-12, rtol=1e-10)
     assert np.isfinite(s.gram.numpy()).all()
+
+
+def test_calibration_statistics_save_and_resume_to_the_same_pruning(tmp_path):
+    """state_dict() keeps the statistics: a resumed pruning object prunes and re-fits as the first one would."""
+    batches = _batches((3, 32, 32), n=3, rows=8)
+    config = {"pruning_type": "flap", "target_sparsity": 0.5, "compensation": "least_squares",
+              "compensation_inputs": "dense"}
+    _, first = _compile("PlainCNN", **config)
+    first.calibrate(batches, progress=False)
+    torch.save(first.state_dict(), tmp_path / "state.pt")
+    first.prune()
+    _, resumed = _compile("PlainCNN", **config)
+    resumed.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
+    assert resumed.calibration.for_parameter("conv2.weight").conv is resumed.model.conv2
+    resumed.prune()
+    assert all(np.array_equal(first.kept_channels[g], resumed.kept_channels[g]) for g in first.kept_channels)
+    for name, value in first.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[name], value, atol=0, rtol=0)
+    _, sequential = _compile("PlainCNN", **dict(config, compensation_inputs="pruned"))
+    sequential.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
+    with pytest.raises(fxprune.PruningError, match=r"call pruning\.calibrate\(batches\) again"):
+        sequential.prune()
