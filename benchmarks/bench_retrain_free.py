@@ -20,6 +20,9 @@ criterion removes the same number of channels).
 Usage::
 
     python benchmarks/bench_retrain_free.py --seeds 0 1 2 --out benchmarks/results_retrain_free.md
+
+``--compensation-inputs dense`` fits each layer on ``calibrate()``'s statistics instead of the
+inputs the pruned layers before it give it (``results_retrain_free_dense_inputs.md``).
 """
 
 from __future__ import annotations
@@ -64,7 +67,8 @@ def run_seed(seed: int, args) -> tuple[float, list[dict]]:
                 t0 = time.perf_counter()
                 p = fxprune.compile(dense, (xte,), {"pruning_type": criterion, "target_sparsity": sparsity,
                                                     "prune_domain": args.scope, "round_to": args.round_to,
-                                                    "compensation": compensation})
+                                                    "compensation": compensation,
+                                                    "compensation_inputs": args.compensation_inputs})
                 if criterion != "magnitude" or compensation != "none":
                     p.calibrate(batches, progress=False)
                 p.prune()
@@ -124,6 +128,8 @@ def main(argv=None) -> None:
     ap.add_argument("--calibration-batch", type=int, default=128)
     ap.add_argument("--scope", choices=("global", "local"), default="global")
     ap.add_argument("--round-to", type=int, default=1)
+    ap.add_argument("--compensation-inputs", choices=("pruned", "dense"), default="pruned",
+                    help="each layer re-fitted on the inputs pruning leaves it (default) or on the dense statistics")
     ap.add_argument("--out", default=None, help="markdown file to write")
     args = ap.parse_args(argv)
 
@@ -145,7 +151,8 @@ def main(argv=None) -> None:
         f"- calibration: {args.calibration_images} training images in batches of {args.calibration_batch}, "
         "`pruning.calibrate(batches)`; no labels, no fine-tuning",
         f"- pruning: `pruning.prune()` once; pattern channelx1, prune_domain {args.scope}, round_to {args.round_to}; "
-        "compensation per row (`least_squares`: ridge damping 0.01 x mean diag of the kept Gram)",
+        "compensation per row (`least_squares`: ridge damping 0.01 x mean diag of the kept Gram), "
+        f"compensation_inputs {args.compensation_inputs}",
         "- accuracy: masked model on the 360 test images; `pruning.compact()` gives the identical accuracy "
         "(asserted); Δ: paired per-seed difference to the dense model, mean ± std (ddof=1) over seeds; logit MSE: "
         "mean squared difference of the 10 logits to the dense model's on the test images, mean over seeds",
