@@ -13,8 +13,10 @@ counts as one sample, so memory is ``C_in^2`` whatever the kernel. It is exact f
 and Linear layers; for a kxk conv it treats every kernel tap as seeing the same channel
 covariance and ignores the correlation between neighbouring pixels (least squares then
 re-fits each tap with the same map). The Gram is collected only where it is used (a pruner
-with ``compensation: least_squares``, or ``calibrate(gram=True)``), and not for layers with
-more input features than ``max_gram_features`` (4096: 128 MB in float64).
+with ``compensation: least_squares`` on ``compensation_inputs: dense``, or ``calibrate(gram=True)``),
+and not for layers with more input features than ``max_gram_features`` (4096: 128 MB in float64).
+Compensation on pruned inputs (the default) does not use them: it measures its own moments at the
+pruning step, one wave of layers at a time, so ``calibrate()`` then holds no matrix at all.
 """
 
 from __future__ import annotations
@@ -142,6 +144,7 @@ class CalibrationStats:
     layers: dict[str, LayerStats]
     batches: int = 0
     missed: list[str] = field(default_factory=list)  # hooked layers whose forward never ran as a module
+    max_gram_features: int = 4096  # the widest input a least-squares fit solves for (0: calibrate(gram=False))
 
     def for_parameter(self, name: str) -> LayerStats | None:
         """The statistics of the layer whose weight is parameter ``name`` (None if it has none)."""
@@ -217,13 +220,17 @@ class Calibration:
         Each batch is a tensor, a tuple of positional arguments or a dict of keyword arguments, of any
         batch shape the model takes; tensors are moved to the model's device. A tqdm bar shows on a
         terminal unless ``progress=False``. ``gram``: collect the consumers' input
-        Gram matrices (what ``compensation: least_squares`` solves with); None collects them when a pruner
-        asks for that compensation. Under ``torch.distributed`` the sums are all-reduced, so every rank
+        Gram matrices (what ``compensation: least_squares`` on dense inputs solves with); None collects them
+        when a pruner asks for that, and False also turns the least-squares fit on pruned inputs off (the
+        removed inputs are then compensated by their mean). ``max_gram_features``: layers with wider inputs
+        are compensated by their mean only (a fit solves a matrix of that side). Under ``torch.distributed`` the sums are all-reduced, so every rank
         prunes from the statistics of all ranks' batches. Call it before ``prune()``: it measures the
         model as it is now. Returns the pruning object; the statistics are ``pruning.calibration``.
         """
+        solve_limit = 0 if gram is False else max_gram_features  # what a least-squares fit may solve for later
         if gram is None:
-            gram = any(p.config.compensation == "least_squares" for p in self.pruners)
+            gram = any(p.config.compensation == "least_squares" and p.config.compensation_inputs == "dense"
+                       for p in self.pruners)
         replay = any(p.config.compensation != "none" and p.config.compensation_inputs == "pruned"
                      for p in self.pruners)
         if replay and iter(batches) is batches:
@@ -260,7 +267,7 @@ class Calibration:
                           "never ran as a module (a fused path, or a weight read directly, as nn.MultiheadAttention "
                           "reads out_proj.weight); channels only they hold are scored by |W|", UserWarning,
                           stacklevel=2)
-        self.calibration = CalibrationStats(layers, seen, missed)
+        self.calibration = CalibrationStats(layers, seen, missed, solve_limit)
         self._calibration_batches = batches if replay else None  # compensation runs them again
         for pruner in self.pruners:
             pruner.calibration = self.calibration
@@ -313,7 +320,8 @@ class Calibration:
             return None
         layers = {name: {f.name: (getattr(s, f.name) is not None) if f.name == "conv" else getattr(s, f.name)
                          for f in fields(LayerStats)} for name, s in stats.layers.items()}
-        return {"layers": layers, "batches": stats.batches, "missed": list(stats.missed)}
+        return {"layers": layers, "batches": stats.batches, "missed": list(stats.missed),
+                "max_gram_features": stats.max_gram_features}
 
     def _load_calibration_state(self, state: dict | None) -> None:
         """Statistics from ``_calibration_state``; a layer shared under two names gets one object again."""
@@ -328,7 +336,8 @@ class Calibration:
                 if values["module"] not in by_module:
                     by_module[values["module"]] = LayerStats(**values)
                 layers[name] = by_module[values["module"]]
-            self.calibration = CalibrationStats(layers, state["batches"], list(state["missed"]))
+            self.calibration = CalibrationStats(layers, state["batches"], list(state["missed"]),
+                                                state.get("max_gram_features", 4096))
         self._calibration_batches = None  # not saved: compensation on pruned inputs needs calibrate() again
         for pruner in self.pruners:
             pruner.calibration = self.calibration

@@ -207,7 +207,7 @@ def _replayed(pruning: "Pruning", kept: dict[int, np.ndarray], changes, mode: st
                 continue
             module = pruning.model.get_submodule(layer.module)
             conv = module if layer.batched_dims and layer.groups == 1 else None
-            wants_gram = mode == "least_squares" and layer.gram_sum is not None
+            wants_gram = mode == "least_squares" and layer.sum.numel() <= pruning.calibration.max_gram_features
             pair = pairs[layer.module] = _Pair(layer, keep, conv, wants_gram)
             handles.append(dense.get_submodule(layer.module).register_forward_pre_hook(_keep_input(pair), with_kwargs=True))
             handles.append(module.register_forward_pre_hook(_pair_input(pair), with_kwargs=True))

@@ -177,7 +177,9 @@ def test_least_squares_fits_the_pruned_inputs_to_the_dense_output():
     inputs it reads in the pruned, re-fitted model to the dense fc3's output (computed here directly)."""
     model, pruning = _compile("MLP", pruning_type="wanda_sp", target_sparsity=0.5, compensation="least_squares")
     batches = _batches((64,), n=4, rows=64)
-    pruning.calibrate(batches, progress=False).prune()
+    pruning.calibrate(batches, progress=False)
+    assert all(s.gram is None for s in pruning.calibration.layers.values())  # the fit measures its own moments
+    pruning.prune()
     dense, pruned = _inputs_of(model, "fc3", batches), _inputs_of(pruning.model, "fc3", batches)
     kept = torch.from_numpy(np.flatnonzero(pruning.masks["fc3.weight"][0].numpy()))
     assert 0 < len(kept) < 64
@@ -193,6 +195,15 @@ def test_least_squares_fits_the_pruned_inputs_to_the_dense_output():
     assert pruning.model.fc3.weight[:, pruning.masks["fc3.weight"][0] == 0].abs().max() == 0
     assert_compact_matches_masked(pruning, pruning.compact(), fresh_like(ARCHITECTURES["MLP"][1]()),
                                   atol=1e-4, rtol=1e-4)
+
+
+def test_calibrate_without_gram_leaves_the_mean_shift_only():
+    model, pruning = _compile("MLP", pruning_type="wanda_sp", target_sparsity=0.5, compensation="least_squares")
+    pruning.calibrate(_batches((64,), n=4, rows=64), progress=False, gram=False).prune()
+    assert any("compensated by their mean only" in n for n in pruning.pruners[0].notes)
+    kept = pruning.masks["fc3.weight"][0]
+    torch.testing.assert_close(pruning.model.fc3.weight[:, kept], model.fc3.weight[:, kept], atol=0, rtol=0)
+    assert not torch.equal(pruning.model.fc3.bias, model.fc3.bias)
 
 
 def test_fitting_on_pruned_inputs_beats_dense_statistics_on_a_cnn():
