@@ -21,7 +21,7 @@ What is measured and how:
    with the hidden size pruned too (a second pruner with ``prune_hidden_size: True`` at the same ratio).
    Calibration: ``--calibration-windows`` random training windows. The statistics depend only on the
    dense model, the windows and which groups are pruned, so they are collected once per column kind
-   (heads + FFN; + hidden) with ``pruning.calibrate(batches, gram=True)`` and handed to each fresh
+   (heads + FFN; + hidden) with ``pruning.calibrate(batches)`` (``gram=True`` with ``--compensation-inputs dense``) and handed to each fresh
    ``compile`` as ``calibrate()`` would leave them; one run per kind also calls ``calibrate()`` itself and
    its perplexity is checked to be the same. Every run compacts the model and compares the compact
    graph's logits with the masked model's on one validation batch; the ``--compact-ppl`` rows also
@@ -123,7 +123,8 @@ def lm_config(args) -> transformers.LlamaConfig:
     return transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=args.hidden, intermediate_size=args.ffn,
                                     num_hidden_layers=args.layers, num_attention_heads=args.heads,
                                     num_key_value_heads=args.heads, max_position_embeddings=args.seq_len,
-                                    tie_word_embeddings=False, use_cache=False)
+                                    tie_word_embeddings=False, use_cache=False,
+                                    attention_bias=args.bias, mlp_bias=args.bias)
 
 
 def logits_of(out) -> torch.Tensor:
@@ -214,17 +215,23 @@ def n_params(module: torch.nn.Module) -> int:
 # ------------------------------------------------------------------------------------------
 # fxprune
 # ------------------------------------------------------------------------------------------
+COMPENSATION_INPUTS = "pruned"  # set from --compensation-inputs
+
+
 def fx_config(criterion: str, compensation: str, ratio: float, hidden: bool, round_to: int) -> dict:
-    base = {"pruning_type": criterion, "compensation": compensation, "prune_domain": "local", "round_to": round_to}
+    base = {"pruning_type": criterion, "compensation": compensation, "prune_domain": "local", "round_to": round_to,
+            "compensation_inputs": COMPENSATION_INPUTS}
     if not hidden:
         return {**base, "target_sparsity": ratio}
     return {**base, "pruners": [{"target_sparsity": ratio}, {"target_sparsity": ratio, "prune_hidden_size": True}]}
 
 
-def use_statistics(pruning, stats) -> None:
+def use_statistics(pruning, stats, batches) -> None:
     """Give a fresh pruning the statistics another ``calibrate()`` of the same dense model collected,
-    as ``calibrate()`` leaves them (``pruning.calibration`` and each pruner's)."""
+    as ``calibrate()`` leaves them (``pruning.calibration``, each pruner's, and the batches that
+    compensation on pruned inputs runs again)."""
     pruning.calibration = stats
+    pruning._calibration_batches = batches
     for pruner in pruning.pruners:
         pruner.calibration = stats
 
@@ -261,7 +268,7 @@ def _fx_run(dense, example, cfg, stats, val, args, compact_ppl, own_calibration)
             p.calibrate(own_calibration, progress=False)
             out["calibrate_s"] = time.perf_counter() - tc
         elif stats is not None:
-            use_statistics(p, stats)
+            use_statistics(p, stats, args.calibration_batches)
         p.prune()
         out["ppl"] = perplexity(p.model, val, args.eval_batch)
         small = p.compact()
@@ -510,6 +517,10 @@ def main(argv=None) -> None:
     ap.add_argument("--calibration-windows", type=int, default=64)
     ap.add_argument("--calibration-batch", type=int, default=8)
     ap.add_argument("--round-to", type=int, default=1)
+    ap.add_argument("--bias", action="store_true", help="Linear layers with biases (attention_bias, mlp_bias), so "
+                    "bias compensation has somewhere to go")
+    ap.add_argument("--compensation-inputs", choices=("pruned", "dense"), default="pruned",
+                    help="least_squares / bias fit each layer on the inputs pruning leaves it, or on dense statistics")
     ap.add_argument("--compact-ppl", nargs="*", default=["flap:least_squares"],
                     help="criterion:compensation rows whose compact model's perplexity is evaluated too")
     ap.add_argument("--no-peer", action="store_true", help="skip Torch-Pruning")
@@ -531,6 +542,8 @@ def main(argv=None) -> None:
     val_windows = even_windows(val, args.eval_windows, args.seq_len)
     calib = list(random_windows(train, args.calibration_windows, args.seq_len,
                                 torch.Generator().manual_seed(args.seed + 1)).split(args.calibration_batch))
+    global COMPENSATION_INPUTS
+    COMPENSATION_INPUTS, args.calibration_batches = args.compensation_inputs, calib
     example = (val_windows[:1],)
     dense_ppl = perplexity(model, val_windows, args.eval_batch)
     dense_params = n_params(model)
@@ -550,7 +563,7 @@ def main(argv=None) -> None:
             warnings.simplefilter("ignore")
             p = fxprune.compile(model, example, fx_config("flap", "least_squares", ratio, hidden, args.round_to))
             t0 = time.perf_counter()
-            p.calibrate(calib, progress=False, gram=True)
+            p.calibrate(calib, progress=False, gram=True if args.compensation_inputs == "dense" else None)
         calib_s[hidden] = time.perf_counter() - t0
         stats[hidden] = p.calibration
         print(f"calibration ({'heads + FFN + hidden' if hidden else 'heads + FFN'}): {calib_s[hidden]:.1f} s", flush=True)
@@ -631,7 +644,8 @@ def main(argv=None) -> None:
         f"{corpus['train_files']} ({corpus['train_bytes'] / 1e6:.1f} MB); SHA-256 {corpus['sha256']}",
         f"- model: `LlamaForCausalLM`, vocab {VOCAB} (bytes), hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers, "
         f"{cfg.num_attention_heads} heads of {cfg.hidden_size // cfg.num_attention_heads}, FFN {cfg.intermediate_size}, "
-        f"untied LM head: {dense_params / 1e6:.2f} M parameters",
+        f"untied LM head{', biases in every Linear (attention_bias, mlp_bias)' if args.bias else ''}: "
+        f"{dense_params / 1e6:.2f} M parameters",
         f"- training: {record['steps']} steps of {args.batch} random windows of {args.seq_len} bytes "
         f"({record['tokens'] / 1e6:.1f} M tokens) in {record['seconds'] / 60:.1f} min (budget {args.train_minutes} min), "
         f"AdamW lr {args.lr} (betas 0.9/0.95, weight decay 0.1 on matrices, clip 1.0), 50 warm-up steps then cosine "
@@ -641,7 +655,7 @@ def main(argv=None) -> None:
         f"{args.eval_windows} windows of {args.seq_len} bytes spread evenly over the validation split "
         f"({args.eval_windows * (args.seq_len - 1)} predicted bytes)",
         f"- calibration: {args.calibration_windows} random training windows of {args.seq_len} bytes in batches of "
-        f"{args.calibration_batch}; `calibrate(gram=True)` took "
+        f"{args.calibration_batch}; `calibrate()` took "
         + ", ".join(f"{s:.1f} s ({'heads + FFN + hidden' if h else 'heads + FFN'})" for h, s in calib_s.items())
         + "; these statistics are shared by every run of the same column kind. Check: "
         + "; ".join(f"{col} flap + least_squares with its own `calibrate()` ({s:.1f} s) gives perplexity {a:.6f}, "
@@ -649,7 +663,9 @@ def main(argv=None) -> None:
         f"- pruning: `fxprune.compile(model, (input_ids,), config)`, `prune()` once, no training; prune_domain local, "
         f"round_to {args.round_to}; a column's ratio is each layer's heads and FFN channels (fxprune removes "
         f"floor(ratio × count) of each group); '+ hidden' adds a second pruner with `prune_hidden_size: True` at the "
-        "same ratio",
+        "same ratio; compensation_inputs " + ("pruned (least_squares and bias fitted on the inputs pruning leaves "
+                                              "each layer)" if args.compensation_inputs == "pruned" else
+                                              "dense (fitted on the dense model's statistics)"),
         "- compact: every run calls `pruning.compact()` (its own check on the example passed) and compares the compact "
         "graph's logits with the masked model's on one validation batch of "
         f"{args.eval_batch}: max abs difference "
