@@ -32,6 +32,7 @@ examples:
   fxprune prune mymodels:bert --input 1x128:int64 --config prune.yaml --out pruned-bert
   fxprune bench pruned/dense.onnx pruned/compact.onnx --threads 1 2 --batch 1 8 --plot latency.png
   fxprune explain mymodels:build --input 1x3x224x224
+  fxprune sweep mymodels:build --input 1x3x224x224 --sparsities 0.25 0.5 0.75 --plot sweep.png
   fxprune demo --sparsity 0.5
 
 MODULE:FACTORY is imported from the current folder (mymodels.py there, or an installed
@@ -74,6 +75,20 @@ value (default 1); other dynamic dims need --dim NAME=SIZE.
 examples:
   fxprune bench pruned/dense.onnx pruned/compact.onnx --threads 1 2 --batch 1 8
   fxprune bench dense.onnx compact.onnx --dim seq=128 --plot latency.png   (--plot: pip install fxprune[plot])"""
+
+_SWEEP_EPILOG = f"""\
+Each point is a fresh one-shot prune (pruning.prune()) of the model with --config and that
+target_sparsity (or, with --target-speedups, that target_speedup), compacted and exported; the
+dense model and every point are then timed together, interleaved (fxprune.sweep). The table has
+the speedup over the dense model and the ideal one (dense MACs / compact MACs). --batch times
+another batch than the example's (the capture keeps the batch dynamic). --config must not set the
+target that the sweep sets.
+
+{_INT_HELP}
+
+examples:
+  fxprune sweep mymodels:build --input 1x3x224x224 --sparsities 0.25 0.5 0.75 --threads 1 2
+  fxprune sweep mymodels:build --input 1x3x224x224 --target-speedups 1.5 2 3 --plot sweep.png"""
 
 _EXPLAIN_EPILOG = f"""\
 {_INT_HELP}
@@ -201,6 +216,27 @@ def _parser() -> argparse.ArgumentParser:
                      help=_SPEC_HELP + " (default 1x3x224x224)")
     exp.add_argument("--graph", metavar="FILE", help="also draw the groups over the layers: FILE.html, .svg, .png "
                      "(need pip install fxprune[plot]) or .dot")
+
+    sweep = command("sweep", "prune at several sparsities or speedup targets; time each compact model beside the "
+                    "dense one", _SWEEP_EPILOG)
+    sweep.add_argument("factory", metavar="MODULE:FACTORY", help="module:callable that returns the model, e.g. "
+                       "mymodels:build (imported from the current folder)")
+    sweep.add_argument("--input", type=parse_input_spec, action="append", required=True, metavar="SPEC",
+                       help=_SPEC_HELP)
+    sweep.add_argument("--config", metavar="FILE_OR_JSON", help="one pruner's config without its target: inline "
+                       "JSON or a .json/.yaml file (default: the library's defaults)")
+    points = sweep.add_mutually_exclusive_group(required=True)
+    points.add_argument("--sparsities", type=_fraction, nargs="+", metavar="S", help="target sparsities in [0, 1)")
+    points.add_argument("--target-speedups", type=float, nargs="+", metavar="X", help="target speedups above 1 "
+                        "(latency-target configs: the per-layer tables are timed first, then cached)")
+    sweep.add_argument("--threads", type=_positive_int, nargs="+", default=[1], help="intra-op thread counts "
+                       "(default 1)")
+    sweep.add_argument("--batch", type=_positive_int, default=None, help="batch timed (default the example's)")
+    sweep.add_argument("--repeat", type=_positive_int, default=30, help="timed rounds (default 30)")
+    sweep.add_argument("--warmup", type=_positive_int, default=10, help="untimed runs first (default 10)")
+    sweep.add_argument("--plot", metavar="FILE.png", help="also draw latency and speedup against the points (needs "
+                       "matplotlib: pip install fxprune[plot])")
+    sweep.add_argument("--out", metavar="DIR", help="keep the ONNX files here (default: a temporary folder)")
 
     demo = command("demo", "digits CNN: train, prune during fine-tune, compact, ONNX, latency", _DEMO_EPILOG)
     demo.add_argument("--sparsity", type=_fraction, default=0.5, help="fraction of channels to remove, in [0, 1) "
@@ -489,6 +525,27 @@ def _bench(args) -> int:
     return 0
 
 
+def _sweep(args) -> int:
+    config = read_config(args.config)
+    if args.plot:
+        _require_matplotlib("--plot")
+    import fxprune
+
+    if config:
+        fxprune.parse_config(config)  # a bad key fails before the model is built
+    model = load_model(args.factory)
+    inputs = make_inputs(args.input, model)
+    result = fxprune.sweep(model.eval(), inputs, config, sparsities=args.sparsities,
+                           target_speedups=args.target_speedups, threads=args.threads, batch=args.batch,
+                           warmup=args.warmup, repeat=args.repeat, folder=args.out)
+    print(f"onnxruntime latency, inputs {result.timing.input_summary}; dense {result.dense_macs / 1e6:.1f} M MACs:")
+    print(result)
+    if args.plot:
+        result.plot(args.plot)
+        print(f"plot: {args.plot}")
+    return 0
+
+
 def _require_matplotlib(option: str) -> None:
     """Before any timing or capture: a missing extra is a one-line error, not a traceback minutes later."""
     from fxprune.plots import pyplot
@@ -564,7 +621,7 @@ def _demo(args) -> int:
     return 0
 
 
-_COMMANDS = {"prune": _prune, "bench": _bench, "explain": _explain, "demo": _demo}
+_COMMANDS = {"prune": _prune, "bench": _bench, "explain": _explain, "sweep": _sweep, "demo": _demo}
 
 
 # -- errors ------------------------------------------------------------------------------------

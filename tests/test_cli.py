@@ -126,6 +126,8 @@ def finish(args: list[str], proc: subprocess.Popen) -> subprocess.CompletedProce
 
 PRUNE = ("prune", "mymodels:build", "--input", "1x3x8x8", "--config", "prune.yaml", "--out", "pruned")
 EXPLAIN_TEXT = ("explain", "mymodels:text", "--input", "2x12:int64")
+SWEEP = ("sweep", "mymodels:build", "--input", "2x3x8x8", "--sparsities", "0.5", "0.25", "--config", "{\"round_to\": 4}",
+         "--batch", "3", "--repeat", "3", "--warmup", "1", "--out", "swept")
 ERRORS = {  # the user errors the command-line issue names, and the pattern of their one line
     ("explain", "mymodels:biuld"): r"mymodels has no attribute 'biuld'; did you mean mymodels:build\? "
                                    r"callables defined in mymodels: .*build",
@@ -139,7 +141,7 @@ ERRORS = {  # the user errors the command-line issue names, and the pattern of t
 @pytest.fixture(scope="module")
 def runs(folder):
     """Every subprocess but bench (which needs prune's files), started at once: each spends seconds importing torch."""
-    commands = [PRUNE, EXPLAIN_TEXT, *ERRORS]
+    commands = [PRUNE, EXPLAIN_TEXT, SWEEP, *ERRORS]
     procs = [(c, start(folder, list(c))) for c in commands]
     return {c: finish(list(c), p) for c, p in procs}
 
@@ -213,6 +215,16 @@ def test_bench_prints_the_interleaved_table_per_batch(pruned):
     assert all(r[5] == "1.00x" for r in rows if r[0] == "dense")  # the first file is the baseline
     if plot:
         assert (out / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sweep_prints_a_row_per_point_timed_at_the_batch_asked(runs, folder):
+    result = runs[SWEEP]
+    assert result.returncode == 0, result.stderr
+    assert "onnxruntime latency, inputs x 3x3x8x8 float32" in result.stdout
+    rows = [line.split() for line in result.stdout.splitlines() if line.strip().startswith(("25%", "50%"))]
+    assert [(r[0], r[1], r[2]) for r in rows] == [("25%", "25.0%", "1"), ("50%", "50.0%", "1")]
+    assert float(rows[0][6].rstrip("x")) < float(rows[1][6].rstrip("x"))  # ideal grows with the sparsity
+    assert sorted(p.name for p in (folder / "swept").iterdir()) == ["compact-0.onnx", "compact-1.onnx", "dense.onnx"]
 
 
 def test_explain_a_text_model_with_integer_token_ids(runs):
@@ -319,12 +331,12 @@ def test_help_shows_an_example_of_every_command_and_version(capsys):
     help_ = _exit_output(capsys, ["--help"])
     for example in ("fxprune prune mymodels:build --input 1x3x224x224", "fxprune prune mymodels:bert --input "
                     "1x128:int64", "fxprune bench pruned/dense.onnx pruned/compact.onnx --threads 1 2 --batch 1 8",
-                    "fxprune explain mymodels:build", "fxprune demo"):
+                    "fxprune explain mymodels:build", "fxprune sweep mymodels:build", "fxprune demo"):
         assert example in help_
     assert _exit_output(capsys, ["--version"]) == f"fxprune {importlib.metadata.version('fxprune')}\n"
     prune_help = _exit_output(capsys, ["prune", "--help"])
     assert "one-shot pruning (pruning.prune())" in prune_help and "num_embeddings of the" in prune_help
-    for command in ("bench", "explain", "demo"):
+    for command in ("bench", "explain", "sweep", "demo"):
         assert f"fxprune {command} " in _exit_output(capsys, [command, "--help"]).split("examples:")[-1]
 
 
@@ -372,3 +384,13 @@ def test_token_ids_follow_the_input_embedding():
     assert ids.dtype == torch.int64 and int(ids.min()) >= 0 and int(ids.max()) == 29
     mask, x = make_inputs([((2, 3), "bool"), ((2, 3), "float16")], None)
     assert bool(mask.all()) and x.dtype == torch.float16
+
+
+def test_sweep_errors(user, capsys):
+    assert "drop 'target_sparsity' from the config" in error_of(
+        capsys, "sweep", "mymodels:build", "--input", "1x3x8x8", "--sparsities", "0.5", "--config",
+        '{"target_sparsity": 0.3}')
+    assert re.search(r"target_speedup 0\.5 is out of range", error_of(
+        capsys, "sweep", "mymodels:build", "--input", "1x3x8x8", "--target-speedups", "0.5"))
+    assert "not a fraction in [0, 1)" in error_of(capsys, "sweep", "mymodels:build", "--input", "1x3x8x8",
+                                                 "--sparsities", "1.5")
