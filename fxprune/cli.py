@@ -185,12 +185,16 @@ def _parser() -> argparse.ArgumentParser:
         return sub.add_parser(name, help=help, description=help, epilog=epilog, parents=[common],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
 
+    def model_arguments(p: argparse.ArgumentParser) -> None:
+        """MODULE:FACTORY and --input, as prune and sweep take them."""
+        p.add_argument("factory", metavar="MODULE:FACTORY", help="module:callable that returns the model, e.g. "
+                       "mymodels:build (imported from the current folder)")
+        p.add_argument("--input", type=parse_input_spec, action="append", required=True, metavar="SPEC",
+                       help=_SPEC_HELP)
+
     prune = command("prune", "one-shot prune a model; write dense/compact ONNX, compact.pt2, plan.json, report.txt",
                     _PRUNE_EPILOG)
-    prune.add_argument("factory", metavar="MODULE:FACTORY", help="module:callable that returns the model, e.g. "
-                       "mymodels:build (imported from the current folder)")
-    prune.add_argument("--input", type=parse_input_spec, action="append", required=True, metavar="SPEC",
-                       help=_SPEC_HELP)
+    model_arguments(prune)
     prune.add_argument("--config", metavar="FILE_OR_JSON", help="pruning config: inline JSON or a .json/.yaml file "
                        "(default: the library's defaults)")
     prune.add_argument("--out", required=True, metavar="DIR", help="folder for the files (created if missing)")
@@ -219,10 +223,7 @@ def _parser() -> argparse.ArgumentParser:
 
     sweep = command("sweep", "prune at several sparsities or speedup targets; time each compact model beside the "
                     "dense one", _SWEEP_EPILOG)
-    sweep.add_argument("factory", metavar="MODULE:FACTORY", help="module:callable that returns the model, e.g. "
-                       "mymodels:build (imported from the current folder)")
-    sweep.add_argument("--input", type=parse_input_spec, action="append", required=True, metavar="SPEC",
-                       help=_SPEC_HELP)
+    model_arguments(sweep)
     sweep.add_argument("--config", metavar="FILE_OR_JSON", help="one pruner's config without its target: inline "
                        "JSON or a .json/.yaml file (default: the library's defaults)")
     points = sweep.add_mutually_exclusive_group(required=True)
