@@ -20,7 +20,10 @@ __all__ = ["prune_counts", "latency_counts", "choose_kept", "repeated_blocks", "
 
 # kept widths are aligned to this many elements under ``round_to: "auto"`` (the default): onnxruntime's CPU
 # conv and GEMM kernels work on blocks of 8 floats (AVX2) or 16 (AVX-512). 16 serves both; on ResNet-50 it
-# gave 0.92-1.01 of ideal where 8 gave 0.84-0.95 and no rounding 0.56-0.62 (benchmarks/results_defaults.md)
+# gave 0.92-1.01 of ideal where 8 gave 0.84-0.95 and no rounding 0.56-0.62 (benchmarks/results_defaults.md).
+# Groups too narrow for 16 are aligned to 8: a conv whose input channels are not a multiple of the NCHWc block
+# runs as a plain conv with layout reorders around it (MobileNetV2's 16-32-wide residual streams: 0.70 of
+# ideal at 50% unaligned, 0.85 aligned to 8, 1 thread)
 ALIGN = 16
 
 
@@ -28,13 +31,17 @@ def aligned_round_to(group) -> int:
     """Channels to round a group's kept count to so every member keeps a multiple of ``ALIGN`` elements.
 
     A head of 64 elements is aligned whatever the count (1); a conv channel of one element needs
-    multiples of 16. Groups narrower than four such steps are not rounded: there a step is a quarter of
-    the group or more, too coarse to honour the target.
+    multiples of 16. A group narrower than four such steps is aligned to 8 elements instead if it is at
+    least two of those steps wide (16 to 63 conv channels), and otherwise not rounded: there a step would
+    be half the group or more, too coarse to honour the target.
     """
     per = min((int(np.bincount(m.atoms[m.atoms >= 0]).max()) for m in group.parameters if (m.atoms >= 0).any()),
               default=1)
     step = ALIGN // math.gcd(ALIGN, per)
-    return step if group.size >= 4 * step else 1
+    if group.size >= 4 * step:
+        return step
+    half = (ALIGN // 2) // math.gcd(ALIGN // 2, per)  # AVX2's block: what onnxruntime's NCHWc convs need at least
+    return half if group.size >= 2 * half else 1
 
 
 def _cap(size: int, max_ratio: float) -> int:

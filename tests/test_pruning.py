@@ -316,15 +316,16 @@ def test_taylor_scores_restart_after_each_pruning_step():
 
 
 def test_default_round_to_aligns_kept_widths_to_16_elements():
-    """round_to "auto": conv channels keep multiples of 16 in groups of 64 and more; narrower groups are exact."""
+    """round_to "auto": conv channels keep multiples of 16 in groups of 64 and more, of 8 in groups of 16 to 63
+    (onnxruntime's NCHWc convs need their input channels in blocks of 8 on AVX2); narrower groups are exact."""
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 96, 1), torch.nn.ReLU(), torch.nn.Conv2d(96, 48, 1), torch.nn.ReLU(),
-                              torch.nn.Conv2d(48, 4, 1))
+                              torch.nn.Conv2d(48, 12, 1), torch.nn.ReLU(), torch.nn.Conv2d(12, 4, 1))
     pruning = fxprune.compile(net, (torch.randn(2, 3, 8, 8),), {"target_sparsity": 0.4, "prune_domain": "local"})
     pruning.prune()
     kept = sorted(len(k) for k in pruning.kept_channels.values())
-    assert kept == [29, 64]  # 48 * 0.6 = 28.8 -> 29 (unrounded: 48 < 4 * 16); 96 * 0.6 = 57.6 -> 64
-    # 1 - 93 / 144 = 0.354 instead of 0.4: said, not hidden
-    assert pruning.report().notes == ["target_sparsity 0.4 reached 0.3542 over its 2 groups: kept counts are rounded to "
+    assert kept == [8, 32, 64]  # 12 - 4 = 8 (exact: 12 < 2 * 8); 48 - 19 = 29 -> 32; 96 - 38 = 58 -> 64
+    # 1 - 104 / 156 = 0.333 instead of 0.4: said, not hidden
+    assert pruning.report().notes == ["target_sparsity 0.4 reached 0.3333 over its 3 groups: kept counts are rounded to "
                                       "aligned widths (round_to='auto'; round_to=1 gives exact counts)"]
 
 
