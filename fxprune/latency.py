@@ -248,7 +248,7 @@ class LatencyModel:
             group = p.groups[g]
             step = aligned_round_to(group)
             keep = max(step, int(round(group.size / 2 / step)) * step) if group.size > step else (group.size + 1) // 2
-            kept[g] = choose_kept(-np.arange(group.size, dtype=float), group.size - keep, group.parts)
+            kept[g] = choose_kept(-np.arange(group.size, dtype=float), group.size - keep, group.parts, step)
         frac = np.array([k.mean() for k in kept.values()])
         return frac, compact_graph(p.captured.graph_module, p.grouping, p._atom_kept(kept), dict(p.model.state_dict()))
 

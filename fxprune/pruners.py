@@ -19,8 +19,8 @@ from fxprune.importance import group_scores
 from fxprune.patterns import n_of_m_masks, nxm_masks, pattern_lock_masks
 from fxprune.registry import PRUNERS, registered_names, unknown_pruner
 from fxprune.schedulers import get_scheduler
-from fxprune.selection import (aligned_round_to, choose_kept, latency_counts, prune_counts, repeated_blocks,
-                               uniform_counts)
+from fxprune.selection import (align_narrow, aligned_round_to, choose_kept, latency_counts, prune_counts,
+                               repeated_blocks, uniform_counts)
 
 __all__ = ["PRUNERS", "register_pruners", "get_pruner", "registered_names", "Pruner", "MagnitudePruner",
            "SnipPruner", "SnipMomentumPruner", "TaylorPruner", "PatternLockPruner"]
@@ -140,7 +140,8 @@ class Pruner:
         of the dense latency to remove)."""
         scores = {g.index: self.channel_scores(g) for g in self.groups}
         cfg = self.config
-        round_to = ({g.index: aligned_round_to(g) for g in self.groups} if cfg.round_to == "auto"
+        narrow = align_narrow(self.groups, cfg.prune_domain == "global" or cfg.latency_target)
+        round_to = ({g.index: aligned_round_to(g, narrow) for g in self.groups} if cfg.round_to == "auto"
                     else cfg.round_to)
         if cfg.latency_target:
             return self._select_latency(scores, sparsity, round_to)
@@ -151,8 +152,13 @@ class Pruner:
         else:
             counts = prune_counts(scores, **options)
         self._note_adjustments(sparsity, counts, round_to)
+        return self._kept_masks(scores, counts, round_to)
+
+    def _kept_masks(self, scores, counts, round_to) -> dict[int, np.ndarray]:
+        """Per group, the keep mask of its ``counts`` removed channels (concat pieces aligned as the group)."""
         parts = {g.index: g.parts for g in self.groups}
-        return {g: choose_kept(scores[g], counts[g], parts[g]) for g in scores}
+        align = round_to if isinstance(round_to, dict) else {g: round_to for g in scores}
+        return {g: choose_kept(scores[g], counts[g], parts[g], align[g]) for g in scores}
 
     def _select_latency(self, scores, removed: float, round_to) -> dict[int, np.ndarray]:
         """Widths by importance per predicted ms saved, aiming the prediction by the last measured error."""
@@ -167,8 +173,7 @@ class Pruner:
                        f"cap at {self.predicted_ms:.3f} ms (max_sparsity_ratio_per_layer="
                        f"{cfg.max_sparsity_ratio_per_layer}, the layers this config leaves alone, and the ops no "
                        "channel pruning shrinks)")
-        parts = {g.index: g.parts for g in self.groups}
-        return {g: choose_kept(scores[g], counts[g], parts[g]) for g in scores}
+        return self._kept_masks(scores, counts, per_group)
 
     def _note(self, note: str) -> None:
         if note not in self.notes:

@@ -16,7 +16,8 @@ import re
 
 import numpy as np
 
-__all__ = ["prune_counts", "latency_counts", "choose_kept", "repeated_blocks", "uniform_counts", "aligned_round_to", "ALIGN"]
+__all__ = ["prune_counts", "latency_counts", "choose_kept", "repeated_blocks", "uniform_counts", "aligned_round_to",
+           "align_narrow", "ALIGN"]
 
 # kept widths are aligned to this many elements under ``round_to: "auto"`` (the default): onnxruntime's CPU
 # conv and GEMM kernels work on blocks of 8 floats (AVX2) or 16 (AVX-512). 16 serves both; on ResNet-50 it
@@ -27,13 +28,14 @@ __all__ = ["prune_counts", "latency_counts", "choose_kept", "repeated_blocks", "
 ALIGN = 16
 
 
-def aligned_round_to(group) -> int:
+def aligned_round_to(group, narrow: bool = True) -> int:
     """Channels to round a group's kept count to so every member keeps a multiple of ``ALIGN`` elements.
 
     A head of 64 elements is aligned whatever the count (1); a conv channel of one element needs
     multiples of 16. A group narrower than four such steps is aligned to 8 elements instead if it is at
-    least two of those steps wide (16 to 63 conv channels), and otherwise not rounded: there a step would
-    be half the group or more, too coarse to honour the target.
+    least two of those steps wide (16 to 63 conv channels) and ``narrow`` (a global budget, which takes up
+    what the coarse rounding of a narrow group moves), and otherwise not rounded: a per-group target there
+    could not be honoured (25% of 16 channels is 12 kept, 8 and 16 are the aligned choices).
     """
     per = min((int(np.bincount(m.atoms[m.atoms >= 0]).max()) for m in group.parameters if (m.atoms >= 0).any()),
               default=1)
@@ -41,7 +43,18 @@ def aligned_round_to(group) -> int:
     if group.size >= 4 * step:
         return step
     half = (ALIGN // 2) // math.gcd(ALIGN // 2, per)  # AVX2's block: what onnxruntime's NCHWc convs need at least
-    return half if group.size >= 2 * half else 1
+    return half if narrow and group.size >= 2 * half else 1
+
+
+def align_narrow(groups, shared_budget: bool) -> bool:
+    """Whether ``round_to: "auto"`` aligns the narrow groups (16-63 conv channels) to 8: only under one shared
+    budget, and only where they are at most a quarter of its channels, so the wide groups take up what their
+    coarse rounding moves (a net made only of narrow groups keeps exact counts)."""
+    if not shared_budget:
+        return False
+    total = sum(g.size for g in groups)
+    narrow = sum(g.size for g in groups if aligned_round_to(g, False) == 1 < aligned_round_to(g, True))
+    return narrow <= 0.25 * total
 
 
 def _cap(size: int, max_ratio: float) -> int:
@@ -186,16 +199,56 @@ def uniform_counts(scores: dict[int, np.ndarray], classes: list[list[int]], **kw
     return {g: counts[c[0]] for c in classes for g in c}
 
 
-def choose_kept(scores: np.ndarray, n_prune: int, parts=()) -> np.ndarray:
+def choose_kept(scores: np.ndarray, n_prune: int, parts=(), align: int = 1) -> np.ndarray:
     """Boolean keep mask: the ``n_prune`` lowest-scoring channels are removed (stable order).
 
     ``parts`` are channel sets that must not be emptied (e.g. one branch of a
     concat: a tensor with no channels left cannot run); each keeps its best channel.
+    With ``align`` > 1 and parts, every concatenated piece keeps a multiple of ``align`` channels
+    (:func:`_aligned_pieces`): an aligned total made of unaligned pieces still breaks the layout.
     """
+    if align > 1 and len(parts) and n_prune > 0:
+        return _aligned_pieces(np.asarray(scores, dtype=float), n_prune, parts, align)
     keep = np.ones(len(scores), dtype=bool)
     if n_prune > 0:
         keep[np.argsort(scores, kind="stable")[:n_prune]] = False
     for part in parts:
         if not keep[part].any():
             keep[part[np.argmax(scores[part])]] = True
+    return keep
+
+
+def _aligned_pieces(scores: np.ndarray, n_prune: int, parts, align: int) -> np.ndarray:
+    """Keep mask that removes up to ``n_prune`` channels in whole ``align``-wide chunks of each piece.
+
+    The pieces are the cells the parts cut the group into (channels in the same parts: one concatenated
+    input, such as a DenseNet layer's growth channels). onnxruntime concatenates and convolves in its NCHWc
+    layout only when every piece is a multiple of its block; otherwise the whole chain falls back to plain
+    convs with layout conversions around them. Each piece loses its lowest-scoring chunks, cheapest mean score
+    first, and keeps at least one chunk; a piece not a multiple of ``align`` (or narrower than two chunks) is
+    cut channel by channel. Where no chunk fits the count left, fewer channels are removed than asked.
+    """
+    n = len(scores)
+    member = np.zeros((n, len(parts)), dtype=bool)
+    for j, part in enumerate(parts):
+        member[part, j] = True
+    _, cell_of = np.unique(member, axis=0, return_inverse=True)
+    cells = [np.flatnonzero(cell_of.ravel() == c) for c in range(cell_of.max() + 1)]
+    order = [cell[np.argsort(scores[cell], kind="stable")] for cell in cells]
+    step = [align if len(c) % align == 0 and len(c) >= 2 * align else 1 for c in cells]
+    cut = [0] * len(cells)
+    heap = [(float(scores[o[:st]].mean()), i) for i, (o, st) in enumerate(zip(order, step)) if len(o) > st]
+    heapq.heapify(heap)
+    removed = 0
+    while heap and removed < n_prune:
+        _, i = heapq.heappop(heap)
+        if removed + step[i] > n_prune:
+            continue  # this piece's chunk does not fit what is left; a narrower one may
+        cut[i] += step[i]
+        removed += step[i]
+        if len(order[i]) - cut[i] > step[i]:
+            heapq.heappush(heap, (float(scores[order[i][cut[i]:cut[i] + step[i]]].mean()), i))
+    keep = np.ones(n, dtype=bool)
+    for o, c in zip(order, cut):
+        keep[o[:c]] = False
     return keep

@@ -11,6 +11,7 @@ import torch.multiprocessing as mp
 import fxprune
 from fxprune.config import PruningConfig
 from fxprune.schedulers import get_scheduler
+from fxprune.selection import align_narrow, choose_kept
 from tests.models import ARCHITECTURES, PreNormMLP
 
 
@@ -316,17 +317,29 @@ def test_taylor_scores_restart_after_each_pruning_step():
 
 
 def test_default_round_to_aligns_kept_widths_to_16_elements():
-    """round_to "auto": conv channels keep multiples of 16 in groups of 64 and more, of 8 in groups of 16 to 63
-    (onnxruntime's NCHWc convs need their input channels in blocks of 8 on AVX2); narrower groups are exact."""
+    """round_to "auto": conv channels keep multiples of 16 in groups of 64 and more; narrower groups are exact under
+    a local budget, and aligned to 8 from 16 channels under a global one (onnxruntime's NCHWc convs need their
+    input channels in blocks of 8 on AVX2; the shared budget takes up what the coarse rounding moves)."""
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 96, 1), torch.nn.ReLU(), torch.nn.Conv2d(96, 48, 1), torch.nn.ReLU(),
                               torch.nn.Conv2d(48, 12, 1), torch.nn.ReLU(), torch.nn.Conv2d(12, 4, 1))
     pruning = fxprune.compile(net, (torch.randn(2, 3, 8, 8),), {"target_sparsity": 0.4, "prune_domain": "local"})
     pruning.prune()
     kept = sorted(len(k) for k in pruning.kept_channels.values())
-    assert kept == [8, 32, 64]  # 12 - 4 = 8 (exact: 12 < 2 * 8); 48 - 19 = 29 -> 32; 96 - 38 = 58 -> 64
-    # 1 - 104 / 156 = 0.333 instead of 0.4: said, not hidden
-    assert pruning.report().notes == ["target_sparsity 0.4 reached 0.3333 over its 3 groups: kept counts are rounded to "
+    assert kept == [8, 29, 64]  # 12 - 4 and 48 - 19, unrounded (< 4 * 16); 96 - 38 = 58 -> 64
+    # 1 - 101 / 156 = 0.353 instead of 0.4: said, not hidden
+    assert pruning.report().notes == ["target_sparsity 0.4 reached 0.3526 over its 3 groups: kept counts are rounded to "
                                       "aligned widths (round_to='auto'; round_to=1 gives exact counts)"]
+    # global: the 48-wide group is under a quarter of the channels (48 of 156 + 160), so it is aligned to 8
+    wide = torch.nn.Sequential(torch.nn.Conv2d(3, 160, 1), torch.nn.ReLU(), torch.nn.Conv2d(160, 96, 1), *list(net)[1:])
+    pruning = fxprune.compile(wide, (torch.randn(2, 3, 8, 8),), {"target_sparsity": 0.4}).prune()
+    sizes = {g.index: g.size for g in pruning.groups}
+    assert sorted(sizes.values()) == [12, 48, 96, 160]
+    for g, k in pruning.kept_channels.items():
+        assert len(k) % {160: 16, 96: 16, 48: 8, 12: 1}[sizes[g]] == 0, (sizes[g], len(k))
+    # where narrow groups are more than a quarter of the channels (48 of 156), they keep exact counts
+    assert align_narrow(pruning.groups, True) and not align_narrow(pruning.groups, False)
+    narrow_net = fxprune.compile(net, (torch.randn(2, 3, 8, 8),), {"target_sparsity": 0.4})
+    assert not align_narrow(narrow_net.groups, True)
 
 
 def test_a_target_that_cannot_be_met_is_reported():
@@ -340,3 +353,30 @@ def test_a_target_that_cannot_be_met_is_reported():
         "one channel, and at most max_sparsity_ratio_per_layer=0.98 of its channels go)"]
     with pytest.warns(UserWarning, match=r"round_to=64 is not smaller than 2 groups \(sizes \[16, 32\]\)"):
         fxprune.compile(net, (torch.randn(2, 8),), {"target_sparsity": 0.5, "round_to": 64}).prune()
+
+
+def test_concatenated_pieces_keep_aligned_widths():
+    """A concat's pieces each keep a multiple of the alignment (onnxruntime's NCHWc concat and the convs after it
+    need every piece in whole blocks), pieces nested as in DenseNet included; each keeps at least one chunk."""
+    scores = np.random.default_rng(0).random(256)
+    parts = [np.arange(0, 64), np.arange(64, 96), np.arange(0, 96), np.arange(96, 128), np.arange(0, 128)]
+    keep = choose_kept(scores, 128, parts, 16)
+    pieces = [keep[a:b].sum() for a, b in ((0, 64), (64, 96), (96, 128), (128, 256))]
+    assert keep.sum() == 128 and all(n % 16 == 0 and n >= 16 for n in pieces), pieces
+    assert choose_kept(scores, 250, parts, 16).sum() == 64  # every piece keeps one chunk: fewer removed than asked
+    # without parts, or with align 1, the lowest scores go, as before
+    assert np.array_equal(choose_kept(scores, 100, (), 16), scores >= np.sort(scores)[100])
+
+    class Branches(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Conv2d(3, 64, 1), torch.nn.Conv2d(3, 32, 3, padding=1)
+            self.head = torch.nn.Conv2d(96, 8, 1)
+
+        def forward(self, x):
+            return self.head(torch.relu(torch.cat([self.a(x), self.b(x)], 1)))
+
+    torch.manual_seed(0)
+    pruning = fxprune.compile(Branches(), (torch.randn(2, 3, 8, 8),), {"target_sparsity": 0.5}).prune()
+    kept = pruning.masks["head.weight"][0, :, 0, 0]
+    assert kept[:64].sum() % 16 == 0 and kept[64:].sum() % 16 == 0 and kept.sum() == 48
