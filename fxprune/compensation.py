@@ -40,6 +40,7 @@ created now would not be in the captured graph, and ``compact()`` would drop it.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import TYPE_CHECKING
 
@@ -67,12 +68,13 @@ def compensate(pruning: "Pruning", pruner: "Pruner", kept: dict[int, np.ndarray]
     stats = require_calibration(pruning.calibration, f"compensation {mode!r}")
     skipped: dict[str, list[str]] = {"unseen": [], "gram": [], "bias": []}
     changes = [c for c in _consumer_changes(pruning, pruner, kept, stats, skipped["unseen"]) if c[2].any()]
-    if pruner.config.compensation_inputs == "pruned" and changes:
-        moments = _replayed(pruning, kept, changes, mode)
-    else:
-        moments = ((layer, keep, _dense_moments(layer, keep, mode), None) for layer, keep, _ in changes)
-    for layer, keep, (cross, inner, taps, kept_taps), weight in moments:
-        _refit(pruning, layer, keep, mode, cross, inner, taps, kept_taps, skipped, weight)
+    with _restored_on_error(pruning, changes, kept):
+        if pruner.config.compensation_inputs == "pruned" and changes:
+            moments = _replayed(pruning, kept, changes, mode)
+        else:
+            moments = ((layer, keep, _dense_moments(layer, keep, mode), None) for layer, keep, _ in changes)
+        for layer, keep, (cross, inner, taps, kept_taps), weight in moments:
+            _refit(pruning, layer, keep, mode, cross, inner, taps, kept_taps, skipped, weight)
     for key, why in (("unseen", "saw no calibration input: their removed inputs are not compensated"),
                      ("gram", "have no input Gram matrix (more input features than calibrate()'s max_gram_features, "
                               "or calibrate(gram=False)): their removed inputs are compensated by their mean only"),
@@ -81,6 +83,29 @@ def compensate(pruning: "Pruning", pruner: "Pruner", kept: dict[int, np.ndarray]
         if skipped[key]:
             names = skipped[key]
             pruner._note(f"{len(names)} layers ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}) {why}")
+
+
+@contextlib.contextmanager
+def _restored_on_error(pruning: "Pruning", changes, kept: dict[int, np.ndarray]):
+    """Undo a step that fails part-way (a batch that raises on replay, an interrupt): the weights and bias
+    targets it re-fits, the members its masks zero and the kept channels it set go back to what they were,
+    so the step can be retried."""
+    params = dict(pruning.model.named_parameters(remove_duplicate=False))
+    tensors = [t for layer, _, _ in changes for t in (params[layer.weight], (_bias_target(pruning, layer) or (None,))[0])]
+    tensors += [params.get(m.name) for g, k in kept.items() if not np.array_equal(k, pruning._kept[g])
+                for m in pruning.groups[g].parameters]
+    touched = {id(t): t for t in tensors if t is not None}
+    saved = {i: t.detach().clone() for i, t in touched.items()}
+    kept = {g: k.copy() for g, k in pruning._kept.items()}
+    try:
+        yield
+    except BaseException:
+        with torch.no_grad():
+            for i, t in touched.items():
+                t.copy_(saved[i])
+        pruning._kept = kept
+        pruning._build_masks()
+        raise
 
 
 def _refit(pruning: "Pruning", layer: LayerStats, keep: np.ndarray, mode: str, cross, inner, taps: torch.Tensor,
@@ -137,11 +162,11 @@ def _dense_moments(layer: LayerStats, keep: np.ndarray, mode: str):
 class _Pair:
     """Float64 sums over the feature vectors a layer reads in the dense copy and in the pruned model at once."""
 
-    def __init__(self, layer: LayerStats, keep: np.ndarray, conv, gram: bool):
+    def __init__(self, layer: LayerStats, keep: np.ndarray, conv, gram: bool, device: torch.device):
         self.layer, self.conv = layer, conv
-        self.kept = torch.from_numpy(np.flatnonzero(keep))
+        self.kept = torch.from_numpy(np.flatnonzero(keep)).to(device)
         n, k = len(keep), len(self.kept)
-        zeros = lambda *shape: torch.zeros(shape, dtype=torch.float64)  # noqa: E731
+        zeros = lambda *shape: torch.zeros(shape, dtype=torch.float64, device=device)  # noqa: E731
         self.rows, self.sum_dense, self.sum_kept = zeros(), zeros(n), zeros(k)
         self.cross, self.inner = (zeros(n, k), zeros(k, k)) if gram else (None, None)
         taps = conv.weight[0, 0].numel() if conv is not None else 1
@@ -153,8 +178,8 @@ class _Pair:
             raise RuntimeError(f"{self.layer.module} read inputs of shape {tuple(dense.shape)} in the dense copy and "
                                f"{tuple(pruned.shape)} in the pruned model: their calls do not pair up")
         n = self.sum_dense.numel()
-        d = feature_rows(dense, self.layer.batched_dims, n).cpu()
-        p = feature_rows(pruned, self.layer.batched_dims, n).cpu()[:, self.kept]
+        d = feature_rows(dense, self.layer.batched_dims, n)
+        p = feature_rows(pruned, self.layer.batched_dims, n)[:, self.kept]
         self.rows += d.shape[0]
         self.sum_dense += d.sum(0)
         self.sum_kept += p.sum(0)
@@ -168,8 +193,15 @@ class _Pair:
         else:
             positions, sums = tap_sums(dense.detach(), self.conv, self.layer.batched_dims)
             self.positions += positions
-            self.taps_dense += sums.cpu()
-            self.taps_kept += tap_sums(pruned.detach(), self.conv, self.layer.batched_dims)[1].cpu()[self.kept]
+            self.taps_dense += sums
+            self.taps_kept += tap_sums(pruned.detach(), self.conv, self.layer.batched_dims)[1][self.kept]
+
+    def to_cpu(self) -> None:
+        """Move the sums to the CPU, where the fit is solved (after they were all-reduced on the device)."""
+        for name in ("rows", "sum_dense", "sum_kept", "positions", "taps_dense", "taps_kept", "cross", "inner"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, t.cpu())
 
     def tensors(self) -> list[torch.Tensor]:
         out = [self.rows, self.sum_dense, self.sum_kept, self.positions, self.taps_dense, self.taps_kept]
@@ -199,19 +231,21 @@ def _replayed(pruning: "Pruning", kept: dict[int, np.ndarray], changes, mode: st
     pruning.set_kept(kept)  # masks applied now, so the pruned model reads the inputs it will have
     waves = _waves(pruning.captured.graph_module, {layer.weight for layer, _, _ in changes})
     before = dict(dense.named_parameters(remove_duplicate=False))
+    device = next(iter(before.values())).device if before else torch.device("cpu")  # NCCL reduces device tensors
     for wave in sorted(set(waves.values())):
         pairs = {}
         handles = []
-        for layer, keep, _ in changes:
-            if waves[layer.weight] != wave:
-                continue
-            module = pruning.model.get_submodule(layer.module)
-            conv = module if layer.batched_dims and layer.groups == 1 else None
-            wants_gram = mode == "least_squares" and layer.sum.numel() <= pruning.calibration.max_gram_features
-            pair = pairs[layer.module] = _Pair(layer, keep, conv, wants_gram)
-            handles.append(dense.get_submodule(layer.module).register_forward_pre_hook(_keep_input(pair), with_kwargs=True))
-            handles.append(module.register_forward_pre_hook(_pair_input(pair), with_kwargs=True))
         try:
+            for layer, keep, _ in changes:
+                if waves[layer.weight] != wave:
+                    continue
+                module = pruning.model.get_submodule(layer.module)
+                conv = module if layer.batched_dims and layer.groups == 1 else None
+                wants_gram = mode == "least_squares" and layer.sum.numel() <= pruning.calibration.max_gram_features
+                pair = pairs[layer.module] = _Pair(layer, keep, conv, wants_gram, device)
+                handles.append(dense.get_submodule(layer.module).register_forward_pre_hook(_keep_input(pair),
+                                                                                           with_kwargs=True))
+                handles.append(module.register_forward_pre_hook(_pair_input(pair), with_kwargs=True))
             with inference(dense) as run_dense, inference(pruning.model) as run_pruned:
                 for batch in batches:
                     run_dense(batch)
@@ -225,6 +259,7 @@ def _replayed(pruning: "Pruning", kept: dict[int, np.ndarray], changes, mode: st
             if dist.is_available() and dist.is_initialized():
                 for t in pair.tensors():
                     dist.all_reduce(t)
+            pair.to_cpu()
             keep = next(k for layer, k, _ in changes if layer.module == pair.layer.module)
             yield pair.layer, keep, pair.moments(), before[pair.layer.weight]
         pruning.apply_masks()  # a re-fitted layer that also loses outputs: those rows are zero again

@@ -20,7 +20,7 @@ from fxprune.patterns import n_of_m_masks, nxm_masks, pattern_lock_masks
 from fxprune.registry import PRUNERS, registered_names, unknown_pruner
 from fxprune.schedulers import get_scheduler
 from fxprune.selection import (align_narrow, aligned_round_to, choose_kept, latency_counts, prune_counts,
-                               repeated_blocks, uniform_counts)
+                               repeated_blocks, unaligned_pieces, uniform_counts)
 
 __all__ = ["PRUNERS", "register_pruners", "get_pruner", "registered_names", "Pruner", "MagnitudePruner",
            "SnipPruner", "SnipMomentumPruner", "TaylorPruner", "PatternLockPruner"]
@@ -151,8 +151,10 @@ class Pruner:
             counts = uniform_counts(scores, repeated_blocks(self.groups), **options)
         else:
             counts = prune_counts(scores, **options)
+        kept = self._kept_masks(scores, counts, round_to)
         self._note_adjustments(sparsity, counts, round_to)
-        return self._kept_masks(scores, counts, round_to)
+        self._note_unaligned(kept, round_to)
+        return kept
 
     def _kept_masks(self, scores, counts, round_to) -> dict[int, np.ndarray]:
         """Per group, the keep mask of its ``counts`` removed channels (concat pieces aligned as the group)."""
@@ -179,6 +181,16 @@ class Pruner:
         if note not in self.notes:
             self.notes.append(note)
             warnings.warn(f"{self.config.pruning_type} pruner: {note}", UserWarning, stacklevel=6)
+
+    def _note_unaligned(self, kept: dict[int, np.ndarray], round_to) -> None:
+        """Say where concatenated pieces keep unaligned widths because whole chunks could not meet the target."""
+        align = round_to if isinstance(round_to, dict) else {g: round_to for g in kept}
+        parts = {g.index: g.parts for g in self.groups}
+        n = sum(unaligned_pieces(k, parts[g], align[g]) for g, k in kept.items())
+        if n:
+            self._note(f"{n} concatenated pieces keep widths that are not multiples of their alignment: whole chunks "
+                       "could not remove the channels the target asks of their groups (onnxruntime runs such a "
+                       "concat and the convs after it outside its blocked layout; a lower target avoids it)")
 
     def _note_adjustments(self, sparsity: float, counts: dict[int, int], round_to) -> None:
         """Say where the requested target could not be met as asked, once per reason (a warning and the report)."""

@@ -17,7 +17,7 @@ import re
 import numpy as np
 
 __all__ = ["prune_counts", "latency_counts", "choose_kept", "repeated_blocks", "uniform_counts", "aligned_round_to",
-           "align_narrow", "ALIGN"]
+           "align_narrow", "unaligned_pieces", "ALIGN"]
 
 # kept widths are aligned to this many elements under ``round_to: "auto"`` (the default): onnxruntime's CPU
 # conv and GEMM kernels work on blocks of 8 floats (AVX2) or 16 (AVX-512). 16 serves both; on ResNet-50 it
@@ -218,24 +218,38 @@ def choose_kept(scores: np.ndarray, n_prune: int, parts=(), align: int = 1) -> n
     return keep
 
 
+def _pieces(n: int, parts) -> list[np.ndarray]:
+    """The cells ``parts`` cut ``n`` channels into (channels in the same parts: one concatenated input)."""
+    member = np.zeros((n, len(parts)), dtype=bool)
+    for j, part in enumerate(parts):
+        member[part, j] = True
+    _, cell_of = np.unique(member, axis=0, return_inverse=True)
+    return [np.flatnonzero(cell_of.ravel() == c) for c in range(cell_of.max() + 1)]
+
+
+def unaligned_pieces(keep: np.ndarray, parts, align: int) -> int:
+    """How many concatenated pieces of a group keep a width that is not a multiple of ``align``."""
+    if align <= 1 or not len(parts):
+        return 0
+    return sum(int(keep[c].sum()) % align != 0 for c in _pieces(len(keep), parts) if len(c) % align == 0)
+
+
 def _aligned_pieces(scores: np.ndarray, n_prune: int, parts, align: int) -> np.ndarray:
-    """Keep mask that removes up to ``n_prune`` channels in whole ``align``-wide chunks of each piece.
+    """Keep mask that removes ``n_prune`` channels, in whole ``align``-wide chunks of each piece where it can.
 
     The pieces are the cells the parts cut the group into (channels in the same parts: one concatenated
     input, such as a DenseNet layer's growth channels). onnxruntime concatenates and convolves in its NCHWc
     layout only when every piece is a multiple of its block; otherwise the whole chain falls back to plain
     convs with layout conversions around them. Each piece loses its lowest-scoring chunks, cheapest mean score
-    first, and keeps at least one chunk; a piece not a multiple of ``align`` (or narrower than two chunks) is
-    cut channel by channel. Where no chunk fits the count left, fewer channels are removed than asked.
+    first, and keeps at least one chunk; a piece not a multiple of ``align`` is cut channel by channel. What
+    whole chunks cannot take (pieces one chunk wide, a count left narrower than a chunk) is then cut channel
+    by channel, lowest scores first, each piece keeping its best channel: the target is met, and the pruner
+    reports the pieces left unaligned.
     """
     n = len(scores)
-    member = np.zeros((n, len(parts)), dtype=bool)
-    for j, part in enumerate(parts):
-        member[part, j] = True
-    _, cell_of = np.unique(member, axis=0, return_inverse=True)
-    cells = [np.flatnonzero(cell_of.ravel() == c) for c in range(cell_of.max() + 1)]
+    cells = _pieces(n, parts)
     order = [cell[np.argsort(scores[cell], kind="stable")] for cell in cells]
-    step = [align if len(c) % align == 0 and len(c) >= 2 * align else 1 for c in cells]
+    step = [align if len(c) % align == 0 else 1 for c in cells]
     cut = [0] * len(cells)
     heap = [(float(scores[o[:st]].mean()), i) for i, (o, st) in enumerate(zip(order, step)) if len(o) > st]
     heapq.heapify(heap)
@@ -251,4 +265,7 @@ def _aligned_pieces(scores: np.ndarray, n_prune: int, parts, align: int) -> np.n
     keep = np.ones(n, dtype=bool)
     for o, c in zip(order, cut):
         keep[o[:c]] = False
+    if removed < n_prune:  # channel by channel, each piece keeping its best one
+        rest = np.concatenate([o[c:-1] for o, c in zip(order, cut)])
+        keep[rest[np.argsort(scores[rest], kind="stable")][:n_prune - removed]] = False
     return keep

@@ -20,8 +20,6 @@ from fxprune.exporters.ort_benchmark import BenchmarkRow, plot_benchmarks
 from fxprune.report import block_of, layer_of
 from tests.models import ARCHITECTURES
 
-pytest.importorskip("matplotlib")
-
 PNG = b"\x89PNG\r\n\x1a\n"
 
 

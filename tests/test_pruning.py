@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 import fxprune
 from fxprune.config import PruningConfig
 from fxprune.schedulers import get_scheduler
-from fxprune.selection import align_narrow, choose_kept
+from fxprune.selection import align_narrow, choose_kept, unaligned_pieces
 from tests.models import ARCHITECTURES, PreNormMLP
 
 
@@ -355,6 +355,18 @@ def test_a_target_that_cannot_be_met_is_reported():
         fxprune.compile(net, (torch.randn(2, 8),), {"target_sparsity": 0.5, "round_to": 64}).prune()
 
 
+class _Branches(torch.nn.Module):
+    """Two convs of ``a`` and ``b`` channels concatenated into one 1x1 conv: a group of two concat pieces."""
+
+    def __init__(self, a: int, b: int):
+        super().__init__()
+        self.a, self.b = torch.nn.Conv2d(3, a, 1), torch.nn.Conv2d(3, b, 3, padding=1)
+        self.head = torch.nn.Conv2d(a + b, 8, 1)
+
+    def forward(self, x):
+        return self.head(torch.relu(torch.cat([self.a(x), self.b(x)], 1)))
+
+
 def test_concatenated_pieces_keep_aligned_widths():
     """A concat's pieces each keep a multiple of the alignment (onnxruntime's NCHWc concat and the convs after it
     need every piece in whole blocks), pieces nested as in DenseNet included; each keeps at least one chunk."""
@@ -363,20 +375,33 @@ def test_concatenated_pieces_keep_aligned_widths():
     keep = choose_kept(scores, 128, parts, 16)
     pieces = [keep[a:b].sum() for a, b in ((0, 64), (64, 96), (96, 128), (128, 256))]
     assert keep.sum() == 128 and all(n % 16 == 0 and n >= 16 for n in pieces), pieces
-    assert choose_kept(scores, 250, parts, 16).sum() == 64  # every piece keeps one chunk: fewer removed than asked
+    keep = choose_kept(scores, 250, parts, 16)  # more than whole chunks can take: channel by channel
+    assert keep.sum() == 6 and all(keep[a:b].any() for a, b in ((0, 64), (64, 96), (96, 128), (128, 256)))
     # without parts, or with align 1, the lowest scores go, as before
     assert np.array_equal(choose_kept(scores, 100, (), 16), scores >= np.sort(scores)[100])
 
-    class Branches(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = torch.nn.Conv2d(3, 64, 1), torch.nn.Conv2d(3, 32, 3, padding=1)
-            self.head = torch.nn.Conv2d(96, 8, 1)
-
-        def forward(self, x):
-            return self.head(torch.relu(torch.cat([self.a(x), self.b(x)], 1)))
-
     torch.manual_seed(0)
-    pruning = fxprune.compile(Branches(), (torch.randn(2, 3, 8, 8),), {"target_sparsity": 0.5}).prune()
+    pruning = fxprune.compile(_Branches(64, 32), (torch.randn(2, 3, 8, 8),), {"target_sparsity": 0.5}).prune()
     kept = pruning.masks["head.weight"][0, :, 0, 0]
     assert kept[:64].sum() % 16 == 0 and kept[64:].sum() % 16 == 0 and kept.sum() == 48
+
+
+def test_a_piece_one_chunk_wide_is_cut_only_where_whole_chunks_cannot_meet_the_target():
+    """A 16-wide concat piece cut channel by channel would be unaligned: it is kept whole while the other pieces
+    can take the count in whole chunks; past that the target wins, and the pruner says which pieces it unaligned."""
+    scores = np.arange(64, dtype=float)  # the 16-wide piece (0-15) scores lowest
+    parts = [np.arange(0, 16), np.arange(16, 64)]
+    keep = choose_kept(scores, 32, parts, 16)
+    assert keep[:16].all() and keep[16:].sum() == 16  # two chunks of the wide piece, not the low-scoring narrow one
+    keep = choose_kept(scores, 40, parts, 16)
+    assert keep.sum() == 24 and keep[:16].sum() == 8 and keep[16:].sum() == 16  # the rest: lowest channels
+    assert unaligned_pieces(keep, parts, 16) == 1 and unaligned_pieces(choose_kept(scores, 32, parts, 16), parts, 16) == 0
+
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match=r"magnitude pruner: (\d) concatenated pieces keep widths that are not "
+                                         r"multiples of their alignment: whole chunks could not remove") as seen:
+        pruning = fxprune.compile(_Branches(16, 48), (torch.randn(2, 3, 8, 8),), {"target_sparsity": 0.75}).prune()
+    assert pruning.sparsity == 0.75
+    kept = pruning.masks["head.weight"][0, :, 0, 0]
+    unaligned = int(kept[:16].sum() % 16 != 0) + int(kept[16:].sum() % 16 != 0)
+    assert unaligned >= 1 and f"{unaligned} concatenated pieces" in str(seen[0].message)

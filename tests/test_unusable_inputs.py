@@ -12,6 +12,7 @@ import torch.nn as nn
 
 import fxprune
 from fxprune import FxPruneError, OnnxExportError, PruningError
+from tests.checks import assert_compact_matches_masked
 
 
 def mlp() -> nn.Module:
@@ -44,7 +45,8 @@ def test_compile_refuses_a_model_on_the_meta_device():
     assert_unchanged(model, before)
     # the fix the message names works
     model.to_empty(device="cpu").load_state_dict(mlp().state_dict())
-    assert fxprune.compile(model, (torch.randn(2, 8),), {"target_sparsity": 0.5}).prune().compact() is not None
+    pruning = fxprune.compile(model, (torch.randn(2, 8),), {"target_sparsity": 0.5}).prune()
+    assert_compact_matches_masked(pruning, pruning.compact(), (torch.randn(5, 8),), atol=1e-6, rtol=1e-5)
 
 
 def test_export_onnx_refuses_bfloat16_before_writing(tmp_path):

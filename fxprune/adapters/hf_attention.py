@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-__all__ = ["update_layer", "update_heads", "head_attributes", "head_attribute_values"]
+__all__ = ["update_layer", "update_heads", "head_attributes", "head_attribute_values", "is_transposed_linear"]
 
 HEAD_COUNTS = ("num_heads", "num_attention_heads", "n_head")
 HEAD_SIZES = ("head_dim", "attention_head_size")
@@ -35,11 +35,15 @@ KEY = ("k_proj", "key", "k")
 HEAD_ATTRIBUTES = (*HEAD_COUNTS, *HEAD_SIZES, "all_head_size", "num_key_value_heads", "num_key_value_groups")
 
 
+def is_transposed_linear(module: nn.Module) -> bool:
+    """GPT-2's ``Conv1D``: a linear layer whose weight is stored (in, out), with its output width in ``nf``."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+
+
 def update_layer(module: nn.Module) -> None:
     """A Hugging Face layer that no ``torch.nn`` class covers: its size attributes follow its weight."""
-    w = getattr(module, "weight", None)
-    if type(module).__name__ == "Conv1D" and w is not None:  # GPT-2's transposed linear
-        module.nf = w.shape[1]
+    if is_transposed_linear(module):
+        module.nf = module.weight.shape[1]
 
 
 def update_heads(module: nn.Module) -> None:
