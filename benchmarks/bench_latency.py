@@ -2,6 +2,7 @@
 
     python benchmarks/bench_latency.py --out benchmarks/results_latency.md
     python benchmarks/bench_latency.py --models resnet50 --targets 2 --settings 1x1   # quick
+    python benchmarks/bench_latency.py --targets --out benchmarks/results_latency_same_request.md   # (a) only
 
 (a) **Same request.** fxprune's default config with the classifier excluded,
 ``{"target_sparsity": 0.5, "excluded_names": ["classifier"]}``, and Torch-Pruning at its defaults
@@ -137,7 +138,7 @@ def targets(name: str, target_list, settings, cache: str, lines: list[str]) -> N
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    ap.add_argument("--targets", nargs="+", type=float, default=[2.0, 3.0])
+    ap.add_argument("--targets", nargs="*", type=float, default=[2.0, 3.0], help="none: (a) only")
     ap.add_argument("--settings", nargs="+", default=["1x1", "2x8"], help="THREADSxBATCH")
     ap.add_argument("--repeat", type=int, default=30)
     ap.add_argument("--skip-same-request", action="store_true")
@@ -165,8 +166,9 @@ def main() -> None:
         if not args.skip_same_request:
             same_request(name, args.repeat, a)
             print("\n".join(a[-4:]), flush=True)
-        targets(name, args.targets, settings, cache, b)
-    text = "\n".join(head + ([] if args.skip_same_request else a + [""]) + b +
+        if args.targets:
+            targets(name, args.targets, settings, cache, b)
+    text = "\n".join(head + ([] if args.skip_same_request else a + [""]) + (b if args.targets else []) +
                      ["", f"Total wall time: {(time.perf_counter() - began) / 60:.1f} min"]) + "\n"
     print(text)
     if args.out:

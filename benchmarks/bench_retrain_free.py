@@ -10,7 +10,8 @@ For each seed (``load_digits_split(seed)``: stratified 80/20 split, 1,437 train 
 3. For every sparsity in ``--sparsities``, every criterion (magnitude, activation, wanda_sp, flap) and
    every compensation (none, bias, least_squares): a fresh ``fxprune.compile`` of the dense model,
    ``pruning.calibrate(batches)`` (skipped for magnitude without compensation, which needs none),
-   ``pruning.prune()`` once, no training. Recorded: test accuracy of the masked model and of
+   ``pruning.prune()`` once (then, with ``--batch-norms reestimate``, ``pruning.reestimate_batch_norms``),
+   no training. Recorded: test accuracy of the masked model and of
    ``pruning.compact()`` (asserted equal), the channel sparsity reached and the MACs ratio.
 
 Every run uses the same config but for ``pruning_type`` and ``compensation``: pattern channelx1,
@@ -23,6 +24,8 @@ Usage::
 
 ``--compensation-inputs dense`` fits each layer on ``calibrate()``'s statistics instead of the
 inputs the pruned layers before it give it (``results_retrain_free_dense_inputs.md``).
+``--batch-norms reestimate`` measures the BatchNorm statistics again on the calibration images after
+``prune()`` (``results_retrain_free_bn.md``).
 """
 
 from __future__ import annotations
@@ -72,6 +75,8 @@ def run_seed(seed: int, args) -> tuple[float, list[dict]]:
                 if criterion != "magnitude" or compensation != "none":
                     p.calibrate(batches, progress=False)
                 p.prune()
+                if args.batch_norms == "reestimate":
+                    p.reestimate_batch_norms(batches, progress=False)
                 acc = accuracy(p.model, xte, yte)
                 with torch.no_grad():
                     mse = float((p.model(xte) - logits).square().mean())
@@ -130,6 +135,9 @@ def main(argv=None) -> None:
     ap.add_argument("--round-to", type=int, default=1)
     ap.add_argument("--compensation-inputs", choices=("pruned", "dense"), default="pruned",
                     help="each layer re-fitted on the inputs pruning leaves it (default) or on the dense statistics")
+    ap.add_argument("--batch-norms", choices=("keep", "reestimate"), default="keep",
+                    help="after prune(), keep the dense model's BatchNorm statistics or measure them again on the "
+                         "calibration images (pruning.reestimate_batch_norms)")
     ap.add_argument("--out", default=None, help="markdown file to write")
     args = ap.parse_args(argv)
 
@@ -152,7 +160,9 @@ def main(argv=None) -> None:
         "`pruning.calibrate(batches)`; no labels, no fine-tuning",
         f"- pruning: `pruning.prune()` once; pattern channelx1, prune_domain {args.scope}, round_to {args.round_to}; "
         "compensation per row (`least_squares`: ridge damping 0.01 x mean diag of the kept Gram), "
-        f"compensation_inputs {args.compensation_inputs}",
+        f"compensation_inputs {args.compensation_inputs}; BatchNorm statistics after pruning: "
+        + ("re-estimated on the calibration images (`pruning.reestimate_batch_norms(batches)`)"
+           if args.batch_norms == "reestimate" else "the dense model's"),
         "- accuracy: masked model on the 360 test images; `pruning.compact()` gives the identical accuracy "
         "(asserted); Δ: paired per-seed difference to the dense model, mean ± std (ddof=1) over seeds; logit MSE: "
         "mean squared difference of the 10 logits to the dense model's on the test images, mean over seeds",

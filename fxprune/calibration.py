@@ -35,6 +35,8 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 from tqdm import tqdm
 
+from fxprune.adapters.hf_attention import is_transposed_linear
+from fxprune.batch_norms import reestimate_batch_norms
 from fxprune.errors import PruningError
 
 if TYPE_CHECKING:
@@ -187,7 +189,7 @@ def _layer_kind(module: nn.Module) -> tuple[int, int, int, int, int, int] | None
         return 1, 0, 1, 0, module.in_features, module.out_features
     if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         return 1, 0, module.groups, module.weight.dim(), module.in_channels, module.out_channels
-    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # Hugging Face GPT-2: weight (in, out)
+    if is_transposed_linear(module):  # Hugging Face GPT-2: weight (in, out)
         return 0, 1, 1, 0, module.weight.shape[0], module.nf
     return None
 
@@ -341,6 +343,17 @@ class Calibration:
         self._calibration_batches = None  # not saved: compensation on pruned inputs needs calibrate() again
         for pruner in self.pruners:
             pruner.calibration = self.calibration
+
+    def reestimate_batch_norms(self, batches: Iterable, progress: bool | None = None) -> "Pruning":
+        """Measure the running mean and variance of every BatchNorm of ``pruning.model`` again on ``batches``
+        (inputs as for :meth:`calibrate`), after ``prune()``: the layers before them lost or re-fitted
+        channels, so the statistics of the dense model no longer describe their inputs. One pass, BatchNorms
+        in train mode with a cumulative average, the rest in eval mode, no grad; weights and masks are not
+        touched, so ``compact()`` still equals the masked model. Under ``torch.distributed`` the statistics
+        are combined over ranks. Returns the pruning object."""
+        with inference(self.model) as run:
+            reestimate_batch_norms(self.model, batches, run, progress)
+        return self
 
     def compensate(self, pruner: "Pruner", kept: dict[int, np.ndarray]) -> None:
         """Re-fit the consumers of the channels ``kept`` is about to remove (see :mod:`fxprune.compensation`)."""

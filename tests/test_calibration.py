@@ -219,6 +219,42 @@ def test_fitting_on_pruned_inputs_beats_dense_statistics_on_a_cnn():
     assert errors["pruned"] < 0.5 * errors["dense"], errors  # measured 1.3e-5 against 5.3e-5 (means per batch)
 
 
+class _FailingReplay:
+    """Calibration batches whose second pass (the sequential fit's replay) raises after one batch, once."""
+
+    def __init__(self, batches):
+        self.batches, self.passes, self.fail = batches, 0, True
+
+    def __iter__(self):
+        self.passes += 1
+        for i, b in enumerate(self.batches):
+            if self.passes > 1 and self.fail and i == 1:
+                self.fail = False
+                raise KeyboardInterrupt("interrupted mid-replay")
+            yield b
+
+
+def test_a_step_interrupted_mid_replay_changes_nothing_and_retries_to_the_same_result():
+    """An error in the replay leaves neither masks nor half-written fits: the retried step equals an uninterrupted one."""
+    batches = _batches((3, 32, 32), n=3, rows=8)
+    config = dict(pruning_type="wanda_sp", target_sparsity=0.5, compensation="least_squares")
+    _, clean = _compile("PlainCNN", **config)
+    clean.calibrate(batches, progress=False).prune()
+    _, pruning = _compile("PlainCNN", **config)
+    flaky = _FailingReplay(batches)
+    pruning.calibrate(flaky, progress=False)
+    before = {k: v.clone() for k, v in pruning.model.state_dict().items()}
+    with pytest.raises(KeyboardInterrupt, match="mid-replay"):
+        pruning.prune()
+    assert pruning.sparsity == 0 and not pruning.masks
+    for k, v in pruning.model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    pruning.prune()
+    assert pruning.sparsity == pytest.approx(clean.sparsity) and pruning.sparsity > 0.4
+    for k, v in pruning.model.state_dict().items():
+        torch.testing.assert_close(v, clean.model.state_dict()[k], atol=0, rtol=0, msg=k)
+
+
 def test_a_one_pass_iterator_is_refused_where_the_batches_run_again():
     batches = _batches((64,))
     _, pruning = _compile("MLP", pruning_type="wanda_sp", compensation="bias")
@@ -230,6 +266,57 @@ def test_a_one_pass_iterator_is_refused_where_the_batches_run_again():
     assert pruning.sparsity == pytest.approx(0.5, abs=0.01)
     with pytest.raises(fxprune.ConfigError, match="compensation_inputs must be 'pruned' or 'dense'"):
         fxprune.parse_config({"compensation_inputs": "sequential"})
+
+
+def test_batch_norms_are_re_estimated_on_the_pruned_inputs():
+    """After prune(), every BatchNorm's running statistics are those of the inputs the pruned model gives it
+    (one batch: its exact mean and unbiased variance), the rest of the model untouched, compact still exact."""
+    batch = torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    model, pruning = _compile("ResNetBasic", target_sparsity=0.5)
+    pruning.prune()
+    weights = {k: v.clone() for k, v in pruning.model.named_parameters()}
+    seen = {}
+    norms = {n: m for n, m in pruning.model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    before = {n: m.running_mean.clone() for n, m in norms.items()}
+    assert pruning.reestimate_batch_norms([batch], progress=False) is pruning
+    handles = [m.register_forward_pre_hook(lambda m, a, n=n: seen.setdefault(n, a[0].detach()))
+               for n, m in norms.items()]
+    pruning.model.train()
+    for m in pruning.model.modules():  # batch statistics in every norm: what the re-estimation pass ran
+        if not isinstance(m, torch.nn.BatchNorm2d):
+            m.eval()
+    with torch.no_grad():
+        pruning.model(batch)
+    for h in handles:
+        h.remove()
+    pruning.model.eval()
+    for n, m in norms.items():
+        x = seen[n].double()
+        torch.testing.assert_close(m.running_mean.double(), x.mean((0, 2, 3)), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(m.running_var.double(), x.var((0, 2, 3), unbiased=True), atol=1e-5, rtol=1e-4)
+        assert m.momentum == 0.1 and not m.training
+    assert any(not torch.allclose(before[n], m.running_mean) for n, m in norms.items())
+    for k, v in pruning.model.named_parameters():
+        assert torch.equal(v, weights[k]), k
+    assert_compact_matches_masked(pruning, pruning.compact(), (torch.randn(3, 3, 32, 32),), atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="found no BatchNorm layer with running statistics"):
+        _compile("MLP")[1].reestimate_batch_norms([torch.randn(4, 64)])
+
+
+def test_batch_norm_re_estimation_interrupted_keeps_the_old_statistics():
+    _, pruning = _compile("ResNetBasic", target_sparsity=0.5)
+    pruning.prune()
+    state = {k: v.clone() for k, v in pruning.model.state_dict().items()}
+
+    def batches():
+        yield torch.randn(8, 3, 32, 32)
+        raise KeyboardInterrupt("stopped")
+
+    with pytest.raises(KeyboardInterrupt):
+        pruning.reestimate_batch_norms(batches(), progress=False)
+    for k, v in pruning.model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    assert all(m.momentum == 0.1 for m in pruning.model.modules() if isinstance(m, torch.nn.BatchNorm2d))
 
 
 def test_bias_free_conv_shifts_its_batch_norm():
@@ -286,24 +373,48 @@ def _ddp_worker(rank: int, world: int, rendezvous: str, out: str) -> None:
     dist.destroy_process_group()
 
 
-def _ddp_refit_worker(rank: int, world: int, rendezvous: str, out: str) -> None:
+def _ddp_job(rank: int, world: int, rendezvous: str, out: str, job) -> None:
+    """Run ``job(rank, world)`` in a gloo process group; rank 0 saves the tensors it returns to ``out``."""
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
-    _, pruning = _compile("MLP", pruning_type="wanda_sp", compensation="least_squares")
-    pruning.calibrate(_batches((64,), n=4, rows=32)[rank::world], progress=False).prune()
+    result = job(rank, world)
     if rank == 0:
-        torch.save({k: v.detach() for k, v in pruning.model.state_dict().items()}, out)
+        torch.save(result, out)
     dist.barrier()
     dist.destroy_process_group()
 
 
+def _refit_job(rank: int, world: int) -> dict:
+    _, pruning = _compile("MLP", pruning_type="wanda_sp", compensation="least_squares")
+    pruning.calibrate(_batches((64,), n=4, rows=32)[rank::world], progress=False).prune()
+    return {k: v.detach() for k, v in pruning.model.state_dict().items()}
+
+
 def test_the_sequential_refit_under_ddp_equals_one_process_over_all_batches(tmp_path):
     out = str(tmp_path / "weights.pt")
-    mp.spawn(_ddp_refit_worker, args=(2, str(tmp_path / "rendezvous"), out), nprocs=2, join=True)
+    mp.spawn(_ddp_job, args=(2, str(tmp_path / "rendezvous"), out, _refit_job), nprocs=2, join=True)
     got = torch.load(out, weights_only=True)
     _, pruning = _compile("MLP", pruning_type="wanda_sp", compensation="least_squares")
     pruning.calibrate(_batches((64,), n=4, rows=32), progress=False).prune()
     for name, value in pruning.model.state_dict().items():
         torch.testing.assert_close(got[name], value.detach(), atol=1e-5, rtol=1e-4)
+
+
+def _batch_norm_job(rank: int, world: int) -> dict:
+    _, pruning = _compile("ResNetBasic", target_sparsity=0.5)
+    pruning.prune().reestimate_batch_norms(_batches((3, 32, 32), n=4, rows=8)[rank::world], progress=False)
+    return {k: v for k, v in pruning.model.state_dict().items() if "running" in k}
+
+
+def test_batch_norms_re_estimated_under_ddp_equal_one_process_over_all_batches(tmp_path):
+    out = str(tmp_path / "norms.pt")
+    mp.spawn(_ddp_job, args=(2, str(tmp_path / "rendezvous"), out, _batch_norm_job), nprocs=2, join=True)
+    got = torch.load(out, weights_only=True)
+    _, pruning = _compile("ResNetBasic", target_sparsity=0.5)
+    pruning.prune().reestimate_batch_norms(_batches((3, 32, 32), n=4, rows=8), progress=False)
+    state = pruning.model.state_dict()
+    assert got and all(not torch.equal(v, torch.zeros_like(v)) for v in got.values())
+    for name, value in got.items():
+        torch.testing.assert_close(value, state[name], atol=1e-5, rtol=1e-4)
 
 
 def test_statistics_are_summed_over_ranks(tmp_path):
