@@ -1,5 +1,6 @@
-"""Concat-heavy CNNs written out in plain torch (torchvision is not installed here): DenseNet-121 and
-SqueezeNet 1.1 at their published layer sizes, random init, for profiling what their compact graphs cost."""
+"""Concat-heavy CNNs written out in plain torch (torchvision is not installed here): DenseNet-121,
+SqueezeNet 1.1 and GoogLeNet at their published layer sizes, random init, for profiling what their
+compact graphs cost."""
 
 from __future__ import annotations
 
@@ -72,7 +73,54 @@ class SqueezeNet11(nn.Module):
         return torch.flatten(nn.functional.adaptive_avg_pool2d(torch.relu(self.classifier(self.features(x))), 1), 1)
 
 
-MODELS = {"densenet121": DenseNet121, "squeezenet1_1": SqueezeNet11}
+def _conv_bn(cin: int, cout: int, kernel: int, stride: int = 1, padding: int = 0) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, kernel, stride, padding, bias=False), nn.BatchNorm2d(cout, eps=1e-3),
+                         nn.ReLU())
+
+
+class _Inception(nn.Module):
+    """Four branches concatenated: 1x1; 1x1 -> 3x3; 1x1 -> 3x3 (torchvision's "5x5" branch); 3x3 max-pool -> 1x1."""
+
+    def __init__(self, cin: int, c1: int, r3: int, c3: int, r5: int, c5: int, pool: int):
+        super().__init__()
+        self.branch1 = _conv_bn(cin, c1, 1)
+        self.branch2 = nn.Sequential(_conv_bn(cin, r3, 1), _conv_bn(r3, c3, 3, padding=1))
+        self.branch3 = nn.Sequential(_conv_bn(cin, r5, 1), _conv_bn(r5, c5, 3, padding=1))
+        self.branch4 = nn.Sequential(nn.MaxPool2d(3, 1, 1, ceil_mode=True), _conv_bn(cin, pool, 1))
+
+    def forward(self, x):
+        return torch.cat([self.branch1(x), self.branch2(x), self.branch3(x), self.branch4(x)], 1)
+
+
+class GoogLeNet(nn.Module):
+    """Inception v1 as torchvision lays it out (no auxiliary heads): 7x7/2 stem (64), 1x1 (64), 3x3 (192),
+    nine inception blocks 3a-5b with max-pools after the stem, 3x3, 3b and 4e, global pool, classifier."""
+
+    BLOCKS = ((192, 64, 96, 128, 16, 32, 32), (256, 128, 128, 192, 32, 96, 64), "pool",
+              (480, 192, 96, 208, 16, 48, 64), (512, 160, 112, 224, 24, 64, 64), (512, 128, 128, 256, 24, 64, 64),
+              (512, 112, 144, 288, 32, 64, 64), (528, 256, 160, 320, 32, 128, 128), "pool2",
+              (832, 256, 160, 320, 32, 128, 128), (832, 384, 192, 384, 48, 128, 128))
+
+    def __init__(self, classes: int = 1000):
+        super().__init__()
+        layers: list[nn.Module] = [_conv_bn(3, 64, 7, 2, 3), nn.MaxPool2d(3, 2, ceil_mode=True), _conv_bn(64, 64, 1),
+                                   _conv_bn(64, 192, 3, padding=1), nn.MaxPool2d(3, 2, ceil_mode=True)]
+        for block in self.BLOCKS:
+            if block == "pool":
+                layers.append(nn.MaxPool2d(3, 2, ceil_mode=True))
+            elif block == "pool2":
+                layers.append(nn.MaxPool2d(2, 2, ceil_mode=True))
+            else:
+                layers.append(_Inception(*block))
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(1024, classes)
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+MODELS = {"densenet121": DenseNet121, "squeezenet1_1": SqueezeNet11, "googlenet": GoogLeNet}
 
 
 def build(name: str) -> tuple[nn.Module, torch.Tensor]:
