@@ -175,7 +175,9 @@ class Pruner:
                        f"cap at {self.predicted_ms:.3f} ms (max_sparsity_ratio_per_layer="
                        f"{cfg.max_sparsity_ratio_per_layer}, the layers this config leaves alone, and the ops no "
                        "channel pruning shrinks)")
-        return self._kept_masks(scores, counts, per_group)
+        kept = self._kept_masks(scores, counts, per_group)
+        self._note_unaligned(kept, per_group)
+        return kept
 
     def _note(self, note: str) -> None:
         if note not in self.notes:
