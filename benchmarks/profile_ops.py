@@ -86,15 +86,18 @@ def main(argv=None) -> None:
     ap.add_argument("--models", nargs="+", choices=CHOICES, default=["densenet121", "squeezenet1_1", "mobilenetv2"])
     ap.add_argument("--sparsity", type=float, default=0.5)
     ap.add_argument("--runs", type=int, default=50)
+    ap.add_argument("--config", default="{}",
+                    help='JSON keys added to fxprune\'s config, e.g. \'{"prune_domain": "local"}\'')
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    extra = json.loads(args.config)
     start, command = time.perf_counter(), _measure.command_line(sys.argv[0])
     sections, summary = [], ["| model | dense ms | fxprune ms | peer ms | fxprune ideal | peer ideal | "
                              "fxprune speedup/ideal | peer speedup/ideal |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name in args.models:
         model, x = build(name)
         tmp = tempfile.mkdtemp(prefix=f"fxprune-profile-{name}-")
-        p = fxprune.compile(model, (x,), {"target_sparsity": args.sparsity, "excluded_names": ["classifier"]},
+        p = fxprune.compile(model, (x,), {"target_sparsity": args.sparsity, "excluded_names": ["classifier"], **extra},
                             progress=False)
         small = p.prune().compact(progress=False)
         files = {"dense": os.path.join(tmp, "dense.onnx"), "fxprune": os.path.join(tmp, "fx.onnx"),
@@ -119,8 +122,9 @@ def main(argv=None) -> None:
         summary.append(f"| {name} | {dense_ms:.2f} | {prof['fxprune'][2]:.2f} | {prof['peer'][2]:.2f} | "
                        f"{ideal['fxprune']:.2f} | {ideal['peer']:.2f} | {eff['fxprune']:.2f} | {eff['peer']:.2f} |")
         print("\n".join([summary[0], summary[-1]]), "\n", sections[-1], flush=True)
-    details = [f"- fxprune `{{\"target_sparsity\": {args.sparsity}, \"excluded_names\": [\"classifier\"]}}` (defaults "
-               "otherwise), peer Torch-Pruning `MagnitudePruner(pruning_ratio=s, ignored_layers=[classifier])`; "
+    config = json.dumps({"target_sparsity": args.sparsity, "excluded_names": ["classifier"], **extra})
+    details = [f"- fxprune `{config}` (defaults otherwise), peer Torch-Pruning "
+               "`MagnitudePruner(pruning_ratio=s, ignored_layers=[classifier])`; "
                f"onnxruntime 1 thread, {args.runs} profiled runs after 10 warm-up runs, each model alone; ideal = dense "
                "MACs / compact MACs; speedup from the wall medians of these (not interleaved) runs"]
     _measure.write_report(args.out, "## Per-op profiles of compact models (onnxruntime)", command, _measure.machine(),
