@@ -27,12 +27,15 @@ def member_channel_scores(tensor: torch.Tensor, atoms: np.ndarray, dim: int, siz
 
 def group_scores(group: Group, tensors: dict[str, torch.Tensor], p: str = "l2",
                  elementwise: dict[str, torch.Tensor] | None = None) -> np.ndarray:
-    """Mean over parameter members of their normalised channel scores.
+    """Per channel, the mean over the parameter members that hold it of their normalised channel scores.
 
+    A member is normalised by its mean over the channels it holds: one concatenated piece's conv holds only
+    that piece, and a mean over the whole group (zeros elsewhere) would inflate narrow pieces and deflate
+    wide ones, so a wide branch lost all its channels before any other group lost one.
     ``elementwise`` optionally gives per-element scores (e.g. |W*grad|) to use in
     place of the weights themselves; members without an entry fall back to |W|.
     """
-    total, count = np.zeros(group.size), 0
+    total, cover = np.zeros(group.size), np.zeros(group.size)
     for m in group.parameters:
         source = elementwise.get(m.name) if elementwise else None
         t = source if source is not None else tensors[m.name]
@@ -40,8 +43,10 @@ def group_scores(group: Group, tensors: dict[str, torch.Tensor], p: str = "l2",
         if not np.isfinite(s).all():
             raise PruningError(f"non-finite channel scores from {m.name} in {group.describe()}: "
                                "its weights (or gradients) hold NaN/inf")
-        mean = s.mean()
+        held = np.zeros(group.size, dtype=bool)
+        held[m.atoms[m.atoms >= 0]] = True
+        mean = s[held].mean() if held.any() else 0.0
         if np.isfinite(mean) and mean > 0:
-            total += s / mean
-            count += 1
-    return total / max(count, 1)
+            total[held] += s[held] / mean
+            cover[held] += 1
+    return total / np.maximum(cover, 1)
