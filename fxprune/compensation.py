@@ -231,7 +231,6 @@ def _replayed(pruning: "Pruning", kept: dict[int, np.ndarray], changes, mode: st
     pruning.set_kept(kept)  # masks applied now, so the pruned model reads the inputs it will have
     waves = _waves(pruning.captured.graph_module, {layer.weight for layer, _, _ in changes})
     before = dict(dense.named_parameters(remove_duplicate=False))
-    device = next(iter(before.values())).device if before else torch.device("cpu")  # NCCL reduces device tensors
     for wave in sorted(set(waves.values())):
         pairs = {}
         handles = []
@@ -242,7 +241,7 @@ def _replayed(pruning: "Pruning", kept: dict[int, np.ndarray], changes, mode: st
                 module = pruning.model.get_submodule(layer.module)
                 conv = module if layer.batched_dims and layer.groups == 1 else None
                 wants_gram = mode == "least_squares" and layer.sum.numel() <= pruning.calibration.max_gram_features
-                pair = pairs[layer.module] = _Pair(layer, keep, conv, wants_gram, device)
+                pair = pairs[layer.module] = _Pair(layer, keep, conv, wants_gram, module.weight.device)
                 handles.append(dense.get_submodule(layer.module).register_forward_pre_hook(_keep_input(pair),
                                                                                            with_kwargs=True))
                 handles.append(module.register_forward_pre_hook(_pair_input(pair), with_kwargs=True))

@@ -243,8 +243,8 @@ def _aligned_pieces(scores: np.ndarray, n_prune: int, parts, align: int) -> np.n
     convs with layout conversions around them. Each piece loses its lowest-scoring chunks, cheapest mean score
     first, and keeps at least one chunk; a piece not a multiple of ``align`` is cut channel by channel. What
     whole chunks cannot take (pieces one chunk wide, a count left narrower than a chunk) is then cut channel
-    by channel, lowest scores first, each piece keeping its best channel: the target is met, and the pruner
-    reports the pieces left unaligned.
+    by channel from the one piece that gives it cheapest, or where no piece can, lowest scores first with
+    each piece keeping its best channel: the target is met, and the pruner reports the pieces left unaligned.
     """
     n = len(scores)
     cells = _pieces(n, parts)
@@ -265,7 +265,14 @@ def _aligned_pieces(scores: np.ndarray, n_prune: int, parts, align: int) -> np.n
     keep = np.ones(n, dtype=bool)
     for o, c in zip(order, cut):
         keep[o[:c]] = False
-    if removed < n_prune:  # channel by channel, each piece keeping its best one
-        rest = np.concatenate([o[c:-1] for o, c in zip(order, cut)])
-        keep[rest[np.argsort(scores[rest], kind="stable")][:n_prune - removed]] = False
+    left = n_prune - removed
+    if left > 0:  # channel by channel: from one piece where one can give them all (one piece unaligned), else
+        # the lowest scores anywhere; each piece keeps its best channel
+        fits = [(float(scores[o[c:c + left]].sum()), i) for i, (o, c) in enumerate(zip(order, cut)) if len(o) - c > left]
+        if fits:
+            i = min(fits)[1]
+            keep[order[i][cut[i]:cut[i] + left]] = False
+        else:
+            rest = np.concatenate([o[c:-1] for o, c in zip(order, cut)])
+            keep[rest[np.argsort(scores[rest], kind="stable")][:left]] = False
     return keep

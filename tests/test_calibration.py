@@ -303,6 +303,19 @@ def test_batch_norms_are_re_estimated_on_the_pruned_inputs():
         _compile("MLP")[1].reestimate_batch_norms([torch.randn(4, 64)])
 
 
+def test_a_batch_norm_no_batch_reaches_keeps_its_statistics():
+    _, pruning = _compile("ResNetBasic", target_sparsity=0.5)
+    pruning.prune()
+    pruning.model.unused = torch.nn.BatchNorm2d(4)  # never called by the forward (an auxiliary head, say)
+    pruning.model.unused.running_mean.fill_(5.0)
+    pruning.model.unused.num_batches_tracked.fill_(100)
+    with pytest.warns(UserWarning, match=r"no batch reached 1 BatchNorm layers \(unused\); they keep their statistics"):
+        pruning.reestimate_batch_norms([torch.randn(8, 3, 32, 32)], progress=False)
+    assert torch.equal(pruning.model.unused.running_mean, torch.full((4,), 5.0))
+    assert int(pruning.model.unused.num_batches_tracked) == 100
+    assert int(pruning.model.bn1.num_batches_tracked) == 1
+
+
 def test_batch_norm_re_estimation_interrupted_keeps_the_old_statistics():
     _, pruning = _compile("ResNetBasic", target_sparsity=0.5)
     pruning.prune()

@@ -11,6 +11,7 @@ import torch.multiprocessing as mp
 import fxprune
 from fxprune.config import PruningConfig
 from fxprune.schedulers import get_scheduler
+from fxprune.importance import group_scores
 from fxprune.selection import align_narrow, choose_kept, unaligned_pieces
 from tests.models import ARCHITECTURES, PreNormMLP
 
@@ -405,3 +406,17 @@ def test_a_piece_one_chunk_wide_is_cut_only_where_whole_chunks_cannot_meet_the_t
     kept = pruning.masks["head.weight"][0, :, 0, 0]
     unaligned = int(kept[:16].sum() % 16 != 0) + int(kept[16:].sum() % 16 != 0)
     assert unaligned >= 1 and f"{unaligned} concatenated pieces" in str(seen[0].message)
+
+
+def test_concat_pieces_of_different_widths_score_on_one_footing():
+    """Each member is normalised over the channels it holds: with every weight equal, a 16-wide and a 48-wide
+    concatenated piece score alike (a mean over the whole group scored them 1.8 and 0.73, and the wide
+    piece lost all its channels first)."""
+    model = _Branches(16, 48)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(0.1)
+    pruning = fxprune.compile(model, (torch.randn(2, 3, 8, 8),), {"target_sparsity": 0.5, "round_to": 1})
+    (group,) = [g for g in pruning.groups if g.size == 64]
+    scores = group_scores(group, dict(pruning.model.named_parameters()))
+    np.testing.assert_allclose(scores, 1.0, rtol=1e-6)
