@@ -65,6 +65,14 @@ class Masking:
 
     def set_kept(self, kept: dict[int, np.ndarray]) -> None:
         """Replace the kept channels of some groups (boolean masks) and re-mask the model."""
+        self._check_kept(kept)
+        for g, mask in kept.items():
+            self._kept[g] = np.asarray(mask, dtype=bool).copy()
+        self._build_masks()
+        self.apply_masks()
+
+    def _check_kept(self, kept: dict[int, np.ndarray]) -> None:
+        """Refuse keep masks of the wrong shape or that empty a group or a concatenated piece."""
         for g, mask in kept.items():
             mask = np.asarray(mask, dtype=bool)
             if mask.shape != self._kept[g].shape:
@@ -75,10 +83,6 @@ class Masking:
                 if not mask[part].any():
                     raise PruningError(f"{self.groups[g].describe()}: channels {part.tolist()} form one tensor "
                                        "(e.g. a concat branch) and would all be removed; keep at least one")
-        for g, mask in kept.items():
-            self._kept[g] = np.asarray(mask, dtype=bool).copy()
-        self._build_masks()
-        self.apply_masks()
 
     def _build_masks(self) -> None:
         masks: dict[str, torch.Tensor] = {}
@@ -153,6 +157,7 @@ class Masking:
     def _step_pruner(self, pruner: Pruner, target: float) -> None:
         if pruner.pattern.is_channel:
             kept = pruner.select(target)
+            self._check_kept(kept)  # before compensation edits any weight
             pruner.after_select(self, kept)
             self.set_kept(kept)
         else:
