@@ -196,16 +196,16 @@ class _Pair:
             self.taps_dense += sums
             self.taps_kept += tap_sums(pruned.detach(), self.conv, self.layer.batched_dims)[1][self.kept]
 
+    SUMS = ("rows", "sum_dense", "sum_kept", "positions", "taps_dense", "taps_kept", "cross", "inner")
+
     def to_cpu(self) -> None:
         """Move the sums to the CPU, where the fit is solved (after they were all-reduced on the device)."""
-        for name in ("rows", "sum_dense", "sum_kept", "positions", "taps_dense", "taps_kept", "cross", "inner"):
-            t = getattr(self, name)
-            if t is not None:
-                setattr(self, name, t.cpu())
+        for name in self.SUMS:
+            if getattr(self, name) is not None:
+                setattr(self, name, getattr(self, name).cpu())
 
     def tensors(self) -> list[torch.Tensor]:
-        out = [self.rows, self.sum_dense, self.sum_kept, self.positions, self.taps_dense, self.taps_kept]
-        return out + ([self.cross, self.inner] if self.cross is not None else [])
+        return [getattr(self, name) for name in self.SUMS if getattr(self, name) is not None]
 
     def moments(self):
         rows, positions = max(float(self.rows), 1.0), max(float(self.positions), 1.0)

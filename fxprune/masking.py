@@ -66,6 +66,9 @@ class Masking:
     def set_kept(self, kept: dict[int, np.ndarray]) -> None:
         """Replace the kept channels of some groups (boolean masks) and re-mask the model."""
         self._check_kept(kept)
+        self._apply_kept(kept)
+
+    def _apply_kept(self, kept: dict[int, np.ndarray]) -> None:
         for g, mask in kept.items():
             self._kept[g] = np.asarray(mask, dtype=bool).copy()
         self._build_masks()
@@ -159,7 +162,7 @@ class Masking:
             kept = pruner.select(target)
             self._check_kept(kept)  # before compensation edits any weight
             pruner.after_select(self, kept)
-            self.set_kept(kept)
+            self._apply_kept(kept)
         else:
             self._element_masks.update({k: v.to(torch.bool) for k, v in pruner.element_masks(target).items()})
             self._build_masks()
