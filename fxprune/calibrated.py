@@ -17,8 +17,9 @@ no consumer was measured, the layers that write it (*producers*):
 
 ``activation`` and ``wanda_sp`` divide a group's scores by their mean, as magnitude scores are, so a
 global ranking compares each channel with its own group's typical one. A group that no
-calibrated layer reaches (e.g. ``nn.MultiheadAttention``'s heads: it reads ``out_proj.weight``
-without calling the module) is scored by |W|, with a note.
+calibrated layer reaches (a layer whose weight a parent module reads without calling it) is
+scored by |W|, with a note; ``nn.MultiheadAttention``'s ``out_proj`` is such a layer, and is
+observed through the attention module instead (:mod:`fxprune.adapters.torch_attention`).
 """
 
 from __future__ import annotations

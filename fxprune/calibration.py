@@ -22,6 +22,7 @@ pruning step, one wave of layers at a time, so ``calibrate()`` then holds no mat
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import math
 import warnings
@@ -36,6 +37,7 @@ import torch.utils._pytree as pytree
 from tqdm import tqdm
 
 from fxprune.adapters.hf_attention import is_transposed_linear
+from fxprune.adapters.torch_attention import register_layer_hooks
 from fxprune.batch_norms import reestimate_batch_norms
 from fxprune.errors import PruningError
 
@@ -266,8 +268,8 @@ class Calibration:
         missed = sorted(n for n, s in layers.items() if s.count == 0)
         if missed:
             warnings.warn(f"calibration reached no input of {len(missed)} layers (e.g. {missed[0]}): their forward "
-                          "never ran as a module (a fused path, or a weight read directly, as nn.MultiheadAttention "
-                          "reads out_proj.weight); channels only they hold are scored by |W|", UserWarning,
+                          "never ran as a module (a fused path, or a weight read directly by a parent module); "
+                          "channels only they hold are scored by |W|", UserWarning,
                           stacklevel=2)
         self.calibration = CalibrationStats(layers, seen, missed, solve_limit)
         self._calibration_batches = batches if replay else None  # compensation runs them again
@@ -311,8 +313,8 @@ class Calibration:
                                zeros(()) if conv is not None else None,
                                zeros((n_in, module.weight[0, 0].numel())) if conv is not None else None)
             layers[name] = by_object[id(module)] = stats
-            handles.append(module.register_forward_pre_hook(_input_hook(stats), with_kwargs=True))
-            handles.append(module.register_forward_hook(_output_hook(stats)))
+            handles += register_layer_hooks(self.model, name, functools.partial(stats._add, out=False),
+                                            functools.partial(stats._add, out=True))
         return layers, handles
 
     def _calibration_state(self) -> dict | None:
@@ -388,28 +390,6 @@ def inference(model: nn.Module):
         torch.backends.mha.set_fastpath_enabled(fastpath)
         for m, mode in modes:
             m.training = mode
-
-
-def first_input(args: tuple, kwargs: dict) -> torch.Tensor | None:
-    """The tensor a layer's forward reads: its first positional argument, else its first tensor keyword."""
-    return args[0] if args else next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
-
-
-def _input_hook(stats: LayerStats):
-    def hook(module, args, kwargs):
-        x = first_input(args, kwargs)
-        if isinstance(x, torch.Tensor) and x.is_floating_point():
-            stats._add(x, out=False)
-
-    return hook
-
-
-def _output_hook(stats: LayerStats):
-    def hook(module, args, out):
-        if isinstance(out, torch.Tensor) and out.is_floating_point():
-            stats._add(out, out=True)
-
-    return hook
 
 
 def member_channel_sum(values: torch.Tensor | np.ndarray, atoms: np.ndarray, size: int) -> np.ndarray:

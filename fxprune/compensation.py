@@ -48,8 +48,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from fxprune.calibration import (LayerStats, feature_rows, first_input, inference, require_calibration, tap_sums,
-                                 weight_out_in)
+from fxprune.adapters.torch_attention import register_layer_hooks
+from fxprune.calibration import LayerStats, feature_rows, inference, require_calibration, tap_sums, weight_out_in
 from fxprune.errors import PruningError
 
 if TYPE_CHECKING:
@@ -196,6 +196,11 @@ class _Pair:
             self.taps_dense += sums
             self.taps_kept += tap_sums(pruned.detach(), self.conv, self.layer.batched_dims)[1][self.kept]
 
+    def add_pruned(self, pruned: torch.Tensor) -> None:
+        """The pruned model's input of this layer, paired with the dense copy's input of the same call."""
+        if self.pending:
+            self.add(self.pending.pop(0), pruned)
+
     SUMS = ("rows", "sum_dense", "sum_kept", "positions", "taps_dense", "taps_kept", "cross", "inner")
 
     def to_cpu(self) -> None:
@@ -242,9 +247,8 @@ def _replayed(pruning: "Pruning", kept: dict[int, np.ndarray], changes, mode: st
                 conv = module if layer.batched_dims and layer.groups == 1 else None
                 wants_gram = mode == "least_squares" and layer.sum.numel() <= pruning.calibration.max_gram_features
                 pair = pairs[layer.module] = _Pair(layer, keep, conv, wants_gram, module.weight.device)
-                handles.append(dense.get_submodule(layer.module).register_forward_pre_hook(_keep_input(pair),
-                                                                                           with_kwargs=True))
-                handles.append(module.register_forward_pre_hook(_pair_input(pair), with_kwargs=True))
+                handles += register_layer_hooks(dense, layer.module, pair.pending.append)
+                handles += register_layer_hooks(pruning.model, layer.module, pair.add_pruned)
             with inference(dense) as run_dense, inference(pruning.model) as run_pruned:
                 for batch in batches:
                     run_dense(batch)
@@ -262,24 +266,6 @@ def _replayed(pruning: "Pruning", kept: dict[int, np.ndarray], changes, mode: st
             keep = next(k for layer, k, _ in changes if layer.module == pair.layer.module)
             yield pair.layer, keep, pair.moments(), before[pair.layer.weight]
         pruning.apply_masks()  # a re-fitted layer that also loses outputs: those rows are zero again
-
-
-def _keep_input(pair: _Pair):
-    def hook(module, args, kwargs):
-        x = first_input(args, kwargs)
-        if isinstance(x, torch.Tensor) and x.is_floating_point():
-            pair.pending.append(x.detach())
-
-    return hook
-
-
-def _pair_input(pair: _Pair):
-    def hook(module, args, kwargs):
-        x = first_input(args, kwargs)
-        if isinstance(x, torch.Tensor) and x.is_floating_point() and pair.pending:
-            pair.add(pair.pending.pop(0), x.detach())
-
-    return hook
 
 
 def _waves(gm: torch.fx.GraphModule, weights: set[str]) -> dict[str, int]:

@@ -1,0 +1,85 @@
+"""``nn.MultiheadAttention``'s output projection, observed through the attention module.
+
+Its forward reads ``out_proj.weight`` and ``out_proj.bias`` directly and never calls ``out_proj``,
+so hooks on that ``nn.Linear`` see nothing, and calibration and compensation would have no input
+statistics for the layer that reads the heads. The projection is linear, so its input (the
+heads' concatenated outputs) is the attention module's output with ``out_proj`` as the identity:
+:func:`register_layer_hooks` recomputes that in a forward hook of the attention module (one more
+attention pass per call, with the same arguments), and hands the layer's output to the output
+hook as the attention module's first output. Every other layer is hooked as itself.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+from torch.func import functional_call
+
+__all__ = ["owning_attention", "register_layer_hooks"]
+
+Observer = Callable[[torch.Tensor], None]
+
+
+def owning_attention(model: nn.Module, name: str) -> nn.MultiheadAttention | None:
+    """The ``nn.MultiheadAttention`` whose ``out_proj`` is the submodule ``name``, else None."""
+    parent, _, attr = name.rpartition(".")
+    try:
+        owner = model.get_submodule(parent) if parent else model
+    except AttributeError:
+        return None
+    if attr == "out_proj" and isinstance(owner, nn.MultiheadAttention):
+        return owner
+    return None
+
+
+def register_layer_hooks(model: nn.Module, name: str, on_input: Observer | None = None,
+                         on_output: Observer | None = None) -> list:
+    """Hooks that call ``on_input(x)`` with the tensor the layer ``name`` reads and ``on_output(y)`` with what
+    it writes, on every call; returns the handles. Non-tensor and integer inputs are not reported."""
+    layer = model.get_submodule(name)
+    attention = owning_attention(model, name)
+    if attention is not None:
+        return [attention.register_forward_hook(_projection_hook(attention, on_input, on_output), with_kwargs=True)]
+    handles = []
+    if on_input is not None:
+        handles.append(layer.register_forward_pre_hook(
+            lambda module, args, kwargs: _report(on_input, _first_tensor(args, kwargs)), with_kwargs=True))
+    if on_output is not None:
+        handles.append(layer.register_forward_hook(lambda module, args, out: _report(on_output, out)))
+    return handles
+
+
+def _projection_hook(attention: nn.MultiheadAttention, on_input: Observer | None, on_output: Observer | None):
+    busy = []  # the recomputation calls the module again: its own hook call is not observed
+
+    def hook(module, args, kwargs, out):
+        if busy:
+            return
+        if on_output is not None:
+            _report(on_output, out[0] if isinstance(out, tuple) else out)
+        if on_input is None:
+            return
+        weight, bias = attention.out_proj.weight, attention.out_proj.bias
+        identity = {"out_proj.weight": torch.eye(weight.shape[1], dtype=weight.dtype, device=weight.device)}
+        if bias is not None:
+            identity["out_proj.bias"] = torch.zeros(weight.shape[1], dtype=bias.dtype, device=bias.device)
+        busy.append(True)
+        try:
+            heads = functional_call(attention, identity, args, kwargs)
+        finally:
+            busy.clear()
+        _report(on_input, heads[0] if isinstance(heads, tuple) else heads)
+
+    return hook
+
+
+def _first_tensor(args: tuple, kwargs: dict):
+    """What a layer's forward reads: its first positional argument, else its first tensor keyword."""
+    return args[0] if args else next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
+
+
+def _report(observer: Observer, x) -> None:
+    if isinstance(x, torch.Tensor) and x.is_floating_point():
+        observer(x.detach())
