@@ -24,12 +24,13 @@ Which inputs a layer is fitted on (``compensation_inputs``):
 
 - ``pruned`` (default): sequentially, on the inputs that pruning leaves it. The changed layers
   are put in waves by their depth in the captured graph (a layer's wave is after every changed
-  layer it reads from), and for each wave the calibration batches run through a copy of the
-  model as it was before the step and through the pruned, already re-fitted model side by
-  side. The fit maps the pruned inputs onto the dense layer's output, with the cross moment
+  layer it reads from), and for each wave each calibration batch runs through the model as it
+  was before the step and through the pruned, already re-fitted model. The model before the
+  step is the same model with the step's saved tensors swapped in (the copies kept to undo a
+  failed step), so it costs no copy of the model. The fit maps the pruned inputs onto the dense layer's output, with the cross moment
   ``E[x_dense x_pruned,K^T]`` in place of ``G[:, K]``, so a layer also makes up for what the
   layers before it could not restore. The batches run once per wave (two blocks' worth of
-  waves per transformer layer for heads + FFN), and the copy holds the model's size once more.
+  waves per transformer layer for heads + FFN).
 - ``dense``: each layer on the statistics ``calibrate`` collected, on its own. One pass over
   the data in all, none at the pruning step.
 
@@ -41,7 +42,6 @@ created now would not be in the captured graph, and ``compact()`` would drop it.
 from __future__ import annotations
 
 import contextlib
-import copy
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -51,6 +51,7 @@ import torch.distributed as dist
 from fxprune.adapters.torch_attention import register_layer_hooks
 from fxprune.calibration import LayerStats, feature_rows, inference, require_calibration, tap_sums, weight_out_in
 from fxprune.errors import PruningError
+from fxprune.norms import STATE as NORM_STATE
 
 if TYPE_CHECKING:
     from fxprune.api import Pruning
@@ -68,9 +69,9 @@ def compensate(pruning: "Pruning", pruner: "Pruner", kept: dict[int, np.ndarray]
     stats = require_calibration(pruning.calibration, f"compensation {mode!r}")
     skipped: dict[str, list[str]] = {"unseen": [], "gram": [], "bias": []}
     changes = [c for c in _consumer_changes(pruning, pruner, kept, stats, skipped["unseen"]) if c[2].any()]
-    with _restored_on_error(pruning, changes, kept):
+    with _restored_on_error(pruning, changes, kept) as before:
         if pruner.config.compensation_inputs == "pruned" and changes:
-            moments = _replayed(pruning, kept, changes, mode)
+            moments = _replayed(pruning, kept, changes, mode, before)
         else:
             moments = ((layer, keep, _dense_moments(layer, keep, mode), None) for layer, keep, _ in changes)
         for layer, keep, (cross, inner, taps, kept_taps), weight in moments:
@@ -89,21 +90,24 @@ def compensate(pruning: "Pruning", pruner: "Pruner", kept: dict[int, np.ndarray]
 def _restored_on_error(pruning: "Pruning", changes, kept: dict[int, np.ndarray]):
     """Undo a step that fails part-way (a batch that raises on replay, an interrupt): the weights and bias
     targets it re-fits, the members its masks zero and the kept channels it set go back to what they were,
-    so the step can be retried."""
-    params = dict(pruning.model.named_parameters(remove_duplicate=False))
-    tensors = [t for layer, _, _ in changes for t in (params[layer.weight], (_bias_target(pruning, layer) or (None,))[0])]
-    tensors += [params.get(m.name) for g, k in kept.items() if not np.array_equal(k, pruning._kept[g])
-                for m in pruning.groups[g].parameters]
-    touched = {id(t): t for t in tensors if t is not None}
-    saved = {i: t.detach().clone() for i, t in touched.items()}
-    kept = {g: k.copy() for g, k in pruning._kept.items()}
+    so the step can be retried. Yields the saved tensors by name (every name of a shared one): the model's
+    state before the step where the step changes it, what the sequential fit runs as the dense model."""
+    named = {**dict(pruning.model.named_parameters(remove_duplicate=False)),
+             **dict(pruning.model.named_buffers(remove_duplicate=False))}
+    wanted = [t for layer, _, _ in changes for t in (named[layer.weight], (_bias_target(pruning, layer) or (None,))[0])]
+    wanted += [named.get(m.name) for g, k in kept.items() if not np.array_equal(k, pruning._kept[g])
+               for m in pruning.groups[g].parameters]
+    ids = {id(t) for t in wanted if t is not None}
+    clones: dict[int, torch.Tensor] = {}
+    saved = {name: clones.setdefault(id(t), t.detach().clone()) for name, t in named.items() if id(t) in ids}
+    kept_before = {g: k.copy() for g, k in pruning._kept.items()}
     try:
-        yield
+        yield saved
     except BaseException:
         with torch.no_grad():
-            for i, t in touched.items():
-                t.copy_(saved[i])
-        pruning._kept = kept
+            for name, t in saved.items():
+                named[name].copy_(t)
+        pruning._kept = kept_before
         pruning._build_masks()
         raise
 
@@ -223,19 +227,22 @@ class _Pair:
                 taps, kept_taps)
 
 
-def _replayed(pruning: "Pruning", kept: dict[int, np.ndarray], changes, mode: str):
+def _replayed(pruning: "Pruning", kept: dict[int, np.ndarray], changes, mode: str, before: dict[str, torch.Tensor]):
     """Per changed layer, wave by wave, (layer, keep, moments) measured on the pruned model as re-fitted so far;
     the caller writes each wave's fits before the next wave runs (this is a generator). The fourth item is
-    the layer's weight before the step (the model's own is masked by then)."""
+    the layer's weight before the step (the model's own is masked by then). ``before``: the tensors the step
+    changes, as they were; with them (and the norm switches as they were) swapped in, the model runs as it
+    was before the step, so the dense side of each pair costs no copy of the model."""
     batches = pruning._calibration_batches
     if batches is None:
         raise PruningError("compensation_inputs 'pruned' runs the calibration batches again, and this pruning object "
                            "has statistics but not the batches (loaded with load_state_dict): call "
                            "pruning.calibrate(batches) again, or set compensation_inputs: 'dense'")
-    dense = copy.deepcopy(pruning.model)  # the model before this step: what each layer's output is fitted to
+    model = pruning.model
+    switches = _norm_switches(model)
     pruning.set_kept(kept)  # masks applied now, so the pruned model reads the inputs it will have
     waves = _waves(pruning.captured.graph_module, {layer.weight for layer, _, _ in changes})
-    before = dict(dense.named_parameters(remove_duplicate=False))
+    dense_side = [False]
     for wave in sorted(set(waves.values())):
         pairs = {}
         handles = []
@@ -243,16 +250,20 @@ def _replayed(pruning: "Pruning", kept: dict[int, np.ndarray], changes, mode: st
             for layer, keep, _ in changes:
                 if waves[layer.weight] != wave:
                     continue
-                module = pruning.model.get_submodule(layer.module)
+                module = model.get_submodule(layer.module)
                 conv = module if layer.batched_dims and layer.groups == 1 else None
                 wants_gram = mode == "least_squares" and layer.sum.numel() <= pruning.calibration.max_gram_features
                 pair = pairs[layer.module] = _Pair(layer, keep, conv, wants_gram, module.weight.device)
-                handles += register_layer_hooks(dense, layer.module, pair.pending.append)
-                handles += register_layer_hooks(pruning.model, layer.module, pair.add_pruned)
-            with inference(dense) as run_dense, inference(pruning.model) as run_pruned:
+                handles += register_layer_hooks(model, layer.module, _paired(pair, dense_side))
+            with inference(model) as run:
                 for batch in batches:
-                    run_dense(batch)
-                    run_pruned(batch)
+                    with _as_before(model, before, switches):
+                        dense_side[0] = True
+                        try:
+                            run(batch)
+                        finally:
+                            dense_side[0] = False
+                    run(batch)
                     for pair in pairs.values():
                         pair.pending.clear()
         finally:
@@ -266,6 +277,58 @@ def _replayed(pruning: "Pruning", kept: dict[int, np.ndarray], changes, mode: st
             keep = next(k for layer, k, _ in changes if layer.module == pair.layer.module)
             yield pair.layer, keep, pair.moments(), before[pair.layer.weight]
         pruning.apply_masks()  # a re-fitted layer that also loses outputs: those rows are zero again
+
+
+def _paired(pair: _Pair, dense_side: list[bool]):
+    """One layer's input: queued on the dense side of a batch, paired with the queue on the pruned side."""
+    def observe(x: torch.Tensor) -> None:
+        if dense_side[0]:
+            pair.pending.append(x)
+        else:
+            pair.add_pruned(x)
+
+    return observe
+
+
+def _norm_switches(model: torch.nn.Module) -> dict[str, dict]:
+    """The kept-channel norm switch of every module (:mod:`fxprune.norms`): the instance attributes it sets."""
+    return {name: {k: m.__dict__[k] for k in ("forward", NORM_STATE) if k in m.__dict__}
+            for name, m in model.named_modules()}
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(a[k] is b[k] for k in a)
+
+
+@contextlib.contextmanager
+def _as_before(model: torch.nn.Module, before: dict[str, torch.Tensor], switches: dict[str, dict]):
+    """``model`` with the tensors of ``before`` in place of its own and its norm switches as in ``switches``:
+    slots are swapped, nothing is copied, and all is put back on exit."""
+    slots = []
+    now = _norm_switches(model)
+    try:
+        for name, tensor in before.items():
+            owner, _, attr = name.rpartition(".")
+            module = model.get_submodule(owner)
+            store = module._parameters if attr in module._parameters else module._buffers
+            slots.append((store, attr, store[attr]))
+            store[attr] = tensor
+        for name, attrs in switches.items():
+            if not _same(attrs, now[name]):
+                module = model.get_submodule(name)
+                for k in ("forward", NORM_STATE):
+                    module.__dict__.pop(k, None)
+                module.__dict__.update(attrs)
+        yield
+    finally:
+        for store, attr, tensor in reversed(slots):
+            store[attr] = tensor
+        for name, attrs in now.items():
+            if not _same(attrs, switches[name]):
+                module = model.get_submodule(name)
+                for k in ("forward", NORM_STATE):
+                    module.__dict__.pop(k, None)
+                module.__dict__.update(attrs)
 
 
 def _waves(gm: torch.fx.GraphModule, weights: set[str]) -> dict[str, int]:
