@@ -296,8 +296,15 @@ def _norm_switches(model: torch.nn.Module) -> dict[str, dict]:
             for name, m in model.named_modules()}
 
 
-def _same(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(a[k] is b[k] for k in a)
+def _set_switches(model: torch.nn.Module, wanted: dict[str, dict], current: dict[str, dict]) -> None:
+    """Give every module whose norm switch differs from ``wanted`` that switch (``current``: what it has now)."""
+    for name, attrs in wanted.items():
+        now = current[name]
+        if now.keys() != attrs.keys() or any(now[k] is not attrs[k] for k in attrs):
+            module = model.get_submodule(name)
+            for k in ("forward", NORM_STATE):
+                module.__dict__.pop(k, None)
+            module.__dict__.update(attrs)
 
 
 @contextlib.contextmanager
@@ -313,22 +320,12 @@ def _as_before(model: torch.nn.Module, before: dict[str, torch.Tensor], switches
             store = module._parameters if attr in module._parameters else module._buffers
             slots.append((store, attr, store[attr]))
             store[attr] = tensor
-        for name, attrs in switches.items():
-            if not _same(attrs, now[name]):
-                module = model.get_submodule(name)
-                for k in ("forward", NORM_STATE):
-                    module.__dict__.pop(k, None)
-                module.__dict__.update(attrs)
+        _set_switches(model, switches, now)
         yield
     finally:
         for store, attr, tensor in reversed(slots):
             store[attr] = tensor
-        for name, attrs in now.items():
-            if not _same(attrs, switches[name]):
-                module = model.get_submodule(name)
-                for k in ("forward", NORM_STATE):
-                    module.__dict__.pop(k, None)
-                module.__dict__.update(attrs)
+        _set_switches(model, now, switches)
 
 
 def _waves(gm: torch.fx.GraphModule, weights: set[str]) -> dict[str, int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import numpy as np
@@ -510,3 +511,45 @@ def test_calibration_statistics_save_and_resume_to_the_same_pruning(tmp_path):
     sequential.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
     with pytest.raises(fxprune.PruningError, match=r"call pruning\.calibrate\(batches\) again"):
         sequential.prune()
+
+
+def test_the_sequential_fit_runs_the_model_as_it_was_before_the_step(monkeypatch):
+    """The dense side of the fit is the pruned model with the step's saved tensors and norm switches swapped
+    back: with the hidden size pruned (RMSNorm switched to the kept channels), inside that swap the model
+    gives the dense model's logits, and after it the masked model's again."""
+    import copy
+
+    from fxprune import compensation
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   intermediate_size=128, vocab_size=100, use_cache=False)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    dense = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, 100, (4, 16), generator=gen) for _ in range(3)]
+    step = {"pruning_type": "flap", "target_sparsity": 0.25, "compensation": "least_squares", "round_to": 1}
+    pruning = fxprune.compile(model, (batches[0][:1],), {"pruners": [dict(step, prune_domain="local"),
+                                                                     dict(step, prune_hidden_size=True)]})
+    gaps, steps, swapped, step_of = [], [], compensation._as_before, compensation.compensate
+
+    def compensate(pruning, pruner, kept):  # the model as this step finds it
+        steps.append(copy.deepcopy(pruning.model))
+        return step_of(pruning, pruner, kept)
+
+    @contextlib.contextmanager
+    def checked(m, before, switches):
+        with swapped(m, before, switches):
+            with torch.no_grad():
+                gaps.append(float((m(batches[0]).logits - steps[-1](batches[0]).logits).abs().max()))
+            yield
+
+    monkeypatch.setattr(compensation, "compensate", compensate)
+    monkeypatch.setattr(compensation, "_as_before", checked)
+    pruning.calibrate(batches, progress=False).prune()
+    assert any(getattr(m, "_fxprune_norm", None) is not None for m in pruning.model.modules())  # a norm is switched
+    assert len(steps) == 2 and gaps and max(gaps) <= 1e-5, gaps
+    with torch.no_grad():
+        masked = pruning.model(batches[0]).logits
+    assert float((masked - dense(batches[0]).logits).abs().max()) > 1e-2  # the masked model is not the dense one
+    assert_compact_matches_masked(pruning, pruning.compact(), (batches[1],), atol=1e-4, rtol=1e-4)
