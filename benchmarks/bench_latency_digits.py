@@ -5,16 +5,16 @@
 Per seed, the demo's DigitsCNN is trained dense (300 steps), then pruned during the same
 300-step fine-tune (snip_momentum, iterative, cos decay, as ``fxprune demo``) twice:
 
-- **latency-aware**: ``{"target_speedup": T}`` at batch 64, 1 thread;
-- **uniform**: ``prune_domain: local`` (every group loses the same fraction, aligned as the
-  default does) at the sparsity whose compact model measures the latency-aware model's latency
-  (found by bisection on one-shot prunes of the dense model: a compact model's latency depends
-  on its widths, not its weights).
+- **uniform**: ``prune_domain: local`` at ``--uniform-sparsity`` (every group loses the same
+  fraction, aligned as the default does); its compact model is timed against the dense one;
+- **latency-aware**: ``{"target_speedup": S}`` with ``S`` the speedup the uniform model measured,
+  at batch 64, 1 thread: the allocation has to be as fast, and spends the same latency budget
+  where its importance per millisecond says.
 
 Both compact models are then timed interleaved against the dense one (onnxruntime, 1 thread,
-batch 64) and their test accuracy reported. Uniform widths move in aligned steps (16 channels
-of 64-256), so the uniform model matches the latency only to the nearest step at or above it:
-compare the two speedups as well as the accuracies.
+batch 64) and their test accuracy reported. The uniform model comes first because its widths
+move in aligned steps (16 channels of 64-256): a uniform model matched to a latency-aware one's
+latency lands a whole step away, while ``target_speedup`` can meet any speedup.
 """
 
 from __future__ import annotations
@@ -56,21 +56,9 @@ def speedups(files: dict[str, str], example, repeat: int) -> dict[str, float]:
     return {r.label: r.speedup for r in res.rows}
 
 
-def uniform_sparsity(model, example, want: float, tmp: str, repeat: int) -> float:
-    """Local-scope sparsity whose one-shot compact model measures ``want`` x faster than the dense one."""
-    lo, hi = 0.0, 0.9
-    for i in range(7):
-        mid = (lo + hi) / 2
-        p = fxprune.compile(model, example, {"target_sparsity": mid, "prune_domain": "local"})
-        got = speedups({"dense": onnx_of(p.captured.graph_module, example, tmp, "d"),
-                        "u": onnx_of(p.prune().compact(), example, tmp, f"u{i}")}, example, repeat)["u"]
-        lo, hi = (mid, hi) if got < want else (lo, mid)
-    return (lo + hi) / 2
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--target", type=float, default=2.5)
+    ap.add_argument("--uniform-sparsity", type=float, default=0.5)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--repeat", type=int, default=50)
@@ -84,38 +72,39 @@ def main() -> None:
         dense = DigitsCNN()
         train(dense, xtr, ytr, args.steps, seed=seed, desc="dense")
         example = (xte[:BATCH],)
-        aware = fxprune.compile(dense, example, {"target_speedup": args.target, "latency_cache": cache,
-                                                 **schedule(args.steps)})
-        train(aware.model, xtr, ytr, args.steps, lr=0.02, seed=seed + 1, pruning=aware, desc="latency-aware")
-        aware_small = aware.compact()
-        files = {"dense": onnx_of(aware.captured.graph_module, example, tmp, "dense"),
-                 "latency-aware": onnx_of(aware_small, example, tmp, "aware")}
-        want = speedups(files, example, args.repeat)["latency-aware"]
-        s = uniform_sparsity(dense, example, want, tmp, args.repeat)
-        uniform = fxprune.compile(dense, example, {"target_sparsity": s, "prune_domain": "local",
+        uniform = fxprune.compile(dense, example, {"target_sparsity": args.uniform_sparsity, "prune_domain": "local",
                                                    **schedule(args.steps)})
         train(uniform.model, xtr, ytr, args.steps, lr=0.02, seed=seed + 1, pruning=uniform, desc="uniform")
-        files["uniform"] = onnx_of(uniform.compact(), example, tmp, "uniform")
+        files = {"dense": onnx_of(uniform.captured.graph_module, example, tmp, "dense"),
+                 "uniform": onnx_of(uniform.compact(), example, tmp, "uniform")}
+        want = speedups(files, example, args.repeat)["uniform"]
+        aware = fxprune.compile(dense, example, {"target_speedup": round(want, 2), "latency_cache": cache,
+                                                 **schedule(args.steps)})
+        train(aware.model, xtr, ytr, args.steps, lr=0.02, seed=seed + 1, pruning=aware, desc="latency-aware")
+        files["latency-aware"] = onnx_of(aware.compact(), example, tmp, "aware")
         sp = speedups(files, example, args.repeat)
+        s = uniform.sparsity
         rows.append((seed, accuracy(dense, xte, yte), accuracy(aware.model, xte, yte), sp["latency-aware"],
                      aware.sparsity, aware.report().macs_ratio, accuracy(uniform.model, xte, yte), sp["uniform"], s,
-                     uniform.report().macs_ratio))
+                     uniform.report().macs_ratio, round(want, 2)))
         print(rows[-1], flush=True)
     lines = [f"# Latency-aware vs uniform allocation at equal measured latency, digits "
              f"({datetime.now(timezone.utc):%Y-%m-%d}, {platform.processor() or platform.machine()}, "
              f"{os.cpu_count()} CPUs)", "",
              f"Command: `python benchmarks/bench_latency_digits.py {' '.join(sys.argv[1:])}`", "",
-             f"target_speedup {args.target:g}, onnxruntime 1 thread, batch {BATCH}; {args.steps} dense steps, "
-             f"{args.steps} fine-tune steps (snip_momentum, iterative); speedups measured interleaved per seed.", "",
+             f"uniform: local scope at sparsity {args.uniform_sparsity:g}; latency-aware: target_speedup = the uniform "
+             f"model's measured speedup; onnxruntime 1 thread, batch {BATCH}; {args.steps} dense steps, "
+             f"{args.steps} fine-tune steps (snip_momentum, iterative); the last two speedups measured interleaved "
+             "per seed.", "",
              "| seed | dense acc | latency-aware acc | its speedup | its channel sparsity | its ideal | "
-             "uniform acc | its speedup | its sparsity | its ideal |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "uniform acc | its speedup | its sparsity | its ideal | target asked |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r[0]} | {r[1]:.2%} | {r[2]:.2%} | {r[3]:.2f}x | {r[4]:.2f} | {r[5]:.2f} | {r[6]:.2%} | "
-                     f"{r[7]:.2f}x | {r[8]:.2f} | {r[9]:.2f} |")
+                     f"{r[7]:.2f}x | {r[8]:.2f} | {r[9]:.2f} | {r[10]:.2f}x |")
     m = np.array([r[1:] for r in rows], dtype=float).mean(0)
     lines.append(f"| mean | {m[0]:.2%} | {m[1]:.2%} | {m[2]:.2f}x | {m[3]:.2f} | {m[4]:.2f} | {m[5]:.2%} | "
-                 f"{m[6]:.2f}x | {m[7]:.2f} | {m[8]:.2f} |")
+                 f"{m[6]:.2f}x | {m[7]:.2f} | {m[8]:.2f} | {m[9]:.2f}x |")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
