@@ -10,7 +10,10 @@ compact model computes, and what fine-tuning then adapts to.
 
 The switch is an instance-level ``forward`` on those modules only; it reads its
 state from the module (so ``.to(device)``, ``deepcopy`` and DDP carry it) and is
-removed again when the layer's channels are all kept.
+removed again when the layer's channels are all kept. A switched norm also carries a
+no-op forward pre-hook: fused paths that read a norm's weights without calling it
+(``nn.TransformerEncoderLayer``'s inference fast path, taken under ``no_grad`` in eval
+mode) are turned off by torch when a submodule has hooks, so the switch is never skipped.
 """
 
 from __future__ import annotations
@@ -79,16 +82,24 @@ class _KeptChannelsForward:
         return _masked_norm_forward(self.module, x, *args, **kwargs)
 
 
+def _called_as_a_module(module: nn.Module, args) -> None:
+    """The pre-hook of a switched norm: it does nothing, and its presence keeps torch's fused paths off."""
+
+
 def _install(module: nn.Module, state: tuple) -> None:
     setattr(module, STATE, state)
     if "forward" not in module.__dict__:
         module.forward = _KeptChannelsForward(module)
+    if _called_as_a_module not in module._forward_pre_hooks.values():
+        module.register_forward_pre_hook(_called_as_a_module)
 
 
 def _uninstall(module: nn.Module) -> None:
     if STATE in module.__dict__:
         del module.__dict__[STATE]
         module.__dict__.pop("forward", None)
+    for key in [k for k, hook in module._forward_pre_hooks.items() if hook is _called_as_a_module]:
+        del module._forward_pre_hooks[key]
 
 
 def unpatch_norms(model: nn.Module) -> None:

@@ -4,7 +4,9 @@ Each is a small model around one structure that the group pass once got wrong or
 up on: an attention-bias table read through an eval-mode cache (LeViT, TinyViT,
 EfficientFormer), packed-QKV attention split with ``unbind`` (timm ViT/DeiT/EVA), a
 weight-standardised convolution (NF-ResNet), global response normalisation (ConvNeXt-V2),
-gMLP's spatial gating unit, and a region with autocast disabled (EfficientViT).
+gMLP's spatial gating unit, a region with autocast disabled (EfficientViT), and
+``torch.nn.TransformerEncoder`` with its hidden size pruned (its inference fast path reads
+the LayerNorm weights without calling the LayerNorms).
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["CachedBiasAttention", "PackedQKVViT", "StdConvNet", "GRNNet", "GatedMLP", "AutocastOffNet", "STRUCTURES"]
+__all__ = ["CachedBiasAttention", "PackedQKVViT", "StdConvNet", "GRNNet", "GatedMLP", "AutocastOffNet", "TorchEncoderNet",
+           "STRUCTURES"]
 
 
 class _BiasAttention(nn.Module):
@@ -233,6 +236,20 @@ class AutocastOffNet(nn.Module):
         return self.head(self.proj(out).mean(1))
 
 
+class TorchEncoderNet(nn.Module):
+    """Patch embedding, one ``nn.TransformerEncoderLayer`` (4 heads of 8, FFN 64, batch first), a mean-pooled head."""
+
+    def __init__(self, dim: int = 32, classes: int = 10):
+        super().__init__()
+        self.embed = nn.Conv2d(3, dim, 4, stride=4)
+        layer = nn.TransformerEncoderLayer(dim, 4, 2 * dim, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x):
+        return self.head(self.encoder(self.embed(x).flatten(2).transpose(1, 2)).mean(1))
+
+
 STRUCTURES = {
     "cached-bias-attention": CachedBiasAttention,
     "packed-qkv-vit": PackedQKVViT,
@@ -240,4 +257,5 @@ STRUCTURES = {
     "grn": GRNNet,
     "gated-mlp": GatedMLP,
     "autocast-off": AutocastOffNet,
+    "torch-encoder": TorchEncoderNet,
 }

@@ -28,6 +28,9 @@ EXPECT = {
     "grn": (True, {"blocks.0.pw1.weight": (32, 8), "blocks.0.grn.gamma": (1, 1, 1, 32), "blocks.1.pw2.weight": (8, 32)}),
     "gated-mlp": (True, {"blocks.0.1.weight": (64, 16), "blocks.0.3.norm.weight": (32,), "blocks.0.4.weight": (16, 32)}),
     "autocast-off": (False, {"embed.weight": (16, 3, 4, 4), "qkv.weight": (96, 16), "proj.weight": (16, 32)}),
+    # the masked model runs nn.TransformerEncoderLayer's fused fast path under no_grad unless its norms have hooks
+    "torch-encoder": (True, {"embed.weight": (16, 3, 4, 4), "encoder.layers.0.self_attn.in_proj_weight": (48, 16),
+                             "encoder.layers.0.linear1.weight": (32, 16), "encoder.layers.0.norm1.weight": (16,)}),
 }
 
 
