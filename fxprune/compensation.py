@@ -27,8 +27,9 @@ Which inputs a layer is fitted on (``compensation_inputs``):
   layer it reads from), and for each wave each calibration batch runs through the model as it
   was before the step and through the pruned, already re-fitted model. The model before the
   step is the same model with the step's saved tensors swapped in (the copies kept to undo a
-  failed step), so it costs no copy of the model. The fit maps the pruned inputs onto the dense layer's output, with the cross moment
-  ``E[x_dense x_pruned,K^T]`` in place of ``G[:, K]``, so a layer also makes up for what the
+  failed step), so it costs no copy of the model. The fit maps the pruned inputs onto the
+  dense layer's output, with the cross moment ``E[x_dense x_pruned,K^T]`` in place of
+  ``G[:, K]``, so a layer also makes up for what the
   layers before it could not restore. The batches run once per wave (two blocks' worth of
   waves per transformer layer for heads + FFN).
 - ``dense``: each layer on the statistics ``calibrate`` collected, on its own. One pass over
@@ -48,7 +49,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from fxprune.adapters.torch_attention import register_layer_hooks
+from fxprune.adapters.torch_attention import reads_inputs_unobserved, register_layer_hooks
 from fxprune.calibration import LayerStats, feature_rows, inference, require_calibration, tap_sums, weight_out_in
 from fxprune.errors import PruningError
 from fxprune.norms import STATE as NORM_STATE
@@ -353,6 +354,9 @@ def _consumer_changes(pruning: "Pruning", pruner: "Pruner", kept: dict[int, np.n
                 touched.add(layer.module)
             elif layer is not None and m.dim == layer.in_dim and layer.groups == 1 and not kept[g.index].all():
                 unseen.append(layer.module)
+            elif (layer is None and not kept[g.index].all()
+                  and reads_inputs_unobserved(pruning.model, m.name, m.dim)):
+                unseen.append(m.name)
     changes: dict[str, list] = {}
     for g in pruning.groups:
         for m in g.parameters:

@@ -553,3 +553,32 @@ def test_the_sequential_fit_runs_the_model_as_it_was_before_the_step(monkeypatch
         masked = pruning.model(batches[0]).logits
     assert float((masked - dense(batches[0]).logits).abs().max()) > 1e-2  # the masked model is not the dense one
     assert_compact_matches_masked(pruning, pruning.compact(), (batches[1],), atol=1e-4, rtol=1e-4)
+
+
+class _EmbeddedEncoder(torch.nn.Module):
+    """A Linear in front of nn.TransformerEncoder, so the hidden size is a prunable group."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Linear(16, 32)
+        layer = torch.nn.TransformerEncoderLayer(32, 4, 64, batch_first=True)
+        self.encoder = torch.nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        self.head = torch.nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.head(self.encoder(self.embed(x)))
+
+
+def test_multihead_attention_in_proj_is_reported_as_not_re_fitted():
+    """With the hidden size pruned, in_proj_weight reads it but is no layer calibration observes: the step says
+    its removed inputs are not compensated, and the model stays exact."""
+    torch.manual_seed(0)
+    model = _EmbeddedEncoder().eval()
+    pruning = fxprune.compile(model, (torch.randn(2, 8, 16),), {
+        "pruning_type": "flap", "target_sparsity": 0.25, "prune_hidden_size": True, "compensation": "least_squares",
+        "round_to": 1}, dynamic_shapes={})
+    pruning.calibrate(_batches((8, 16)), progress=False).prune()
+    assert pruning.sparsity > 0.2
+    notes = " ".join(pruning.pruners[0].notes)
+    assert "in_proj_weight" in notes and "not compensated" in notes, notes
+    assert_compact_matches_masked(pruning, pruning.compact(), (torch.randn(2, 8, 16),), **EXACT)

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call
 
-__all__ = ["owning_attention", "register_layer_hooks"]
+__all__ = ["owning_attention", "register_layer_hooks", "reads_inputs_unobserved"]
 
 Observer = Callable[[torch.Tensor], None]
 
@@ -32,6 +32,19 @@ def owning_attention(model: nn.Module, name: str) -> nn.MultiheadAttention | Non
     if attr == "out_proj" and isinstance(owner, nn.MultiheadAttention):
         return owner
     return None
+
+
+def reads_inputs_unobserved(model: nn.Module, parameter: str, dim: int) -> bool:
+    """Whether ``parameter`` is ``nn.MultiheadAttention``'s packed ``in_proj_weight`` (or a separate q/k/v
+    weight) and ``dim`` its input features: it reads the hidden size, but is no layer of its own whose
+    inputs calibration observes, so compensation cannot re-fit it."""
+    owner_name, _, attr = parameter.rpartition(".")
+    try:
+        owner = model.get_submodule(owner_name) if owner_name else model
+    except AttributeError:
+        return False
+    return (isinstance(owner, nn.MultiheadAttention) and dim == 1
+            and attr in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"))
 
 
 def register_layer_hooks(model: nn.Module, name: str, on_input: Observer | None = None,
