@@ -144,8 +144,12 @@ def main() -> None:
     ap.add_argument("--skip-same-request", action="store_true")
     ap.add_argument("--cache", default=None, help="latency-table cache folder (default: a fresh temporary one, "
                                                   "so table times are what a first run pays)")
+    ap.add_argument("--layout-edges", choices=("on", "off"), default="on",
+                    help="off: conv tables hold each conv's time alone, layout changes at its edges included "
+                         "(fxprune.latency.LAYOUT_EDGES)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    fxprune.latency.LAYOUT_EDGES = args.layout_edges == "on"
     settings = [tuple(int(v) for v in s.split("x")) for s in args.settings]
     cache = args.cache or tempfile.mkdtemp(prefix="fxprune-tables-")
     began = time.perf_counter()

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from fxprune.errors import ConfigError
 from fxprune.exporters.onnx_export import _to_numpy
-from fxprune.exporters.op_timing import OpShape, OpTimer
+from fxprune.exporters.op_timing import OpShape, OpTimer, edge_shapes
 from fxprune.passes.couplings import value_key
 from fxprune.passes.ops.conv import CONV_ND
 from fxprune.passes.shapes import dynamic_dims_of, flat_inputs
@@ -34,6 +34,9 @@ __all__ = ["LatencyModel", "Layer", "width_grid", "example_feed", "batch_of", "b
 aten = torch.ops.aten
 
 SMOOTH = True  # tables are fit by a bilinear surface before use (see smooth)
+# a conv's table holds its time inside a network: its time alone less the layout changes at the edges of a
+# one-layer model (OpTimer.in_layout_ms); False: times alone
+LAYOUT_EDGES = True
 # widths timed per layer dim, as fractions of the dense width (aligned to 16 where the dim is wide enough)
 FRACTIONS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
 
@@ -210,12 +213,15 @@ class LatencyModel:
             timer = OpTimer(self.threads, self.cache_dir)
             shapes = [layer.shape(a, b) for layer, (gi, go) in zip(self.layers, grids) for a in gi
                       for b in (go or [None])]
+            if LAYOUT_EDGES:
+                shapes += [e for s in shapes if s.kind == "conv" for t in (s.x, s.y()) for e in edge_shapes(t)]
             todo = list({s.key(): s for s in shapes if s not in timer}.values())
+            cost = timer.in_layout_ms if LAYOUT_EDGES else timer
             for shape in tqdm(todo, desc="latency tables", unit="shape", disable=self._quiet(), leave=False):
                 timer(shape)
             if todo:
                 timer.save()
-            return [np.array([[timer(layer.shape(a, b)) for b in (go or [None])] for a in gi])
+            return [np.array([[cost(layer.shape(a, b)) for b in (go or [None])] for a in gi])
                     for layer, (gi, go) in zip(self.layers, grids)], timer.measured
 
         tables, self.timed_shapes = _share(time_tables)

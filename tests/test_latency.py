@@ -34,7 +34,25 @@ def shape_macs(shape: OpShape) -> float:
     for size, k, s, d, lo, hi in zip(shape.x[2:], shape.w[2:], shape.strides, shape.dilations,
                                      shape.pads[:len(shape.strides)], shape.pads[len(shape.strides):]):
         out *= (size + lo + hi - d * (k - 1) - 1) // s + 1
-    return float(shape.x[0] * shape.w[0] * shape.w[1] * np.prod(shape.w[2:]) * out)
+    return float(shape.x[0] * shape.w[0] * shape.w[1] * np.prod(shape.w[2:]) * out) * shape.chain
+
+
+def test_a_conv_table_holds_its_time_inside_a_network():
+    """A one-layer model pays layout changes at its edges (in proportion to its input and output sizes, here);
+    a chain of three depthwise convs tells them from the conv, and the table keeps the conv's own time."""
+    edge = lambda t: 1e-4 * float(np.prod(t))  # noqa: E731  (per edge, each way)
+    timer = OpTimer(1, cache_dir=False)
+    timer._time = lambda shape: shape_macs(shape) * NS_PER_MAC + edge(shape.x) + edge(shape.y())
+    x = (1, 16, 8, 8)
+    conv = OpShape("conv", x, (32, 16, 3, 3), True, (2, 2), (1, 1, 1, 1), (1, 1), 1)
+    assert conv.y() == (1, 32, 4, 4)
+    assert timer.edge_ms(x) == pytest.approx(2 * edge(x))
+    assert timer.in_layout_ms(conv) == pytest.approx(shape_macs(conv) * NS_PER_MAC)
+    matmul = OpShape("matmul", (4, 16), (16, 8))
+    assert timer.in_layout_ms(matmul) == timer(matmul)  # no blocked layout: as timed
+    free = OpTimer(1, cache_dir=False)  # nothing at the edges: nothing taken off
+    free._time = lambda shape: shape_macs(shape) * NS_PER_MAC
+    assert free.edge_ms(x) == pytest.approx(0, abs=1e-12) and free.in_layout_ms(conv) == pytest.approx(free(conv))
 
 
 @pytest.fixture
