@@ -52,7 +52,7 @@ import torch.distributed as dist
 from fxprune.adapters.torch_attention import reads_inputs_unobserved, register_layer_hooks
 from fxprune.calibration import LayerStats, feature_rows, inference, require_calibration, tap_sums, weight_out_in
 from fxprune.errors import PruningError
-from fxprune.norms import STATE as NORM_STATE
+from fxprune import norms as norm_switches
 
 if TYPE_CHECKING:
     from fxprune.api import Pruning
@@ -240,8 +240,9 @@ def _replayed(pruning: "Pruning", kept: dict[int, np.ndarray], changes, mode: st
                            "has statistics but not the batches (loaded with load_state_dict): call "
                            "pruning.calibrate(batches) again, or set compensation_inputs: 'dense'")
     model = pruning.model
-    switches = _norm_switches(model)
+    then = norm_switches.switches(model)
     pruning.set_kept(kept)  # masks applied now, so the pruned model reads the inputs it will have
+    switched = (then, norm_switches.switches(model))  # the norm switches before and after the step
     waves = _waves(pruning.captured.graph_module, {layer.weight for layer, _, _ in changes})
     dense_side = [False]
     for wave in sorted(set(waves.values())):
@@ -258,7 +259,7 @@ def _replayed(pruning: "Pruning", kept: dict[int, np.ndarray], changes, mode: st
                 handles += register_layer_hooks(model, layer.module, _paired(pair, dense_side))
             with inference(model) as run:
                 for batch in batches:
-                    with _as_before(model, before, switches):
+                    with _as_before(model, before, switched):
                         dense_side[0] = True
                         try:
                             run(batch)
@@ -291,29 +292,13 @@ def _paired(pair: _Pair, dense_side: list[bool]):
     return observe
 
 
-def _norm_switches(model: torch.nn.Module) -> dict[str, dict]:
-    """The kept-channel norm switch of every module (:mod:`fxprune.norms`): the instance attributes it sets."""
-    return {name: {k: m.__dict__[k] for k in ("forward", NORM_STATE) if k in m.__dict__}
-            for name, m in model.named_modules()}
-
-
-def _set_switches(model: torch.nn.Module, wanted: dict[str, dict], current: dict[str, dict]) -> None:
-    """Give every module whose norm switch differs from ``wanted`` that switch (``current``: what it has now)."""
-    for name, attrs in wanted.items():
-        now = current[name]
-        if now.keys() != attrs.keys() or any(now[k] is not attrs[k] for k in attrs):
-            module = model.get_submodule(name)
-            for k in ("forward", NORM_STATE):
-                module.__dict__.pop(k, None)
-            module.__dict__.update(attrs)
-
-
 @contextlib.contextmanager
-def _as_before(model: torch.nn.Module, before: dict[str, torch.Tensor], switches: dict[str, dict]):
-    """``model`` with the tensors of ``before`` in place of its own and its norm switches as in ``switches``:
-    slots are swapped, nothing is copied, and all is put back on exit."""
+def _as_before(model: torch.nn.Module, before: dict[str, torch.Tensor], switched: tuple[dict, dict]):
+    """``model`` with the tensors of ``before`` in place of its own and its norm switches as before the step
+    (``switched``: the switches before and after it): slots are swapped, nothing is copied, and all is put back
+    on exit."""
     slots = []
-    now = _norm_switches(model)
+    then, now = switched
     try:
         for name, tensor in before.items():
             owner, _, attr = name.rpartition(".")
@@ -321,12 +306,12 @@ def _as_before(model: torch.nn.Module, before: dict[str, torch.Tensor], switches
             store = module._parameters if attr in module._parameters else module._buffers
             slots.append((store, attr, store[attr]))
             store[attr] = tensor
-        _set_switches(model, switches, now)
+        norm_switches.set_switches(model, then, now)
         yield
     finally:
         for store, attr, tensor in reversed(slots):
             store[attr] = tensor
-        _set_switches(model, now, switches)
+        norm_switches.set_switches(model, now, then)
 
 
 def _waves(gm: torch.fx.GraphModule, weights: set[str]) -> dict[str, int]:

@@ -25,7 +25,7 @@ import torch.nn as nn
 from fxprune.errors import PruningError
 from fxprune.passes.couplings import PARAM_PREFIX
 
-__all__ = ["sync_norms", "unpatch_norms", "narrowed_shape", "STATE"]
+__all__ = ["sync_norms", "unpatch_norms", "narrowed_shape", "switches", "set_switches", "STATE"]
 
 STATE = "_fxprune_norm"
 
@@ -100,6 +100,23 @@ def _uninstall(module: nn.Module) -> None:
         module.__dict__.pop("forward", None)
     for key in [k for k, hook in module._forward_pre_hooks.items() if hook is _called_as_a_module]:
         del module._forward_pre_hooks[key]
+
+
+def switches(model: nn.Module) -> dict[str, dict]:
+    """Every module's switch as it is now (the instance attributes :func:`sync_norms` sets; empty where none), to
+    put back later with :func:`set_switches`."""
+    return {name: {k: m.__dict__[k] for k in ("forward", STATE) if k in m.__dict__} for name, m in model.named_modules()}
+
+
+def set_switches(model: nn.Module, wanted: dict[str, dict], current: dict[str, dict]) -> None:
+    """Give every module whose switch in ``current`` (what it has now) differs from ``wanted`` that switch."""
+    for name, attrs in wanted.items():
+        now = current[name]
+        if now.keys() != attrs.keys() or any(now[k] is not attrs[k] for k in attrs):
+            module = model.get_submodule(name)
+            for k in ("forward", STATE):
+                module.__dict__.pop(k, None)
+            module.__dict__.update(attrs)
 
 
 def unpatch_norms(model: nn.Module) -> None:

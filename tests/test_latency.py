@@ -30,10 +30,7 @@ def shape_macs(shape: OpShape) -> float:
     """MACs of one timed layer, from its shapes."""
     if shape.kind == "matmul":
         return float(np.prod(shape.x[:-1]) * shape.w[0] * shape.w[1])
-    out = 1
-    for size, k, s, d, lo, hi in zip(shape.x[2:], shape.w[2:], shape.strides, shape.dilations,
-                                     shape.pads[:len(shape.strides)], shape.pads[len(shape.strides):]):
-        out *= (size + lo + hi - d * (k - 1) - 1) // s + 1
+    out = np.prod(shape.y()[2:])
     return float(shape.x[0] * shape.w[0] * shape.w[1] * np.prod(shape.w[2:]) * out) * shape.chain
 
 

@@ -22,29 +22,29 @@ __all__ = ["owning_attention", "register_layer_hooks", "reads_inputs_unobserved"
 Observer = Callable[[torch.Tensor], None]
 
 
-def owning_attention(model: nn.Module, name: str) -> nn.MultiheadAttention | None:
-    """The ``nn.MultiheadAttention`` whose ``out_proj`` is the submodule ``name``, else None."""
+def _attention_owning(model: nn.Module, name: str) -> tuple[nn.MultiheadAttention | None, str]:
+    """(the ``nn.MultiheadAttention`` that ``name`` is an attribute of, else None; that attribute's name)."""
     parent, _, attr = name.rpartition(".")
     try:
         owner = model.get_submodule(parent) if parent else model
     except AttributeError:
-        return None
-    if attr == "out_proj" and isinstance(owner, nn.MultiheadAttention):
-        return owner
-    return None
+        return None, attr
+    return (owner if isinstance(owner, nn.MultiheadAttention) else None), attr
+
+
+def owning_attention(model: nn.Module, name: str) -> nn.MultiheadAttention | None:
+    """The ``nn.MultiheadAttention`` whose ``out_proj`` is the submodule ``name``, else None."""
+    owner, attr = _attention_owning(model, name)
+    return owner if attr == "out_proj" else None
 
 
 def reads_inputs_unobserved(model: nn.Module, parameter: str, dim: int) -> bool:
     """Whether ``parameter`` is ``nn.MultiheadAttention``'s packed ``in_proj_weight`` (or a separate q/k/v
     weight) and ``dim`` its input features: it reads the hidden size, but is no layer of its own whose
     inputs calibration observes, so compensation cannot re-fit it."""
-    owner_name, _, attr = parameter.rpartition(".")
-    try:
-        owner = model.get_submodule(owner_name) if owner_name else model
-    except AttributeError:
-        return False
-    return (isinstance(owner, nn.MultiheadAttention) and dim == 1
-            and attr in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"))
+    owner, attr = _attention_owning(model, parameter)
+    return owner is not None and dim == 1 and attr in ("in_proj_weight", "q_proj_weight", "k_proj_weight",
+                                                       "v_proj_weight")
 
 
 def register_layer_hooks(model: nn.Module, name: str, on_input: Observer | None = None,
