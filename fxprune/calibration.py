@@ -149,6 +149,7 @@ class CalibrationStats:
     batches: int = 0
     missed: list[str] = field(default_factory=list)  # hooked layers whose forward never ran as a module
     max_gram_features: int = 4096  # the widest input a least-squares fit solves for (0: calibrate(gram=False))
+    shifted: frozenset[str] = frozenset()  # layers whose output takes a bias shift (a bias, or a BatchNorm alone after)
 
     def for_parameter(self, name: str) -> LayerStats | None:
         """The statistics of the layer whose weight is parameter ``name`` (None if it has none)."""
@@ -224,8 +225,8 @@ class Calibration:
         Each batch is a tensor, a tuple of positional arguments or a dict of keyword arguments, of any
         batch shape the model takes; tensors are moved to the model's device. A tqdm bar shows on a
         terminal unless ``progress=False``. ``gram``: collect the consumers' input
-        Gram matrices (what ``compensation: least_squares`` on dense inputs solves with); None collects them
-        when a pruner asks for that, and False also turns the least-squares fit on pruned inputs off (the
+        Gram matrices (what ``compensation: least_squares`` on dense inputs solves with, and ``flap`` under
+        ``least_squares`` scores with); None collects them when a pruner asks for that, and False also turns the least-squares fit on pruned inputs off (the
         removed inputs are then compensated by their mean). ``max_gram_features``: layers with wider inputs
         are compensated by their mean only (a fit solves a matrix of that side). Under ``torch.distributed`` the sums are all-reduced, so every rank
         prunes from the statistics of all ranks' batches. Call it before ``prune()``: it measures the
@@ -233,8 +234,8 @@ class Calibration:
         """
         solve_limit = 0 if gram is False else max_gram_features  # what a least-squares fit may solve for later
         if gram is None:
-            gram = any(p.config.compensation == "least_squares" and p.config.compensation_inputs == "dense"
-                       for p in self.pruners)
+            gram = any((p.config.compensation == "least_squares" and p.config.compensation_inputs == "dense")
+                       or getattr(p, "scores_with_gram", False) for p in self.pruners)
         replay = any(p.config.compensation != "none" and p.config.compensation_inputs == "pruned"
                      for p in self.pruners)
         if replay and iter(batches) is batches:
@@ -271,11 +272,16 @@ class Calibration:
                           "never ran as a module (a fused path, or a weight read directly by a parent module); "
                           "channels only they hold are scored by |W|", UserWarning,
                           stacklevel=2)
-        self.calibration = CalibrationStats(layers, seen, missed, solve_limit)
+        self.calibration = CalibrationStats(layers, seen, missed, solve_limit, self._shifted(layers))
         self._calibration_batches = batches if replay else None  # compensation runs them again
         for pruner in self.pruners:
             pruner.calibration = self.calibration
         return self
+
+    def _shifted(self, layers: dict[str, LayerStats]) -> frozenset[str]:
+        """The layers whose output a re-fit can shift (the fit then has an intercept), read from the graph."""
+        from fxprune.compensation import bias_target
+        return frozenset(name for name, s in layers.items() if bias_target(self, s) is not None)
 
     def _hook_layers(self, gram: bool, max_gram_features: int):
         """Accumulators and hooks for every prunable layer whose weight is a group member."""
@@ -341,7 +347,7 @@ class Calibration:
                     by_module[values["module"]] = LayerStats(**values)
                 layers[name] = by_module[values["module"]]
             self.calibration = CalibrationStats(layers, state["batches"], list(state["missed"]),
-                                                state.get("max_gram_features", 4096))
+                                                state.get("max_gram_features", 4096), self._shifted(layers))
         self._calibration_batches = None  # not saved: compensation on pruned inputs needs calibrate() again
         for pruner in self.pruners:
             pruner.calibration = self.calibration

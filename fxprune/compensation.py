@@ -58,7 +58,7 @@ if TYPE_CHECKING:
     from fxprune.api import Pruning
     from fxprune.pruners import Pruner
 
-__all__ = ["compensate", "DAMPING"]
+__all__ = ["compensate", "bias_target", "DAMPING"]
 
 DAMPING = 0.01
 
@@ -95,7 +95,7 @@ def _restored_on_error(pruning: "Pruning", changes, kept: dict[int, np.ndarray])
     state before the step where the step changes it, what the sequential fit runs as the dense model."""
     named = {**dict(pruning.model.named_parameters(remove_duplicate=False)),
              **dict(pruning.model.named_buffers(remove_duplicate=False))}
-    wanted = [t for layer, _, _ in changes for t in (named[layer.weight], (_bias_target(pruning, layer) or (None,))[0])]
+    wanted = [t for layer, _, _ in changes for t in (named[layer.weight], (bias_target(pruning, layer) or (None,))[0])]
     wanted += [named.get(m.name) for g, k in kept.items() if not np.array_equal(k, pruning._kept[g])
                for m in pruning.groups[g].parameters]
     ids = {id(t) for t in wanted if t is not None}
@@ -123,7 +123,7 @@ def _refit(pruning: "Pruning", layer: LayerStats, keep: np.ndarray, mode: str, c
     params = dict(pruning.model.named_parameters(remove_duplicate=False))
     view = weight_out_in(params[layer.weight], layer)
     w = weight_out_in(params[layer.weight] if weight is None else weight, layer).detach().double().cpu()
-    target = _bias_target(pruning, layer)
+    target = bias_target(pruning, layer)
     kept = torch.from_numpy(np.flatnonzero(keep))
     if mode == "least_squares" and cross is not None:
         if target is None:  # no intercept: the fit on uncentred moments, no shift
@@ -357,7 +357,7 @@ def _consumer_changes(pruning: "Pruning", pruner: "Pruner", kept: dict[int, np.n
     return [(layer, new, old & ~new) for layer, new, old in changes.values()]
 
 
-def _bias_target(pruning: "Pruning", layer: LayerStats) -> tuple[torch.Tensor, float] | None:
+def bias_target(pruning: "Pruning", layer: LayerStats) -> tuple[torch.Tensor, float] | None:
     """Where a shift of the layer's output goes: its bias (+), else its BatchNorm's running mean (-), else None."""
     module = pruning.model.get_submodule(layer.module)
     bias = getattr(module, "bias", None)
