@@ -18,8 +18,9 @@ no consumer was measured, the layers that write it (*producers*):
   input covariance where the layer takes a bias shift, else ``E[x x^T]``, and ``lambda`` the
   fit's damping), taken greedily: channels are eliminated cheapest first, each step re-fitting
   the rest (on wide layers the cheapest 1/256 of those left per step), and a channel's score is
-  the highest elimination cost up to its own, so the ranking is the elimination order. It equals the fluctuation where the inputs are uncorrelated. Layers
-  without a Gram (wider than ``max_gram_features``, or ``calibrate(gram=False)``) use the fluctuation, with a note.
+  the highest elimination cost up to its own, so the ranking is the elimination order. It equals
+  the fluctuation where the inputs are uncorrelated. Layers without a Gram (wider than
+  ``max_gram_features``, or ``calibrate(gram=False)``) use the fluctuation, with a note.
   Scores are standardised per group (zero mean, unit variance) before the global ranking, as FLAP
   standardises per layer, so that layers of different scale compete on equal terms.
 
