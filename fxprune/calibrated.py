@@ -11,18 +11,19 @@ no consumer was measured, the layers that write it (*producers*):
 - ``wanda_sp`` (Wanda-SP): ``sum_j sum_i |W_ij| sqrt(E[x_j^2])`` over the consumer weight columns ``j``
   it owns: what its inputs weigh in the outputs.
 - ``flap`` (FLAP's fluctuation): the output error the compensation in use cannot restore. Under
-  ``none`` and ``bias`` that is ``sum_j Var(x_j) ||W_:,j||^2``, the output variance the channel carries.
-  Under ``least_squares`` the kept inputs are re-fitted, so a channel that the others predict
-  costs little however much it varies: the score is the output error that the re-fit leaves,
-  ``tr(W_S (P_SS)^-1 W_S^T)`` with ``P = (G + lambda I)^-1`` (Optimal Brain Surgeon's saliency; ``G`` the
-  input covariance where the layer takes a bias shift, else ``E[x x^T]``, and ``lambda`` the
-  fit's damping), taken greedily: channels are eliminated cheapest first, each step re-fitting
-  the rest (on wide layers the cheapest 1/256 of those left per step), and a channel's score is
-  the highest elimination cost up to its own, so the ranking is the elimination order. It equals
-  the fluctuation where the inputs are uncorrelated. Layers without a Gram (wider than
-  ``max_gram_features``, or ``calibrate(gram=False)``) use the fluctuation, with a note.
-  Scores are standardised per group (zero mean, unit variance) before the global ranking, as FLAP
-  standardises per layer, so that layers of different scale compete on equal terms.
+  ``none`` and ``bias`` that is ``sum_j Var(x_j) ||W_:,j||^2``, the output variance the channel
+  carries. Under ``least_squares`` the kept inputs are re-fitted, so a channel that the others
+  predict costs little however much it varies: the score is the output error that the re-fit leaves,
+  ``tr(W_S (P_SS)^-1 W_S^T)`` with ``P = (G + lambda I)^-1`` (Optimal Brain Surgeon's saliency;
+  ``G`` the input covariance where the layer takes a bias shift, else ``E[x x^T]``, and ``lambda``
+  the fit's relative damping, over all inputs), taken greedily: channels are eliminated cheapest
+  first, each step re-fitting the rest (on wide layers the cheapest 1/256 of those left per step),
+  and a channel's score is the highest elimination cost up to its own, so the ranking is the
+  elimination order. It equals the fluctuation where the inputs are uncorrelated (up to that
+  damping). Layers without a Gram (wider than ``max_gram_features``, or ``calibrate(gram=False)``)
+  use the fluctuation, with a note. Scores are standardised per group (zero mean, unit variance)
+  before the global ranking, as FLAP standardises per layer, so that layers of different scale
+  compete on equal terms.
 
 ``activation`` and ``wanda_sp`` divide a group's scores by their mean, as magnitude scores are, so a
 global ranking compares each channel with its own group's typical one. A group that no
@@ -134,7 +135,7 @@ class FlapPruner(CalibratedPruner):
 
 
 def _covariance(layer, centred: bool) -> torch.Tensor:
-    """The second moment a least-squares re-fit of ``layer`` solves with, damped as the fit is."""
+    """The second moment a least-squares re-fit of ``layer`` solves with, with the fit's relative damping."""
     from fxprune.compensation import DAMPING
     g = layer.gram - torch.outer(layer.mean, layer.mean) if centred else layer.gram.clone()
     mean = float(g.diagonal().mean())
@@ -150,6 +151,8 @@ def refit_residual_scores(w: torch.Tensor, cov: torch.Tensor, atoms: np.ndarray,
     leaves ``tr(W_S (P_SS)^-1 W_S^T)`` with ``P = cov^-1``; after each elimination ``W`` takes the re-fit and
     ``P`` the inverse of the remaining covariance (both rank-``|S|`` downdates), as in Optimal Brain Surgeon.
     """
+    if not (torch.isfinite(w).all() and torch.isfinite(cov).all()):
+        return np.full(size, np.nan)  # channel_scores names the group; NaN would otherwise vanish in max()
     w = w.permute(0, 2, 1).reshape(-1, w.shape[1]).double().clone()  # a kernel tap is one more output
     p = torch.linalg.inv(cov.double())
     sets = [torch.from_numpy(np.flatnonzero(atoms == c)) for c in range(size)]
@@ -178,7 +181,7 @@ def _eliminate_columns(w: torch.Tensor, p: torch.Tensor, atoms: np.ndarray, scor
     left, the cheapest 1/``_BLOCK`` of them go in one step (a rank-k downdate, then the matrices shrink to the
     inputs left): close to the one-at-a-time order (within a few % of its residual) for the work of about
     ``_BLOCK / 2`` full-size downdates instead of one per input."""
-    atoms = torch.from_numpy(atoms)
+    atoms = torch.as_tensor(atoms.copy())
     level = 0.0
     while bool((atoms >= 0).any()):
         costs = w.square().sum(0) / p.diagonal().clamp_min(1e-300)

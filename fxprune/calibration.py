@@ -13,10 +13,11 @@ counts as one sample, so memory is ``C_in^2`` whatever the kernel. It is exact f
 and Linear layers; for a kxk conv it treats every kernel tap as seeing the same channel
 covariance and ignores the correlation between neighbouring pixels (least squares then
 re-fits each tap with the same map). The Gram is collected only where it is used (a pruner
-with ``compensation: least_squares`` on ``compensation_inputs: dense``, or ``calibrate(gram=True)``),
-and not for layers with more input features than ``max_gram_features`` (4096: 128 MB in float64).
-Compensation on pruned inputs (the default) does not use them: it measures its own moments at the
-pruning step, one wave of layers at a time, so ``calibrate()`` then holds no matrix at all.
+with ``compensation: least_squares`` on ``compensation_inputs: dense``, ``flap`` under
+``least_squares``, which scores with it, or ``calibrate(gram=True)``), and not for layers with
+more input features than ``max_gram_features`` (4096: 128 MB in float64). Compensation on pruned
+inputs (the default) does not use them: it measures its own moments at the pruning step, one wave
+of layers at a time, so with another criterion ``calibrate()`` then holds no matrix at all.
 """
 
 from __future__ import annotations

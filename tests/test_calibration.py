@@ -696,3 +696,15 @@ def test_flap_least_squares_in_blocks_on_wide_layers_removes_as_well_as_one_at_a
         # measured on this strongly correlated input: 1.031 (a fifth removed) and 1.044 (half); on the 14 M
         # Llama of benchmarks/results_retrain_free_lm.md both give the same perplexity to 3 decimals
         assert residual_of_removing(blocked, count) <= 1.06 * residual_of_removing(single, count)
+
+
+def test_flap_least_squares_refuses_non_finite_statistics():
+    net = _duplicated_channel_net()
+    batches = _batches((8,), n=2, rows=16)
+    batches[1][3, 2] = float("nan")
+    pruning = fxprune.compile(net, (batches[0],), {"pruning_type": "flap", "target_sparsity": 1 / 6, "round_to": 1,
+                                                    "compensation": "least_squares"})
+    pruning.calibrate(batches, progress=False)
+    with pytest.raises(fxprune.errors.PruningError, match="non-finite flap scores"):
+        pruning.prune()
+    torch.testing.assert_close(pruning.model[1].weight, net[1].weight, atol=0, rtol=0)  # nothing changed
