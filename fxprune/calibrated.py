@@ -136,11 +136,8 @@ class FlapPruner(CalibratedPruner):
 
 def _covariance(layer, centred: bool) -> torch.Tensor:
     """The second moment a least-squares re-fit of ``layer`` solves with, with the fit's relative damping."""
-    from fxprune.compensation import DAMPING
-    g = layer.gram - torch.outer(layer.mean, layer.mean) if centred else layer.gram.clone()
-    mean = float(g.diagonal().mean())
-    g.diagonal().add_(DAMPING * mean if mean > 0 else 1e-8)
-    return g
+    from fxprune.compensation import damp_
+    return damp_(layer.gram - torch.outer(layer.mean, layer.mean) if centred else layer.gram.clone())
 
 
 def refit_residual_scores(w: torch.Tensor, cov: torch.Tensor, atoms: np.ndarray, size: int) -> np.ndarray:

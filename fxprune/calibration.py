@@ -228,8 +228,8 @@ class Calibration:
         terminal unless ``progress=False``. ``gram``: collect the consumers' input
         Gram matrices (what ``compensation: least_squares`` on dense inputs solves with, and ``flap`` under
         ``least_squares`` scores with); None collects them when a pruner asks for that, and False also turns
-        the least-squares fit on pruned inputs off (the removed inputs are then compensated by their mean). ``max_gram_features``: layers with wider inputs
-        are compensated by their mean only (a fit solves a matrix of that side). Under ``torch.distributed`` the sums are all-reduced, so every rank
+        the least-squares fit on pruned inputs off (the removed inputs are then compensated by their mean).
+        ``max_gram_features``: layers with wider inputs are compensated by their mean only (a fit solves a matrix of that side). Under ``torch.distributed`` the sums are all-reduced, so every rank
         prunes from the statistics of all ranks' batches. Call it before ``prune()``: it measures the
         model as it is now. Returns the pruning object; the statistics are ``pruning.calibration``.
         """

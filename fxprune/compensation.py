@@ -58,9 +58,17 @@ if TYPE_CHECKING:
     from fxprune.api import Pruning
     from fxprune.pruners import Pruner
 
-__all__ = ["compensate", "bias_target", "DAMPING"]
+__all__ = ["compensate", "bias_target", "damp_", "DAMPING"]
 
 DAMPING = 0.01
+
+
+def damp_(inner: torch.Tensor) -> torch.Tensor:
+    """The fit's ridge, in place: ``DAMPING`` times the mean diagonal (1e-8 where that is zero or empty)."""
+    diag = inner.diagonal()
+    mean = float(diag.mean()) if diag.numel() else 0.0
+    diag += DAMPING * mean if mean > 0 else 1e-8
+    return inner
 
 
 @torch.no_grad()
@@ -130,9 +138,7 @@ def _refit(pruning: "Pruning", layer: LayerStats, keep: np.ndarray, mode: str, c
             cross, inner = cross[0], inner[0]
         else:
             cross, inner = cross[1], inner[1]
-        inner = inner.clone()
-        diag = inner.diagonal()
-        diag += DAMPING * float(diag.mean()) if len(kept) and float(diag.mean()) > 0 else 1e-8
+        inner = damp_(inner.clone())
         try:
             fit = torch.linalg.solve(inner, cross.T).T  # inner is symmetric: fit = cross @ inner^-1
         except RuntimeError:
