@@ -518,6 +518,8 @@ def main(argv=None) -> None:
     ap.add_argument("--eval-batch", type=int, default=16)
     ap.add_argument("--calibration-windows", type=int, default=64)
     ap.add_argument("--calibration-batch", type=int, default=8)
+    ap.add_argument("--calibration-seed", type=int, default=None, help="seed of the calibration windows' draw "
+                    "(default: --seed + 1); changes the draw only, not the training or the checkpoint")
     ap.add_argument("--round-to", type=int, default=1)
     ap.add_argument("--bias", action="store_true", help="Linear layers with biases (attention_bias, mlp_bias), so "
                     "bias compensation has somewhere to go")
@@ -542,8 +544,10 @@ def main(argv=None) -> None:
     print(f"corpus: {corpus}", flush=True)
     model, record = train_or_load(args, train, corpus)
     val_windows = even_windows(val, args.eval_windows, args.seq_len)
+    if args.calibration_seed is None:
+        args.calibration_seed = args.seed + 1
     calib = list(random_windows(train, args.calibration_windows, args.seq_len,
-                                torch.Generator().manual_seed(args.seed + 1)).split(args.calibration_batch))
+                                torch.Generator().manual_seed(args.calibration_seed)).split(args.calibration_batch))
     global COMPENSATION_INPUTS
     COMPENSATION_INPUTS, args.calibration_batches = args.compensation_inputs, calib
     example = (val_windows[:1],)
@@ -656,8 +660,8 @@ def main(argv=None) -> None:
         f"- dense validation perplexity: **{dense_ppl:.3f}** ({math.log2(dense_ppl):.3f} bits/byte), on "
         f"{args.eval_windows} windows of {args.seq_len} bytes spread evenly over the validation split "
         f"({args.eval_windows * (args.seq_len - 1)} predicted bytes)",
-        f"- calibration: {args.calibration_windows} random training windows of {args.seq_len} bytes in batches of "
-        f"{args.calibration_batch}; `calibrate()` took "
+        f"- calibration: {args.calibration_windows} random training windows of {args.seq_len} bytes (draw seed "
+        f"{args.calibration_seed}) in batches of {args.calibration_batch}; `calibrate()` took "
         + ", ".join(f"{s:.1f} s ({'heads + FFN + hidden' if h else 'heads + FFN'})" for h, s in calib_s.items())
         + "; these statistics are shared by every run of the same column kind. Check: "
         + "; ".join(f"{col} flap + least_squares with its own `calibrate()` ({s:.1f} s) gives perplexity {a:.6f}, "
