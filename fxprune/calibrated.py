@@ -179,7 +179,7 @@ def _eliminate_columns(w: torch.Tensor, p: torch.Tensor, atoms: np.ndarray, scor
     (within a few % of its residual) for the work of about ``_BLOCK / 2`` full-size downdates instead of one per
     input. An eliminated input's column of ``w`` and row and column of ``p`` are zero after its downdate, so
     the matrices shrink to the inputs left only when a tenth of them has gone: copying them on every step cost
-    more than the downdates."""
+    about as much as the downdates."""
     atoms = torch.as_tensor(atoms.copy())
     live = atoms >= 0
     level = 0.0
@@ -195,7 +195,7 @@ def _eliminate_columns(w: torch.Tensor, p: torch.Tensor, atoms: np.ndarray, scor
         w -= w[:, out] @ inv @ p[out, :]
         p -= p[:, out] @ inv @ p[out, :]
         live[out] = False
-        if 0 < int(live.sum()) * 10 <= 9 * int((atoms >= 0).sum()):
+        if 0 < (left - len(out)) * 10 <= 9 * int((atoms >= 0).sum()):
             keep = live | (atoms < 0)
             w, p, atoms, live = w[:, keep], p[keep][:, keep], atoms[keep], live[keep]
 
