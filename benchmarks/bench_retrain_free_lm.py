@@ -75,9 +75,22 @@ import _measure  # noqa: E402
 import transformers  # noqa: E402
 
 import fxprune  # noqa: E402
+from fxprune.calibrated import FlapPruner  # noqa: E402
 
 CRITERIA = ("magnitude", "activation", "wanda_sp", "flap")
+VARIANTS = ("flap_marginal_heads",)  # opt-in rows (--criteria), pruners of this benchmark only
 COMPENSATIONS = ("none", "bias", "least_squares")
+
+
+@fxprune.register_pruners("flap_marginal_heads")
+class FlapMarginalHeads(FlapPruner):
+    """``flap`` scoring a consumer whose group channels own several of its inputs (the heads at ``o_proj``) by
+    the fluctuation, and the others (FFN channels, the hidden size) by the re-fit residual as ``flap`` does:
+    which of the two scores ranks heads better under least_squares (results_retrain_free_lm_draws.md)."""
+
+    def residual_scored(self, member) -> bool:
+        owned = member.atoms[member.atoms >= 0]
+        return owned.size == 0 or int(np.bincount(owned).max()) == 1
 VOCAB = 256  # byte-level tokens
 
 
@@ -501,7 +514,7 @@ def main(argv=None) -> None:
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.35, 0.5], help="heads + FFN pruning ratios")
     ap.add_argument("--hidden-ratio", type=float, default=0.2, help="ratio of the column that prunes the hidden size "
                     "too (heads, FFN and hidden at this ratio); negative: no such column")
-    ap.add_argument("--criteria", nargs="+", default=list(CRITERIA), choices=CRITERIA)
+    ap.add_argument("--criteria", nargs="+", default=list(CRITERIA), choices=CRITERIA + VARIANTS)
     ap.add_argument("--compensations", nargs="+", default=list(COMPENSATIONS), choices=COMPENSATIONS)
     ap.add_argument("--out", default=None, help="markdown file to write")
     ap.add_argument("--json", default=None, help="also write every measurement as JSON here")

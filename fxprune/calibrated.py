@@ -117,17 +117,22 @@ class FlapPruner(CalibratedPruner):
     def calibrated_scores(self, group, stats):
         parts, marginal = [], []
         for m, layer, w in self._consumers(group, stats):
-            if self.scores_with_gram and layer.gram is not None:
+            if self.scores_with_gram and layer.gram is not None and self.residual_scored(m):
                 parts.append(refit_residual_scores(w, _covariance(layer, layer.module in stats.shifted), m.atoms,
                                                    group.size))
                 continue
-            if self.scores_with_gram:
+            if self.scores_with_gram and layer.gram is None:
                 marginal.append(layer.module)
             parts.append(member_channel_sum(w.square().sum((0, 2)) * layer.var, m.atoms, group.size))
         if marginal:
             self._note(f"{group.describe()}: {', '.join(marginal)} kept no input Gram (wider than max_gram_features, "
                        "or calibrate(gram=False)): scored by the marginal fluctuation there, not the re-fit residual")
         return sum(parts) if parts else None
+
+    def residual_scored(self, member) -> bool:
+        """Whether this consumer member is scored by the re-fit residual (given its Gram): every one here; a
+        variant that scores some members by the fluctuation instead overrides it (the benchmarks compare one)."""
+        return True
 
     def normalise(self, score: np.ndarray) -> np.ndarray:
         std = score.std()

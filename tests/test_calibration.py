@@ -673,6 +673,30 @@ def test_flap_least_squares_without_gram_says_it_scored_the_fluctuation():
     assert set(range(6)) - set(pruning.kept_channels[pruning.groups[0].index].tolist()) == {5}
 
 
+def test_a_flap_variant_scores_chosen_members_by_the_fluctuation_under_least_squares():
+    from fxprune.calibrated import FlapPruner
+    from fxprune.pruners import PRUNERS
+
+    class Marginal(FlapPruner):
+        def residual_scored(self, member):
+            return False
+
+    fxprune.register_pruners("test_flap_marginal")(Marginal)
+    try:
+        batches = _batches((8,), n=4, rows=64)
+        pruning = fxprune.compile(_duplicated_channel_net(), (batches[0],),
+                                  {"pruning_type": "test_flap_marginal", "target_sparsity": 1 / 6, "round_to": 1,
+                                   "compensation": "least_squares"})
+        pruning.calibrate(batches, progress=False).prune()
+    finally:
+        PRUNERS.pop("test_flap_marginal")
+    assert pruning.calibration.layers["1"].gram is not None
+    # the fluctuation keeps the large twins and drops the small channel 5, as under bias; the Gram was there, so
+    # no note says it was missing
+    assert set(range(6)) - set(pruning.kept_channels[pruning.groups[0].index].tolist()) == {5}
+    assert not any("marginal fluctuation" in n for n in pruning.pruners[0].notes), pruning.pruners[0].notes
+
+
 def test_flap_least_squares_in_blocks_on_wide_layers_removes_as_well_as_one_at_a_time(monkeypatch):
     import fxprune.calibrated as calibrated
     gen = torch.Generator().manual_seed(2)
