@@ -91,6 +91,8 @@ class FlapMarginalHeads(FlapPruner):
     def residual_scored(self, member) -> bool:
         owned = member.atoms[member.atoms >= 0]
         return owned.size == 0 or int(np.bincount(owned).max()) == 1
+
+
 VOCAB = 256  # byte-level tokens
 
 
