@@ -31,7 +31,11 @@ Which inputs a layer is fitted on (``compensation_inputs``):
   dense layer's output, with the cross moment ``E[x_dense x_pruned,K^T]`` in place of
   ``G[:, K]``, so a layer also makes up for what the
   layers before it could not restore. The batches run once per wave (two blocks' worth of
-  waves per transformer layer for heads + FFN).
+  waves per transformer layer for heads + FFN). Each pruner's step fits only its own layers,
+  so one pruner over heads and FFN (each block fitted with every layer before it pruned) and two
+  pruners splitting them (the heads of every block fitted while the FFNs are still dense) give
+  different models; measured on a 14.4 M Llama at 35%, wanda_sp: 3.996 against 4.014. Under
+  ``dense`` the two are the same (4.030 both).
 - ``dense``: each layer on the statistics ``calibrate`` collected, on its own. One pass over
   the data in all, none at the pruning step.
 
