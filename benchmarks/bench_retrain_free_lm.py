@@ -75,7 +75,7 @@ import _measure  # noqa: E402
 import transformers  # noqa: E402
 
 import fxprune  # noqa: E402
-from fxprune.calibrated import FlapPruner  # noqa: E402
+from fxprune.calibrated import FlapPruner, one_input_per_channel  # noqa: E402
 
 CRITERIA = ("magnitude", "activation", "wanda_sp", "flap")
 VARIANTS = ("flap_marginal_heads",)  # opt-in rows (--criteria), pruners of this benchmark only
@@ -89,8 +89,7 @@ class FlapMarginalHeads(FlapPruner):
     which of the two scores ranks heads better under least_squares (results_retrain_free_lm_draws.md)."""
 
     def residual_scored(self, member) -> bool:
-        owned = member.atoms[member.atoms >= 0]
-        return owned.size == 0 or int(np.bincount(owned).max()) == 1
+        return one_input_per_channel(member.atoms)
 
 
 VOCAB = 256  # byte-level tokens

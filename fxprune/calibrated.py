@@ -41,7 +41,8 @@ from fxprune.calibration import CalibrationStats, member_channel_sum, require_ca
 from fxprune.errors import ConfigError, PruningError
 from fxprune.pruners import Pruner, register_pruners
 
-__all__ = ["CalibratedPruner", "ActivationPruner", "WandaSPPruner", "FlapPruner", "refit_residual_scores"]
+__all__ = ["CalibratedPruner", "ActivationPruner", "WandaSPPruner", "FlapPruner", "refit_residual_scores",
+           "one_input_per_channel"]
 
 
 class CalibratedPruner(Pruner):
@@ -160,7 +161,7 @@ def refit_residual_scores(w: torch.Tensor, cov: torch.Tensor, atoms: np.ndarray,
     sets = [torch.from_numpy(np.flatnonzero(atoms == c)) for c in range(size)]
     alive = [c for c in range(size) if len(sets[c])]
     scores = np.zeros(size)
-    if all(len(sets[c]) == 1 for c in alive):
+    if one_input_per_channel(atoms):
         _eliminate_columns(w, p, atoms, scores)
         return scores
     level = 0.0
@@ -176,6 +177,13 @@ def refit_residual_scores(w: torch.Tensor, cov: torch.Tensor, atoms: np.ndarray,
         w -= w[:, cols] @ inv @ p[cols, :]
         p -= p[:, cols] @ inv @ p[cols, :]
     return scores
+
+
+def one_input_per_channel(atoms: np.ndarray) -> bool:
+    """Whether each group channel owns at most one input of the consumer (``atoms[i]``: its channel, -1 none):
+    FFN channels and the hidden size at their readers, not heads at ``o_proj``."""
+    owned = atoms[atoms >= 0]
+    return owned.size == 0 or int(np.bincount(owned).max()) == 1
 
 
 def _eliminate_columns(w: torch.Tensor, p: torch.Tensor, atoms: np.ndarray, scores: np.ndarray) -> None:
