@@ -18,7 +18,8 @@ What is measured and how:
    compensation (``none``, ``bias``, ``least_squares``): ``fxprune.compile(model, (input_ids,), config)``
    with local scope (every layer's heads and FFN channels are pruned to the ratio), ``prune()`` once,
    no training. Columns: each ratio of ``--ratios`` for heads + FFN channels, and ``--hidden-ratio``
-   with the hidden size pruned too (a second pruner with ``prune_hidden_size: True`` at the same ratio).
+   with the hidden size pruned too (a second pruner with ``prune_hidden_size: True`` at the same ratio; with
+   the same compensation the two step together, so their layers are fitted in one sequence).
    Calibration: ``--calibration-windows`` random training windows. The statistics depend only on the
    dense model, the windows and which groups are pruned, so they are collected once per column kind
    (heads + FFN; + hidden) with ``pruning.calibrate(batches)`` (``gram=True`` with ``--compensation-inputs dense``) and handed to each fresh
@@ -683,7 +684,7 @@ def main(argv=None) -> None:
         f"- pruning: `fxprune.compile(model, (input_ids,), config)`, `prune()` once, no training; prune_domain local, "
         f"round_to {args.round_to}; a column's ratio is each layer's heads and FFN channels (fxprune removes "
         f"floor(ratio × count) of each group); '+ hidden' adds a second pruner with `prune_hidden_size: True` at the "
-        "same ratio; compensation_inputs " + ("pruned (least_squares and bias fitted on the inputs pruning leaves "
+        "same ratio (the two step together: one compensation fits both pruners' layers); compensation_inputs " + ("pruned (least_squares and bias fitted on the inputs pruning leaves "
                                               "each layer)" if args.compensation_inputs == "pruned" else
                                               "dense (fitted on the dense model's statistics)"),
         "- compact: every run calls `pruning.compact()` (its own check on the example passed) and compares the compact "

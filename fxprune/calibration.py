@@ -364,8 +364,9 @@ class Calibration:
             reestimate_batch_norms(self.model, batches, run, progress)
         return self
 
-    def compensate(self, pruner: "Pruner", kept: dict[int, np.ndarray]) -> None:
-        """Re-fit the consumers of the channels ``kept`` is about to remove (see :mod:`fxprune.compensation`)."""
+    def compensate(self, pruner: "Pruner | list[Pruner]", kept: dict[int, np.ndarray]) -> None:
+        """Re-fit the consumers of the channels ``kept`` is about to remove (see :mod:`fxprune.compensation`);
+        ``pruner``: the pruner of the step, or the pruners stepping together (they compensate alike)."""
         from fxprune.compensation import compensate  # it reads this module's statistics: imported late
 
         compensate(self, pruner, kept)

@@ -31,11 +31,13 @@ Which inputs a layer is fitted on (``compensation_inputs``):
   dense layer's output, with the cross moment ``E[x_dense x_pruned,K^T]`` in place of
   ``G[:, K]``, so a layer also makes up for what the
   layers before it could not restore. The batches run once per wave (two blocks' worth of
-  waves per transformer layer for heads + FFN). Each pruner's step fits only its own layers,
-  so one pruner over heads and FFN (each block fitted with every layer before it pruned) and two
-  pruners splitting them (the heads of every block fitted while the FFNs are still dense) give
-  different models; measured on a 14.4 M Llama at 35%, wanda_sp: 3.996 against 4.014. Under
-  ``dense`` the two are the same (4.030 both).
+  waves per transformer layer for heads + FFN). Pruners that prune at the same step with the
+  same compensation settings are fitted together, in one sequence of waves
+  (``Masking._step_jointly``): fitted one after another, two pruners splitting heads and FFN
+  would fit the heads of every block while the FFNs are still dense, and give another model
+  than one pruner over both (measured so on a 14.4 M Llama at 35%, wanda_sp: 4.014 against
+  3.996). Under ``dense`` each layer is fitted on ``calibrate``'s statistics either way (4.030
+  both there).
 - ``dense``: each layer on the statistics ``calibrate`` collected, on its own. One pass over
   the data in all, none at the pruning step.
 
@@ -76,14 +78,18 @@ def damp_(inner: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def compensate(pruning: "Pruning", pruner: "Pruner", kept: dict[int, np.ndarray]) -> None:
-    """Re-fit every consumer that loses input channels when ``kept`` (group index -> keep mask) is applied."""
-    mode = pruner.config.compensation
+def compensate(pruning: "Pruning", pruner: "Pruner | list[Pruner]", kept: dict[int, np.ndarray]) -> None:
+    """Re-fit every consumer that loses input channels when ``kept`` (group index -> keep mask) is applied.
+    ``pruner``: the step's pruner, or the pruners stepping together (the same compensation settings), whose
+    layers are then fitted as one pruner's would be."""
+    pruners = list(pruner) if isinstance(pruner, (list, tuple)) else [pruner]
+    config = pruners[0].config
+    mode = config.compensation
     stats = require_calibration(pruning.calibration, f"compensation {mode!r}")
     skipped: dict[str, list[str]] = {"unseen": [], "gram": [], "bias": []}
-    changes = [c for c in _consumer_changes(pruning, pruner, kept, stats, skipped["unseen"]) if c[2].any()]
+    changes = [c for c in _consumer_changes(pruning, pruners, kept, stats, skipped["unseen"]) if c[2].any()]
     with _restored_on_error(pruning, changes, kept) as before:
-        if pruner.config.compensation_inputs == "pruned" and changes:
+        if config.compensation_inputs == "pruned" and changes:
             moments = _replayed(pruning, kept, changes, mode, before)
         else:
             moments = ((layer, keep, _dense_moments(layer, keep, mode), None) for layer, keep, _ in changes)
@@ -96,7 +102,7 @@ def compensate(pruning: "Pruning", pruner: "Pruner", kept: dict[int, np.ndarray]
                               "is not compensated (a new bias would not be in the captured graph)")):
         if skipped[key]:
             names = skipped[key]
-            pruner._note(f"{len(names)} layers ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}) {why}")
+            pruners[0]._note(f"{len(names)} layers ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}) {why}")
 
 
 @contextlib.contextmanager
@@ -339,10 +345,11 @@ def _waves(gm: torch.fx.GraphModule, weights: set[str]) -> dict[str, int]:
     return wave
 
 
-def _consumer_changes(pruning: "Pruning", pruner: "Pruner", kept: dict[int, np.ndarray], stats, unseen: list[str]):
+def _consumer_changes(pruning: "Pruning", pruners: "list[Pruner]", kept: dict[int, np.ndarray], stats,
+                      unseen: list[str]):
     """(layer statistics, inputs kept after the step, inputs this step removes) per consumer the step touches."""
     touched: set[str] = set()
-    for g in pruner.groups:
+    for g in (g for pruner in pruners for g in pruner.groups):
         for m in g.parameters:
             layer = stats.for_parameter(m.name)
             if layer is not None and layer.is_consumer(m.dim):

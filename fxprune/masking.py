@@ -34,6 +34,16 @@ LATENCY_TOLERANCE = 1.01
 LATENCY_OVERSHOOT = 0.95
 
 
+def _joint_key(pruner: Pruner) -> tuple[str, str] | None:
+    """What pruners that step together must share (their compensation); None: this one steps alone (no
+    compensation, an element pattern, a latency target that measures its own plan, its own after_select)."""
+    cfg = pruner.config
+    if (not pruner.pattern.is_channel or cfg.compensation == "none" or pruner.latency is not None
+            or type(pruner).after_select is not Pruner.after_select):
+        return None
+    return cfg.compensation, cfg.compensation_inputs
+
+
 class Masking:
     """Mask state and the hooks that move it; a part of :class:`fxprune.Pruning`.
 
@@ -151,11 +161,43 @@ class Masking:
         if sparsity is not None and any(p.config.latency_target for p in self.pruners):
             raise ConfigError("this config prunes to a latency target (target_speedup / target_latency_ms): call "
                               "prune() without a sparsity, or drop the latency target to prune to one")
-        for pruner in self.pruners:
-            pruner.prepare()
-            target = pruner.target_sparsity_ratio if sparsity is None else sparsity
-            self._step_pruner(pruner, target)
+        self._step_pruners(self.pruners, lambda p: p.target_sparsity_ratio if sparsity is None else sparsity)
         return self
+
+    def _step_pruners(self, pruners: list[Pruner], target_of) -> None:
+        """Run one pruning step of ``pruners`` (``target_of(pruner)``: its sparsity now, read after its
+        ``prepare``). Consecutive channel pruners that compensate alike step together (see
+        :meth:`_step_jointly`); the others one after another, each seeing what the ones before it pruned."""
+        i = 0
+        while i < len(pruners):
+            key, j = _joint_key(pruners[i]), i + 1
+            while key is not None and j < len(pruners) and _joint_key(pruners[j]) == key:
+                j += 1
+            batch = pruners[i:j]
+            for pruner in batch:
+                pruner.prepare()
+            if len(batch) == 1:
+                self._step_pruner(batch[0], target_of(batch[0]))
+            else:
+                self._step_jointly(batch, [target_of(p) for p in batch])
+            i = j
+
+    def _step_jointly(self, pruners: list[Pruner], targets: list[float]) -> None:
+        """One step of pruners that compensate alike, as one pruner over all their groups would take it: each
+        selects on the model as the step finds it, then one compensation re-fits every layer they change
+        (under ``compensation_inputs: pruned`` in one sequence of waves, each layer on the inputs all the
+        step's pruning leaves it), then the masks. Stepped one after another, each pruner's fit would see
+        the layers of the later ones still dense."""
+        kept: dict[int, np.ndarray] = {}
+        for pruner, target in zip(pruners, targets):
+            chosen = pruner.select(target)
+            self._check_kept(chosen)
+            kept.update(chosen)
+        self.compensate(pruners, kept)
+        self._apply_kept(kept)
+        for pruner, target in zip(pruners, targets):
+            pruner.current_sparsity_ratio = target
+            pruner.on_pruning_step()
 
     def _step_pruner(self, pruner: Pruner, target: float) -> None:
         if pruner.pattern.is_channel:
@@ -229,11 +271,12 @@ class Masking:
         self._require_training("on_step_begin")
         if step is not None:
             self.global_step = step
+        due = []
         for pruner in self.pruners:
             pruner.global_step = self.global_step
             if pruner.scheduler.is_pruning_step(self.global_step):
-                pruner.prepare()
-                self._step_pruner(pruner, pruner.scheduler.sparsity(self.global_step))
+                due.append(pruner)
+        self._step_pruners(due, lambda p: p.scheduler.sparsity(self.global_step))
 
     def on_before_optimizer_step(self) -> None:
         """Scores from this step's gradients, then gradients of pruned weights are zeroed."""
