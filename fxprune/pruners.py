@@ -182,7 +182,7 @@ class Pruner:
     def _note(self, note: str) -> None:
         if note not in self.notes:
             self.notes.append(note)
-            warnings.warn(f"{self.config.pruning_type} pruner: {note}", UserWarning, stacklevel=6)
+            warnings.warn(f"{self.config.pruning_type} pruner: {note}", UserWarning, stacklevel=7)
 
     def _note_unaligned(self, kept: dict[int, np.ndarray], round_to) -> None:
         """Say where concatenated pieces keep unaligned widths because whole chunks could not meet the target."""
