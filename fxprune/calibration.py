@@ -3,8 +3,9 @@
 Criteria such as Wanda-SP and FLAP rank channels by what flows through them, and
 compensation re-fits the kept weights to what the removed ones contributed; both need the
 layers' input statistics. ``pruning.calibrate(batches)`` runs the masked model over the
-batches once and streams, per prunable layer (``nn.Linear``, ``nn.Conv1d/2d/3d`` and Hugging
-Face's ``Conv1D`` whose weight is a group member), sums in float64: per input feature the sum
+batches once and streams, per prunable layer (``nn.Linear``, ``nn.Conv1d/2d/3d``, Hugging
+Face's ``Conv1D`` and ``nn.MultiheadAttention``'s packed input projection, whose weight is a group
+member), sums in float64: per input feature the sum
 and sum of squares, per output feature the same, and for layers that consume a group's
 channels the second moment ``sum x x^T`` of their inputs. No activation is stored.
 
@@ -38,7 +39,7 @@ import torch.utils._pytree as pytree
 from tqdm import tqdm
 
 from fxprune.adapters.hf_attention import is_transposed_linear
-from fxprune.adapters.torch_attention import register_layer_hooks
+from fxprune.adapters.torch_attention import packed_in_projection, register_layer_hooks
 from fxprune.batch_norms import reestimate_batch_norms
 from fxprune.errors import PruningError
 
@@ -154,9 +155,8 @@ class CalibrationStats:
 
     def for_parameter(self, name: str) -> LayerStats | None:
         """The statistics of the layer whose weight is parameter ``name`` (None if it has none)."""
-        module, _, attr = name.rpartition(".")
-        stats = self.layers.get(module)
-        return stats if stats is not None and attr == "weight" else None
+        stats = self.layers.get(name.rpartition(".")[0])
+        return stats if stats is not None and stats.weight == name else None
 
 
 def feature_rows(x: torch.Tensor, batched_dims: int, features: int) -> torch.Tensor:
@@ -187,8 +187,15 @@ def tap_sums(x: torch.Tensor, conv: nn.Module, batched_dims: int) -> tuple[int, 
     return samples * math.prod(out), torch.stack(sums, 1)
 
 
+def _layer_weight(module: nn.Module) -> torch.Tensor:
+    """The weight of a prunable layer (an attention module's packed input projection: ``in_proj_weight``)."""
+    return module.in_proj_weight if packed_in_projection(module) else module.weight
+
+
 def _layer_kind(module: nn.Module) -> tuple[int, int, int, int, int, int] | None:
     """(in_dim, out_dim, groups, batched_dims, in_features, out_features) of a prunable layer, else None."""
+    if packed_in_projection(module):  # nn.MultiheadAttention's in_proj_weight (3E, E): a Linear on the query
+        return 1, 0, 1, 0, module.embed_dim, 3 * module.embed_dim
     if isinstance(module, nn.Linear):
         return 1, 0, 1, 0, module.in_features, module.out_features
     if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
@@ -267,7 +274,9 @@ class Calibration:
             for f in ("rows", "sum", "sum_sq", "out_rows", "out_sum", "out_sum_sq", "gram_sum", "tap_rows", "tap_sum"):
                 if getattr(stats, f) is not None:
                     setattr(stats, f, getattr(stats, f).cpu())
-        missed = sorted(n for n, s in layers.items() if s.count == 0)
+        # an attention module's input projection sees nothing in cross-attention (where the graph slices it, and
+        # its input channels are not prunable): not a missed layer
+        missed = sorted(n for n, s in layers.items() if s.count == 0 and not s.weight.endswith(".in_proj_weight"))
         if missed:
             warnings.warn(f"calibration reached no input of {len(missed)} layers (e.g. {missed[0]}): their forward "
                           "never ran as a module (a fused path, or a weight read directly by a parent module); "
@@ -291,7 +300,7 @@ class Calibration:
         for g in self.groups:
             for m in g.parameters:
                 module, _, attr = m.name.rpartition(".")
-                if attr == "weight":
+                if attr in ("weight", "in_proj_weight"):
                     members.add(module)
                     if g.index in self._claimed:
                         claimed.add((module, m.dim))
@@ -310,15 +319,17 @@ class Calibration:
                 layers[name] = by_object[id(module)]
                 continue
             in_dim, out_dim, groups, batched, n_in, n_out = kind
-            dev = module.weight.device
+            weight = _layer_weight(module)
+            dev = weight.device
             zeros = lambda n: torch.zeros(n, dtype=torch.float64, device=dev)  # noqa: E731
             wants_gram = gram and groups == 1 and (name, in_dim) in claimed and n_in <= max_gram_features
             conv = module if batched and groups == 1 and (name, in_dim) in claimed else None
-            stats = LayerStats(name, f"{name}.weight", in_dim, out_dim, groups, batched, zeros(()), zeros(n_in),
+            weight_name = f"{name}.in_proj_weight" if packed_in_projection(module) else f"{name}.weight"
+            stats = LayerStats(name, weight_name, in_dim, out_dim, groups, batched, zeros(()), zeros(n_in),
                                zeros(n_in), zeros(()), zeros(n_out), zeros(n_out),
                                zeros((n_in, n_in)) if wants_gram else None, conv,
                                zeros(()) if conv is not None else None,
-                               zeros((n_in, module.weight[0, 0].numel())) if conv is not None else None)
+                               zeros((n_in, weight[0, 0].numel())) if conv is not None else None)
             layers[name] = by_object[id(module)] = stats
             handles += register_layer_hooks(self.model, name, functools.partial(stats._add, out=False),
                                             functools.partial(stats._add, out=True))

@@ -271,7 +271,8 @@ def _replayed(pruning: "Pruning", kept: dict[int, np.ndarray], changes, mode: st
                 module = model.get_submodule(layer.module)
                 conv = module if layer.batched_dims and layer.groups == 1 else None
                 wants_gram = mode == "least_squares" and layer.sum.numel() <= pruning.calibration.max_gram_features
-                pair = pairs[layer.module] = _Pair(layer, keep, conv, wants_gram, module.weight.device)
+                device = model.get_parameter(layer.weight).device
+                pair = pairs[layer.module] = _Pair(layer, keep, conv, wants_gram, device)
                 handles += register_layer_hooks(model, layer.module, _paired(pair, dense_side))
             with inference(model) as run:
                 for batch in batches:
@@ -377,7 +378,8 @@ def _consumer_changes(pruning: "Pruning", pruners: "list[Pruner]", kept: dict[in
 def bias_target(pruning: "Pruning", layer: LayerStats) -> tuple[torch.Tensor, float] | None:
     """Where a shift of the layer's output goes: its bias (+), else its BatchNorm's running mean (-), else None."""
     module = pruning.model.get_submodule(layer.module)
-    bias = getattr(module, "bias", None)
+    # the bias beside the weight: ``bias`` for ``weight``, ``in_proj_bias`` for an attention's ``in_proj_weight``
+    bias = getattr(module, layer.weight.rpartition(".")[2].removesuffix("weight") + "bias", None)
     if isinstance(bias, torch.Tensor):
         return bias, 1.0
     running_mean = _batch_norm_after(pruning.captured.graph_module, layer.weight)

@@ -1,4 +1,4 @@
-"""``nn.MultiheadAttention``'s output projection, observed through the attention module.
+"""``nn.MultiheadAttention``'s projections, observed through the attention module.
 
 Its forward reads ``out_proj.weight`` and ``out_proj.bias`` directly and never calls ``out_proj``,
 so hooks on that ``nn.Linear`` see nothing, and calibration and compensation would have no input
@@ -6,7 +6,14 @@ statistics for the layer that reads the heads. The projection is linear, so its 
 heads' concatenated outputs) is the attention module's output with ``out_proj`` as the identity:
 :func:`register_layer_hooks` recomputes that in a forward hook of the attention module (one more
 attention pass per call, with the same arguments), and hands the layer's output to the output
-hook as the attention module's first output. Every other layer is hooked as itself.
+hook as the attention module's first output.
+
+The packed input projection (``in_proj_weight``, the layer that reads the hidden size) is the
+attention module itself as a layer: in self-attention (query, key and value the same tensor) its
+input is the query and its output ``linear(query, in_proj_weight, in_proj_bias)``, reported by a
+pre-hook of the attention module. In cross-attention the three chunks read different tensors, so
+nothing is reported and compensation says the layer was not fitted. Every other layer is hooked
+as itself.
 """
 
 from __future__ import annotations
@@ -17,9 +24,10 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call
 
-__all__ = ["owning_attention", "register_layer_hooks", "reads_inputs_unobserved"]
+__all__ = ["owning_attention", "packed_in_projection", "register_layer_hooks", "reads_inputs_unobserved"]
 
 Observer = Callable[[torch.Tensor], None]
+_RECOMPUTING: set[int] = set()  # attention modules being run again by a hook: their hooks do not report that run
 
 
 def _attention_owning(model: nn.Module, name: str) -> tuple[nn.MultiheadAttention | None, str]:
@@ -36,6 +44,12 @@ def owning_attention(model: nn.Module, name: str) -> nn.MultiheadAttention | Non
     """The ``nn.MultiheadAttention`` whose ``out_proj`` is the submodule ``name``, else None."""
     owner, attr = _attention_owning(model, name)
     return owner if attr == "out_proj" else None
+
+
+def packed_in_projection(module: nn.Module) -> bool:
+    """Whether ``module`` is an ``nn.MultiheadAttention`` with one packed ``in_proj_weight`` (query, key and
+    value of the same width): calibration observes it as the layer that weight belongs to."""
+    return isinstance(module, nn.MultiheadAttention) and module._qkv_same_embed_dim
 
 
 def reads_inputs_unobserved(model: nn.Module, parameter: str, dim: int) -> bool:
@@ -55,6 +69,8 @@ def register_layer_hooks(model: nn.Module, name: str, on_input: Observer | None 
     attention = owning_attention(model, name)
     if attention is not None:
         return [attention.register_forward_hook(_projection_hook(attention, on_input, on_output), with_kwargs=True)]
+    if packed_in_projection(layer):
+        return [layer.register_forward_pre_hook(_in_projection_hook(layer, on_input, on_output), with_kwargs=True)]
     handles = []
     if on_input is not None:
         handles.append(layer.register_forward_pre_hook(
@@ -64,11 +80,25 @@ def register_layer_hooks(model: nn.Module, name: str, on_input: Observer | None 
     return handles
 
 
-def _projection_hook(attention: nn.MultiheadAttention, on_input: Observer | None, on_output: Observer | None):
-    busy = []  # the recomputation calls the module again: its own hook call is not observed
+def _in_projection_hook(attention: nn.MultiheadAttention, on_input: Observer | None, on_output: Observer | None):
+    def hook(module, args, kwargs):
+        if id(attention) in _RECOMPUTING:
+            return
+        names = ("query", "key", "value")
+        q, k, v = (args[i] if i < len(args) else kwargs.get(n) for i, n in enumerate(names))
+        if not isinstance(q, torch.Tensor) or k is not q or v is not q:  # cross-attention: three inputs
+            return
+        if on_input is not None:
+            _report(on_input, q)
+        if on_output is not None:
+            _report(on_output, torch.nn.functional.linear(q, attention.in_proj_weight, attention.in_proj_bias))
 
+    return hook
+
+
+def _projection_hook(attention: nn.MultiheadAttention, on_input: Observer | None, on_output: Observer | None):
     def hook(module, args, kwargs, out):
-        if busy:
+        if id(attention) in _RECOMPUTING:  # a hook's own run of the module (this one's or another's)
             return
         if on_output is not None:
             _report(on_output, out[0] if isinstance(out, tuple) else out)
@@ -78,11 +108,11 @@ def _projection_hook(attention: nn.MultiheadAttention, on_input: Observer | None
         identity = {"out_proj.weight": torch.eye(weight.shape[1], dtype=weight.dtype, device=weight.device)}
         if bias is not None:
             identity["out_proj.bias"] = torch.zeros(weight.shape[1], dtype=bias.dtype, device=bias.device)
-        busy.append(True)
+        _RECOMPUTING.add(id(attention))
         try:
             heads = functional_call(attention, identity, args, kwargs)
         finally:
-            busy.clear()
+            _RECOMPUTING.discard(id(attention))
         _report(on_input, heads[0] if isinstance(heads, tuple) else heads)
 
     return hook
