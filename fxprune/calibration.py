@@ -155,8 +155,10 @@ class CalibrationStats:
 
     def for_parameter(self, name: str) -> LayerStats | None:
         """The statistics of the layer whose weight is parameter ``name`` (None if it has none)."""
-        stats = self.layers.get(name.rpartition(".")[0])
-        return stats if stats is not None and stats.weight == name else None
+        module, _, attr = name.rpartition(".")
+        stats = self.layers.get(module)
+        # the attribute, not the whole name: a module under two names has one set of statistics, named once
+        return stats if stats is not None and stats.weight.rpartition(".")[2] == attr else None
 
 
 def feature_rows(x: torch.Tensor, batched_dims: int, features: int) -> torch.Tensor:

@@ -87,7 +87,8 @@ def compensate(pruning: "Pruning", pruner: "Pruner | list[Pruner]", kept: dict[i
     mode = config.compensation
     stats = require_calibration(pruning.calibration, f"compensation {mode!r}")
     skipped: dict[str, list[str]] = {"unseen": [], "gram": [], "bias": []}
-    changes = [c for c in _consumer_changes(pruning, pruners, kept, stats, skipped["unseen"]) if c[2].any()]
+    owners: dict[str, "Pruner"] = {}  # layer -> the pruner of the step whose channels it reads (for its notes)
+    changes = [c for c in _consumer_changes(pruning, pruners, kept, stats, skipped["unseen"], owners) if c[2].any()]
     with _restored_on_error(pruning, changes, kept) as before:
         if config.compensation_inputs == "pruned" and changes:
             moments = _replayed(pruning, kept, changes, mode, before)
@@ -100,9 +101,10 @@ def compensate(pruning: "Pruning", pruner: "Pruner | list[Pruner]", kept: dict[i
                               "or calibrate(gram=False)): their removed inputs are compensated by their mean only"),
                      ("bias", "have no bias and no BatchNorm of their own after them: the mean of their removed inputs "
                               "is not compensated (a new bias would not be in the captured graph)")):
-        if skipped[key]:
-            names = skipped[key]
-            pruners[0]._note(f"{len(names)} layers ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}) {why}")
+        for owner in pruners:
+            names = [n for n in skipped[key] if owners.get(n, pruners[0]) is owner]
+            if names:
+                owner._note(f"{len(names)} layers ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}) {why}")
 
 
 @contextlib.contextmanager
@@ -347,19 +349,23 @@ def _waves(gm: torch.fx.GraphModule, weights: set[str]) -> dict[str, int]:
 
 
 def _consumer_changes(pruning: "Pruning", pruners: "list[Pruner]", kept: dict[int, np.ndarray], stats,
-                      unseen: list[str]):
-    """(layer statistics, inputs kept after the step, inputs this step removes) per consumer the step touches."""
+                      unseen: list[str], owners: dict[str, "Pruner"]):
+    """(layer statistics, inputs kept after the step, inputs this step removes) per consumer the step touches;
+    ``owners`` gets, per layer named, the first of ``pruners`` whose group it reads."""
     touched: set[str] = set()
-    for g in (g for pruner in pruners for g in pruner.groups):
+    for pruner, g in ((pruner, g) for pruner in pruners for g in pruner.groups):
         for m in g.parameters:
             layer = stats.for_parameter(m.name)
             if layer is not None and layer.is_consumer(m.dim):
                 touched.add(layer.module)
+                owners.setdefault(layer.module, pruner)
             elif layer is not None and m.dim == layer.in_dim and layer.groups == 1 and not kept[g.index].all():
                 unseen.append(layer.module)
+                owners.setdefault(layer.module, pruner)
             elif (layer is None and not kept[g.index].all()
                   and reads_inputs_unobserved(pruning.model, m.name, m.dim)):
                 unseen.append(m.name)
+                owners.setdefault(m.name, pruner)
     changes: dict[str, list] = {}
     for g in pruning.groups:
         for m in g.parameters:

@@ -8,7 +8,6 @@ step turns scores into kept channels per group (:mod:`fxprune.selection`).
 
 from __future__ import annotations
 
-import warnings
 
 import numpy as np
 import torch
@@ -21,6 +20,7 @@ from fxprune.registry import PRUNERS, registered_names, unknown_pruner
 from fxprune.schedulers import get_scheduler
 from fxprune.selection import (align_narrow, aligned_round_to, choose_kept, latency_counts, prune_counts,
                                repeated_blocks, unaligned_pieces, uniform_counts)
+from fxprune.user_warning import warn
 
 __all__ = ["PRUNERS", "register_pruners", "get_pruner", "registered_names", "Pruner", "MagnitudePruner",
            "SnipPruner", "SnipMomentumPruner", "TaylorPruner", "PatternLockPruner"]
@@ -182,7 +182,7 @@ class Pruner:
     def _note(self, note: str) -> None:
         if note not in self.notes:
             self.notes.append(note)
-            warnings.warn(f"{self.config.pruning_type} pruner: {note}", UserWarning, stacklevel=7)
+            warn(f"{self.config.pruning_type} pruner: {note}")
 
     def _note_unaligned(self, kept: dict[int, np.ndarray], round_to) -> None:
         """Say where concatenated pieces keep unaligned widths because whole chunks could not meet the target."""

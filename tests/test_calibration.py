@@ -823,3 +823,22 @@ def test_flap_least_squares_refuses_non_finite_statistics():
     with pytest.raises(fxprune.errors.PruningError, match="non-finite flap scores"):
         pruning.prune()
     torch.testing.assert_close(pruning.model[1].weight, net[1].weight, atol=0, rtol=0)  # nothing changed
+
+
+def test_pruner_notes_name_the_users_line_and_their_own_pruner():
+    """A note raised in selection and one raised in compensation (under torch.no_grad's wrapper, with two
+    pruners stepping together) are both attributed to the caller's line, each by the pruner whose layers
+    it is about."""
+    model = torch.nn.Sequential(torch.nn.Linear(8, 100), torch.nn.ReLU(), torch.nn.Linear(100, 40),
+                                torch.nn.ReLU(), torch.nn.Linear(40, 2, bias=False))
+    pruning = fxprune.compile(model, (torch.randn(2, 8),), {"pruners": [
+        {"target_sparsity": 0.4, "compensation": "bias", "names": ["0"]},
+        {"target_sparsity": 0.5, "compensation": "bias", "round_to": 1, "names": ["2"]}]})
+    pruning.calibrate([torch.randn(4, 8) for _ in range(2)], progress=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pruning.prune()
+    assert len(caught) >= 2 and {w.filename for w in caught} == {__file__}, [(w.filename, str(w.message)) for w in caught]
+    first, second = (" ".join(p.notes) for p in pruning.pruners)
+    assert "rounded to aligned widths" in first  # 40 of 100 rounded to 16-element widths
+    assert "1 layers (4) have no bias" in second and "no bias" not in first  # layer 4 reads the second's channels

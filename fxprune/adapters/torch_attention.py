@@ -54,8 +54,8 @@ def packed_in_projection(module: nn.Module) -> bool:
 
 def reads_inputs_unobserved(model: nn.Module, parameter: str, dim: int) -> bool:
     """Whether ``parameter`` is ``nn.MultiheadAttention``'s packed ``in_proj_weight`` (or a separate q/k/v
-    weight) and ``dim`` its input features: it reads the hidden size, but is no layer of its own whose
-    inputs calibration observes, so compensation cannot re-fit it."""
+    weight) and ``dim`` its input features: it reads the hidden size, and where calibration has no statistics
+    of it (separate q/k/v weights; the packed one in cross-attention) compensation cannot re-fit it."""
     owner, attr = _attention_owning(model, parameter)
     return owner is not None and dim == 1 and attr in ("in_proj_weight", "q_proj_weight", "k_proj_weight",
                                                        "v_proj_weight")
