@@ -207,6 +207,14 @@ def _layer_kind(module: nn.Module) -> tuple[int, int, int, int, int, int] | None
     return None
 
 
+def _cross_attention(name: str, stats: LayerStats, layers: dict[str, LayerStats]) -> bool:
+    """An attention module's input projection that saw nothing while its ``out_proj`` saw inputs: the module ran,
+    as cross-attention (which it is not observed in; the graph slices the weight there, so its input channels are
+    not prunable), not a layer calibration missed."""
+    out_proj = layers.get(f"{name}.out_proj")
+    return stats.weight.endswith(".in_proj_weight") and out_proj is not None and out_proj.count > 0
+
+
 def require_calibration(stats: CalibrationStats | None, who: str) -> CalibrationStats:
     """The statistics, or an error that says how to collect them."""
     if stats is None:
@@ -276,9 +284,7 @@ class Calibration:
             for f in ("rows", "sum", "sum_sq", "out_rows", "out_sum", "out_sum_sq", "gram_sum", "tap_rows", "tap_sum"):
                 if getattr(stats, f) is not None:
                     setattr(stats, f, getattr(stats, f).cpu())
-        # an attention module's input projection sees nothing in cross-attention (where the graph slices it, and
-        # its input channels are not prunable): not a missed layer
-        missed = sorted(n for n, s in layers.items() if s.count == 0 and not s.weight.endswith(".in_proj_weight"))
+        missed = sorted(n for n, s in layers.items() if s.count == 0 and not _cross_attention(n, s, layers))
         if missed:
             warnings.warn(f"calibration reached no input of {len(missed)} layers (e.g. {missed[0]}): their forward "
                           "never ran as a module (a fused path, or a weight read directly by a parent module); "
