@@ -16,6 +16,7 @@ import torch
 
 __all__ = ["warn"]
 
+
 def _roots() -> tuple[str, ...]:
     """fxprune's folders (``passes`` and ``exporters`` install from beside it) and torch's."""
     import fxprune

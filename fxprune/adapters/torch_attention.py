@@ -12,8 +12,8 @@ The packed input projection (``in_proj_weight``, the layer that reads the hidden
 attention module itself as a layer: in self-attention (query, key and value the same tensor) its
 input is the query and its output ``linear(query, in_proj_weight, in_proj_bias)``, reported by a
 pre-hook of the attention module. In cross-attention the three chunks read different tensors, so
-nothing is reported and compensation says the layer was not fitted. Every other layer is hooked
-as itself.
+nothing is reported (its input columns are not prunable there: the captured graph slices the
+packed weight). Every other layer is hooked as itself.
 """
 
 from __future__ import annotations
