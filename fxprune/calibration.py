@@ -189,9 +189,10 @@ def tap_sums(x: torch.Tensor, conv: nn.Module, batched_dims: int) -> tuple[int, 
     return samples * math.prod(out), torch.stack(sums, 1)
 
 
-def _layer_weight(module: nn.Module) -> torch.Tensor:
-    """The weight of a prunable layer (an attention module's packed input projection: ``in_proj_weight``)."""
-    return module.in_proj_weight if packed_in_projection(module) else module.weight
+def _weight_attr(module: nn.Module) -> str:
+    """The attribute holding a prunable layer's weight (an attention module's packed input projection:
+    ``in_proj_weight``)."""
+    return "in_proj_weight" if packed_in_projection(module) else "weight"
 
 
 def _layer_kind(module: nn.Module) -> tuple[int, int, int, int, int, int] | None:
@@ -327,13 +328,13 @@ class Calibration:
                 layers[name] = by_object[id(module)]
                 continue
             in_dim, out_dim, groups, batched, n_in, n_out = kind
-            weight = _layer_weight(module)
+            attr = _weight_attr(module)
+            weight = getattr(module, attr)
             dev = weight.device
             zeros = lambda n: torch.zeros(n, dtype=torch.float64, device=dev)  # noqa: E731
             wants_gram = gram and groups == 1 and (name, in_dim) in claimed and n_in <= max_gram_features
             conv = module if batched and groups == 1 and (name, in_dim) in claimed else None
-            weight_name = f"{name}.in_proj_weight" if packed_in_projection(module) else f"{name}.weight"
-            stats = LayerStats(name, weight_name, in_dim, out_dim, groups, batched, zeros(()), zeros(n_in),
+            stats = LayerStats(name, f"{name}.{attr}", in_dim, out_dim, groups, batched, zeros(()), zeros(n_in),
                                zeros(n_in), zeros(()), zeros(n_out), zeros(n_out),
                                zeros((n_in, n_in)) if wants_gram else None, conv,
                                zeros(()) if conv is not None else None,

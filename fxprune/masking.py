@@ -9,6 +9,7 @@ schedule's steps, keep gradients and weights of pruned channels at zero.
 
 from __future__ import annotations
 
+import itertools
 import numbers
 import types
 from typing import TYPE_CHECKING
@@ -168,19 +169,15 @@ class Masking:
         """Run one pruning step of ``pruners`` (``target_of(pruner)``: its sparsity now, read after its
         ``prepare``). Consecutive channel pruners that compensate alike step together (see
         :meth:`_step_jointly`); the others one after another, each seeing what the ones before it pruned."""
-        i = 0
-        while i < len(pruners):
-            key, j = _joint_key(pruners[i]), i + 1
-            while key is not None and j < len(pruners) and _joint_key(pruners[j]) == key:
-                j += 1
-            batch = pruners[i:j]
+        # a pruner that steps alone is a run of its own (its id), never joined to a neighbour
+        for _, run in itertools.groupby(pruners, key=lambda p: _joint_key(p) or id(p)):
+            batch = list(run)
             for pruner in batch:
                 pruner.prepare()
             if len(batch) == 1:
                 self._step_pruner(batch[0], target_of(batch[0]))
             else:
                 self._step_jointly(batch, [target_of(p) for p in batch])
-            i = j
 
     def _step_jointly(self, pruners: list[Pruner], targets: list[float]) -> None:
         """One step of pruners that compensate alike, as one pruner over all their groups would take it: each
