@@ -7,9 +7,14 @@ A plan's latency is the sum of its layers' interpolated times plus the rest of t
 (the dense model's measured latency less its layers' share, scaled by the fraction of the
 other ops' activation elements the plan keeps: element-wise ops, norms and attention
 products cost in proportion to the tensors they touch), mapped to milliseconds by a line
-fit on two measured models, the dense one and a probe at half width. The prediction steers the
-allocation (:func:`fxprune.selection.latency_counts`); the compact model's measured
-latency is the check (:meth:`LatencyModel.measure`).
+fit on two measured models, the dense one and a probe pruned about as far as the target asks
+(so a plan is predicted between two measured points, not extrapolated from them). The
+prediction steers the allocation (:func:`fxprune.selection.latency_counts`); the compact
+model's measured latency is the check (:meth:`LatencyModel.measure`).
+
+Every time the latency model measures is the 10th percentile of interleaved runs: on a shared or virtual machine the host slows runs for seconds at a time, and unevenly
+(a model touching more memory loses more), which moves a median speedup by up to 10% between
+two measurements of the same files; the fast runs are the model's own cost.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ SMOOTH = True  # tables are fit by a bilinear surface before use (see smooth)
 LAYOUT_EDGES = True
 # widths timed per layer dim, as fractions of the dense width (aligned to 16 where the dim is wide enough)
 FRACTIONS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
+PROBE_FRACTIONS = np.linspace(0.1, 0.9, 33)  # uniform kept fractions a probe is chosen from
 
 
 def width_grid(size: int, step: int = 1) -> list[int]:
@@ -141,8 +147,10 @@ class LatencyModel:
     """
 
     def __init__(self, pruning, threads: int = 1, batch: int | None = None, cache_dir=None, progress: bool | None = None,
-                 groups: list[int] | None = None):
+                 groups: list[int] | None = None, target_speedup: float | None = None,
+                 target_ms: float | None = None):
         self.pruning, self.threads, self.progress = pruning, threads, progress
+        self.target_speedup, self.target_ms = target_speedup, target_ms  # where the probe is placed
         self.groups = list(range(len(pruning.groups))) if groups is None else list(groups)  # the ones pruned
         self.cache_dir = cache_dir
         self.example_batch = batch_of(pruning)
@@ -226,26 +234,44 @@ class LatencyModel:
 
         tables, self.timed_shapes = _share(time_tables)
         self.tables = [(gi, go, smooth(gi, go, t) if SMOOTH else t) for (gi, go), t in zip(grids, tables)]
-        # two measured models fit the prediction: the dense one and a probe with every pruned group at half
-        # its width. A layer timed alone pays its own layout changes and call, and the whole model has costs
-        # no width changes (dispatch, thread-pool sync), so the tables give the shape of the curve, not its
-        # scale and offset
-        probe_frac, probe = self._probe()
+        # two measured models fit the prediction: the dense one and a probe with every pruned group at one
+        # kept fraction, chosen so the tables predict about the target's speedup for it. A layer timed alone
+        # pays its own layout changes and call, and the whole model has costs no width changes (dispatch,
+        # thread-pool sync), so the tables give the shape of the curve, not its scale and offset; the offset
+        # is negative where the measured model falls faster than the tables (a > 1), and a plan pruned
+        # further than the probe is then predicted in proportion from the probe, never below zero
+        dense_ms = self.measure()[0] if (self.target_speedup or self.target_ms) and self.groups else None
+        self.rest_ms = max((dense_ms or 0.0) - self._tables_ms(np.ones(len(self.sizes))), 0.0)
+        probe_frac, probe = self._probe(self._probe_fraction(dense_ms))
         self.dense_ms, probe_ms = self.measure(probe)
-        self.rest_ms = max(self.dense_ms - sum(t[-1][-1, -1] for t in self.tables), 0.0)
+        self.rest_ms = max(self.dense_ms - self._tables_ms(np.ones(len(self.sizes))), 0.0)
         raw_dense, raw_probe = self._raw(np.ones(len(self.sizes))), self._raw(probe_frac)
         a = (self.dense_ms - probe_ms) / (raw_dense - raw_probe) if raw_dense > raw_probe else 0.0
         c = self.dense_ms - a * raw_dense
-        if a <= 0 or c < 0:  # noise or no offset: a scale through the origin, least squares on both
+        if a <= 0:  # noise (the probe timed no faster than the dense model): a scale through the origin
             a, c = (self.dense_ms * raw_dense + probe_ms * raw_probe) / (raw_dense ** 2 + raw_probe ** 2), 0.0
         self.scale, self.offset = a, c
-        self.probe = {"kept_fraction": 0.5, "measured_ms": probe_ms, "predicted_ms": a * raw_probe + c}
+        self.probe = {"kept_fraction": float(np.mean(probe_frac[self.groups])) if self.groups else 1.0,
+                      "raw": raw_probe, "measured_ms": probe_ms, "predicted_ms": self._to_ms(raw_probe)}
         return self
 
-    def _probe(self) -> tuple[np.ndarray, torch.fx.GraphModule]:
-        """Every pruned group at about half its channels (aligned, concat branches non-empty): its kept fractions
-        and its compact graph, built without touching the masked model."""
-        from fxprune.passes.compact import compact_graph
+    def _tables_ms(self, frac: np.ndarray) -> float:
+        return sum(self.layer_ms(i, frac) for i in range(len(self.layers)))
+
+    def _probe_fraction(self, dense_ms: float | None) -> float:
+        """The uniform kept fraction whose probe the tables and rest (unscaled) predict nearest the target's speedup
+        (``target_speedup``, or the measured dense latency over ``target_latency_ms``); 0.5 without a target."""
+        want = self.target_speedup or (dense_ms / self.target_ms if dense_ms and self.target_ms else None)
+        if not want or want <= 1.0 or not self.groups:
+            return 0.5
+        raw_dense = self._raw(np.ones(len(self.sizes)))
+        errors = [abs(np.log(raw_dense / max(self._raw(self._probe_kept(f)[1]), 1e-12) / want))
+                  for f in PROBE_FRACTIONS]
+        return float(PROBE_FRACTIONS[int(np.argmin(errors))])
+
+    def _probe_kept(self, fraction: float) -> tuple[dict[int, np.ndarray], np.ndarray]:
+        """Every pruned group at about ``fraction`` of its channels (aligned, concat branches non-empty): the kept
+        masks and every group's kept fraction."""
         from fxprune.selection import aligned_round_to, choose_kept
 
         p = self.pruning
@@ -253,9 +279,18 @@ class LatencyModel:
         for g in self.groups:
             group = p.groups[g]
             step = aligned_round_to(group)
-            keep = max(step, int(round(group.size / 2 / step)) * step) if group.size > step else (group.size + 1) // 2
+            keep = (max(step, int(round(group.size * fraction / step)) * step) if group.size > step
+                    else max(1, int(round(group.size * fraction))))
             kept[g] = choose_kept(-np.arange(group.size, dtype=float), group.size - keep, group.parts, step)
-        frac = np.array([k.mean() for k in kept.values()])
+        return kept, np.array([k.mean() for k in kept.values()])
+
+    def _probe(self, fraction: float = 0.5) -> tuple[np.ndarray, torch.fx.GraphModule]:
+        """The probe at ``fraction`` (:meth:`_probe_kept`): its kept fractions and its compact graph, built without
+        touching the masked model."""
+        from fxprune.passes.compact import compact_graph
+
+        p = self.pruning
+        kept, frac = self._probe_kept(fraction)
         return frac, compact_graph(p.captured.graph_module, p.grouping, p._atom_kept(kept), dict(p.model.state_dict()))
 
     def _grids(self) -> list[tuple[list[int], list[int] | None]]:
@@ -310,17 +345,25 @@ class LatencyModel:
         return n
 
     def _raw(self, frac: np.ndarray) -> float:
-        layers = sum(self.layer_ms(i, frac) for i in range(len(self.layers)))
         kept = sum(self._value_elements(j, frac) for j in range(len(self.values)))
-        return layers + self.rest_ms * (kept / self.rest_elements if self.rest_elements else 1.0)
+        return self._tables_ms(frac) + self.rest_ms * (kept / self.rest_elements if self.rest_elements else 1.0)
+
+    def _to_ms(self, raw: float) -> float:
+        """The fitted line; with a negative offset, below the probe the line through the origin and the probe."""
+        line = self.scale * raw + self.offset
+        if self.offset < 0 and self.probe and raw < self.probe["raw"]:
+            return raw * (self.scale * self.probe["raw"] + self.offset) / self.probe["raw"]
+        return line
 
     def predict(self, frac: np.ndarray) -> float:
         """Latency in ms of the model with each group keeping ``frac[g]`` of its channels."""
         self.build()
-        return self.scale * self._raw(frac) + self.offset
+        return self._to_ms(self._raw(frac))
 
     def delta(self, g: int, new: float, frac: np.ndarray) -> float:
-        """Predicted ms saved when group ``g`` goes from ``frac[g]`` to ``new`` (others unchanged)."""
+        """Predicted ms saved when group ``g`` goes from ``frac[g]`` to ``new`` (others unchanged), at the fitted
+        line's slope (an upper bound below a probe with a negative offset: :func:`latency_counts` checks
+        :meth:`predict` where the sum of these says the target is reached)."""
         layer_ids, value_ids = self._touch.get(g, ((), ()))
         after = frac.copy()
         after[g] = new
@@ -332,7 +375,8 @@ class LatencyModel:
 
     # -- measurement ------------------------------------------------------------------------
     def measure(self, compact: torch.nn.Module | None = None, repeat: int = 30) -> tuple[float, float | None]:
-        """Median onnxruntime ms of the dense model and of ``compact`` (interleaved), at this batch and threads."""
+        """onnxruntime ms (the 10th percentile of interleaved runs) of the dense model and of ``compact``, at
+        this batch and threads."""
         from fxprune.exporters.onnx_export import export_onnx
         from fxprune.exporters.ort_benchmark import benchmark
 
@@ -353,7 +397,7 @@ class LatencyModel:
                 self._input_names = [i.name for i in session.get_inputs()]
             result = benchmark(models, threads=[self.threads], warmup=5, repeat=repeat,
                                inputs=self._feed(self._input_names))
-            ms = {row.label: row.median_ms for row in result.rows}
+            ms = {row.label: row.p10_ms for row in result.rows}
             return ms["dense"], ms.get("compact")
 
         return _share(timed)

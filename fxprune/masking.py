@@ -65,7 +65,8 @@ class Masking:
             if pruner.config.latency_target:
                 cfg = pruner.config
                 pruner.latency = LatencyModel(self, cfg.latency_threads, cfg.latency_batch, cfg.latency_cache,
-                                              groups=[g.index for g in pruner.groups])
+                                              groups=[g.index for g in pruner.groups],
+                                              target_speedup=cfg.target_speedup, target_ms=cfg.target_latency_ms)
                 pruner.kept_fraction = lambda: np.array([k.mean() for k in self._kept.values()])
 
     # -- kept channels and masks ----------------------------------------------------------

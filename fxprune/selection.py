@@ -176,6 +176,8 @@ def latency_counts(scores: dict[int, np.ndarray], latency, frac: np.ndarray, tar
         counts[g] += unit
         frac[g] = (sizes[g] - counts[g]) / sizes[g]
         predicted -= saved
+        if predicted <= target_ms:  # the savings are summed at the line's slope: the prediction itself decides
+            predicted = latency.predict(frac)
         if (entry := chunk(g)) is not None:
             heapq.heappush(heap, (entry[0], g))
     return counts, predicted
