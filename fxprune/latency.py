@@ -240,7 +240,8 @@ class LatencyModel:
         # thread-pool sync), so the tables give the shape of the curve, not its scale and offset; the offset
         # is negative where the measured model falls faster than the tables (a > 1), and a plan pruned
         # further than the probe is then predicted in proportion from the probe, never below zero
-        dense_ms = self.measure()[0] if (self.target_speedup or self.target_ms) and self.groups else None
+        # a rough dense time (a few runs) sizes the rest for placing the probe; the fit times it again
+        dense_ms = self.measure(repeat=3)[0] if (self.target_speedup or self.target_ms) and self.groups else None
         self.rest_ms = max((dense_ms or 0.0) - self._tables_ms(np.ones(len(self.sizes))), 0.0)
         probe_frac, probe = self._probe(self._probe_fraction(dense_ms))
         self.dense_ms, probe_ms = self.measure(probe)
