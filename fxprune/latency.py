@@ -12,9 +12,10 @@ fit on two measured models, the dense one and a probe pruned about as far as the
 prediction steers the allocation (:func:`fxprune.selection.latency_counts`); the compact
 model's measured latency is the check (:meth:`LatencyModel.measure`).
 
-Every time the latency model measures is the 10th percentile of interleaved runs: on a shared or virtual machine the host slows runs for seconds at a time, and unevenly
-(a model touching more memory loses more), which moves a median speedup by up to 10% between
-two measurements of the same files; the fast runs are the model's own cost.
+Every time the latency model measures is the 10th percentile of interleaved runs: on a shared
+or virtual machine the host slows runs for seconds at a time, and unevenly (a model touching
+more memory loses more), which moves a median speedup by up to 10% between two measurements
+of the same files; the fast runs are the model's own cost.
 """
 
 from __future__ import annotations
