@@ -250,8 +250,9 @@ class LatencyModel:
         raw_dense, raw_probe = self._raw(np.ones(len(self.sizes))), self._raw(probe_frac)
         a = (self.dense_ms - probe_ms) / (raw_dense - raw_probe) if raw_dense > raw_probe else 0.0
         c = self.dense_ms - a * raw_dense
-        if a <= 0:  # noise (the probe timed no faster than the dense model): a scale through the origin
-            a, c = (self.dense_ms * raw_dense + probe_ms * raw_probe) / (raw_dense ** 2 + raw_probe ** 2), 0.0
+        if a <= 0:  # the probe timed no faster than the dense model (noise, or a small model's fixed costs): the
+            # tables' shape scaled through the dense model's measured time, the one point to trust
+            a, c = self.dense_ms / raw_dense, 0.0
         self.scale, self.offset = a, c
         self.probe = {"kept_fraction": float(np.mean(probe_frac[self.groups])) if self.groups else 1.0,
                       "raw": raw_probe, "measured_ms": probe_ms, "predicted_ms": self._to_ms(raw_probe)}
