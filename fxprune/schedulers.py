@@ -44,6 +44,8 @@ class Scheduler:
         k = min((step - self.start) // self.freq + 1, self.total)
         r = k / self.total
         s = self.target
+        if k == self.total:  # the target itself, not a curve's rounding of it (cos(pi/2) is 6e-17, not 0)
+            return s
         if self.decay == "exp":
             return 1.0 - (1.0 - s) ** r
         if self.decay == "cos":

@@ -241,6 +241,22 @@ def test_iterative_schedule_moves_latency_down_step_by_step(fake_timing):
     assert ms[-1] <= dense / 2.0 * 1.01
 
 
+@pytest.mark.parametrize("decay", ["cos", "exp"])
+def test_an_iterative_schedule_measures_its_last_pruning_step(fake_timing, decay):
+    """The compact model is timed once the schedule reaches the target, whatever the decay curve (under cos the
+    last step's fraction was 0.5 * (1 - cos(pi / 2)) = 0.49999999999999994, so the check never ran)."""
+    p = build(target_speedup=2.0, start_step=0, end_step=4, update_frequency_on_step=2, sparsity_decay_type=decay)
+    opt = torch.optim.SGD(p.model.parameters(), lr=0.0)
+    p.attach(opt)
+    x = ARCHITECTURES["ResNetBasic"][1]()
+    for step in range(6):
+        p.model(*x).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    assert p.latency_checks and {c["step"] for c in p.latency_checks} == {4}, p.latency_checks
+    assert next(c for c in p.latency_checks if c["kept"])["measured_speedup"] >= 2.0 / 1.01
+
+
 def test_latency_batch_scales_the_tables_and_the_feed(fake_timing):
     p = build(target_speedup=2.0, latency_batch=8, latency_verify=False)
     lat = p.pruners[0].latency.build()
