@@ -248,7 +248,8 @@ class Masking:
         if measured > want * LATENCY_TOLERANCE:
             pruner._note(f"latency target missed after {tries} measurements: the compact model runs "
                          f"{1.0 / measured:.2f}x faster than the dense one where {1.0 / want:.2f}x was asked "
-                         f"(onnxruntime, {lat.threads} threads, batch {lat.batch}); see pruning.latency_checks")
+                         f"(onnxruntime, {lat.threads} thread{'s' * (lat.threads != 1)}, batch {lat.batch}); "
+                         "see pruning.latency_checks")
 
     # -- training-loop hooks --------------------------------------------------------------
     def on_train_begin(self) -> None:

@@ -131,8 +131,9 @@ class Pruner:
             dense = self.latency.dense_ms
             self.scheduler.target = max(0.0, 1.0 - ms / dense)
             if ms >= dense:
+                threads = self.config.latency_threads
                 self._note(f"target_latency_ms {ms} is not below the dense model's {dense:.3f} ms (onnxruntime, "
-                           f"{self.config.latency_threads} threads, batch {self.latency.batch}): nothing is pruned")
+                           f"{threads} thread{'s' * (threads != 1)}, batch {self.latency.batch}): nothing is pruned")
         self.target_sparsity_ratio = self.scheduler.target
 
     def select(self, sparsity: float) -> dict[int, np.ndarray]:
