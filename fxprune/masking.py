@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from fxprune.errors import ConfigError, PruningError
-from fxprune.latency import LatencyModel
+from fxprune.latency import LATENCY_OVERSHOOT, LATENCY_TOLERANCE, LatencyModel
 from fxprune.norms import sync_norms
 from fxprune.passes.compact import space_keep
 from fxprune.pruners import Pruner
@@ -27,12 +27,6 @@ if TYPE_CHECKING:
     from fxprune.api import Pruning
 
 __all__ = ["Masking"]
-
-# a measured relative latency within 1% of the one asked for meets it: run-to-run noise of onnxruntime
-# on an idle machine is about that
-LATENCY_TOLERANCE = 1.01
-# a compact model more than 5% faster than asked lost channels it did not need to: pruned again, less
-LATENCY_OVERSHOOT = 0.95
 
 
 def _joint_key(pruner: Pruner) -> tuple[str, str] | None:

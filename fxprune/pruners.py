@@ -15,6 +15,7 @@ import torch
 from fxprune.config import parse_config
 from fxprune.errors import ConfigError
 from fxprune.importance import group_scores
+from fxprune.latency import LATENCY_AIM
 from fxprune.patterns import n_of_m_masks, nxm_masks, pattern_lock_masks
 from fxprune.registry import PRUNERS, registered_names, unknown_pruner
 from fxprune.schedulers import get_scheduler
@@ -166,7 +167,7 @@ class Pruner:
     def _select_latency(self, scores, removed: float, round_to) -> dict[int, np.ndarray]:
         """Widths by importance per predicted ms saved, aiming the prediction by the last measured error."""
         lat, cfg = self.latency, self.config
-        target_ms = lat.dense_ms * (1.0 - removed) / lat.correction
+        target_ms = lat.dense_ms * (1.0 - removed) / lat.correction * (LATENCY_AIM if removed > 0 else 1.0)
         per_group = round_to if isinstance(round_to, dict) else {g: round_to for g in scores}
         counts, self.predicted_ms = latency_counts(scores, lat, self.kept_fraction(), target_ms,
                                                    cfg.max_sparsity_ratio_per_layer, cfg.min_sparsity_ratio_per_op,

@@ -140,46 +140,99 @@ def latency_counts(scores: dict[int, np.ndarray], latency, frac: np.ndarray, tar
     input and output widths), so a popped chunk is re-priced and put back if it got dearer
     (lazy greedy). ``frac`` is every group's current kept fraction; groups not in ``scores``
     stay as they are.
+
+    The chunk that reaches the target may save far more than was left to save (an aligned chunk
+    of an expensive layer is a large step on a small model), so two knapsack repairs follow: the
+    plan is also finished without that chunk's group, and each plan spends the time it has left
+    under the target restoring the removed chunks that buy back the most importance per ms. The
+    plan that removes the least importance is returned.
     """
     sizes = {g: len(s) for g, s in scores.items()}
     round_to = round_to or {}
     caps = {g: _cap(n, max_ratio) for g, n in sizes.items()}
-    counts = {g: min(int(math.ceil(n * min_ratio - 1e-9)), caps[g]) for g, n in sizes.items()}
+    floor = {g: min(int(math.ceil(n * min_ratio - 1e-9)), caps[g]) for g, n in sizes.items()}
     sorted_scores = {g: np.sort(s) for g, s in scores.items()}
     frac = frac.astype(float).copy()
-    for g, c in counts.items():
+    for g, c in floor.items():
         frac[g] = (sizes[g] - c) / sizes[g]
-    predicted = latency.predict(frac)
 
-    def chunk(g):
-        n, c, r = sizes[g], counts[g], round_to.get(g, 1)
-        unit = 1 if n <= r else ((n - c) % r or r)
-        if c + unit > caps[g] or (n > r and n - c - unit < r):
+    def step(g: int) -> int:
+        return 1 if sizes[g] <= round_to.get(g, 1) else round_to.get(g, 1)
+
+    def chunk(g, counts, frac):
+        n, c, r = sizes[g], counts[g], step(g)
+        unit = (n - c) % r or r
+        if c + unit > caps[g] or (n > round_to.get(g, 1) and n - c - unit < r):
             return None
         saved = latency.delta(g, (n - c - unit) / n, frac)
         cost = float(sorted_scores[g][c:c + unit].sum())
         return cost / max(saved, 1e-9), unit, saved
 
-    heap = []
-    for g in scores:
-        if (entry := chunk(g)) is not None:
-            heapq.heappush(heap, (entry[0], g))
-    while heap and predicted > target_ms:
-        _, g = heapq.heappop(heap)
-        entry = chunk(g)
-        if entry is None:
-            continue
-        price, unit, saved = entry
-        if heap and price > heap[0][0] * (1 + 1e-9):  # dearer now than the next: price it again later
-            heapq.heappush(heap, (price, g))
-            continue
-        counts[g] += unit
-        frac[g] = (sizes[g] - counts[g]) / sizes[g]
-        predicted -= saved
-        if predicted <= target_ms:  # the savings are summed at the line's slope: the prediction itself decides
-            predicted = latency.predict(frac)
-        if (entry := chunk(g)) is not None:
-            heapq.heappush(heap, (entry[0], g))
+    def greedy(counts, frac, predicted, banned=()):
+        """Remove chunks until the prediction meets the target; the plan and the group of its last chunk."""
+        counts, frac, last = dict(counts), frac.copy(), None
+        heap = [(entry[0], g) for g in scores if g not in banned and (entry := chunk(g, counts, frac)) is not None]
+        heapq.heapify(heap)
+        while heap and predicted > target_ms:
+            _, g = heapq.heappop(heap)
+            entry = chunk(g, counts, frac)
+            if entry is None:
+                continue
+            price, unit, saved = entry
+            if heap and price > heap[0][0] * (1 + 1e-9):  # dearer now than the next: price it again later
+                heapq.heappush(heap, (price, g))
+                continue
+            counts[g] += unit
+            frac[g] = (sizes[g] - counts[g]) / sizes[g]
+            predicted -= saved
+            last = g
+            if predicted <= target_ms:  # the savings are summed at the line's slope: the prediction itself decides
+                predicted = latency.predict(frac)
+            if (entry := chunk(g, counts, frac)) is not None:
+                heapq.heappush(heap, (entry[0], g))
+        return counts, frac, predicted, last
+
+    def restore(g, counts):
+        """The count of group ``g`` before its last chunk (None if nothing of it can be given back)."""
+        c = counts[g]
+        return None if c <= floor[g] else max(floor[g], c - step(g))
+
+    def fill(counts, frac, predicted):
+        """Give back, while the prediction stays within the target, the chunk with the most importance per ms."""
+        counts, frac = dict(counts), frac.copy()
+        while True:
+            best = None
+            for g in scores:
+                back = restore(g, counts)
+                if back is None:
+                    continue
+                trial = frac.copy()
+                trial[g] = (sizes[g] - back) / sizes[g]
+                ms = latency.predict(trial)
+                if ms > target_ms:
+                    continue
+                value = float(sorted_scores[g][back:counts[g]].sum()) / max(ms - predicted, 1e-9)
+                if best is None or value > best[0]:
+                    best = (value, g, back, trial, ms)
+            if best is None:
+                return counts, frac, predicted
+            _, g, counts[g], frac, predicted = best
+
+    def removed(counts) -> float:
+        return sum(float(sorted_scores[g][:c].sum()) for g, c in counts.items())
+
+    counts, frac, predicted, last = greedy(floor, frac, latency.predict(frac))
+    if predicted > target_ms or last is None:
+        return counts, predicted
+    plans = [fill(counts, frac, predicted)]
+    before = dict(counts)
+    before[last] = restore(last, counts)
+    frac_before = frac.copy()
+    frac_before[last] = (sizes[last] - before[last]) / sizes[last]
+    other = greedy(before, frac_before, latency.predict(frac_before), banned={last})
+    if other[2] <= target_ms:
+        plans.append(fill(*other[:3]))
+    counts, _, predicted = min(plans, key=lambda plan: removed(plan[0]))
     return counts, predicted
 
 

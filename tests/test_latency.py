@@ -265,23 +265,46 @@ def test_latency_batch_scales_the_tables_and_the_feed(fake_timing):
     assert feed["x"].shape[0] == 8
 
 
+class LinearCost:
+    """Each channel of group g costs ms[g]; no neighbours."""
+
+    def __init__(self, ms, sizes):
+        self.ms, self.sizes = np.asarray(ms, float), np.asarray(sizes, float)
+
+    def predict(self, frac):
+        return float((self.ms * frac * self.sizes).sum())
+
+    def delta(self, g, new, frac):
+        return float(self.ms[g] * (frac[g] - new) * self.sizes[g])
+
+
 def test_latency_counts_stops_at_the_target():
-    class Linear:
-        """Each channel of group g costs ms[g]; no neighbours."""
-        ms = np.array([4.0, 1.0])
-
-        def predict(self, frac):
-            return float((self.ms * frac * 10).sum())
-
-        def delta(self, g, new, frac):
-            return float(self.ms[g] * (frac[g] - new) * 10)
-
+    cost = LinearCost([4.0, 1.0], [10, 10])
     scores = {0: np.ones(10), 1: np.ones(10)}
-    counts, predicted = latency_counts(scores, Linear(), np.ones(2), target_ms=30.0)
+    counts, predicted = latency_counts(scores, cost, np.ones(2), target_ms=30.0)
     assert counts == {0: 5, 1: 0} and predicted == pytest.approx(30.0)  # the expensive group goes first
     scores = {0: np.full(10, 8.0), 1: np.ones(10)}  # ... unless its channels matter more per ms
-    counts, _ = latency_counts(scores, Linear(), np.ones(2), target_ms=45.0)
+    counts, _ = latency_counts(scores, cost, np.ones(2), target_ms=45.0)
     assert counts[1] == 5 and counts[0] == 0
+
+
+def test_a_chunk_that_saves_far_more_than_the_target_needs_is_weighed_against_the_other_groups():
+    """Group 0 moves in aligned chunks of 16 channels (1 ms each), group 1 in single channels that matter twice
+    as much per ms. The greedy's first chunk, 16 of group 0, overshoots a 5 ms cut to 16 ms, removing 16 of
+    importance; finishing without group 0 removes 5 channels of group 1 (10 of importance) and meets it exactly."""
+    scores = {0: np.ones(32), 1: np.full(8, 2.0)}
+    counts, predicted = latency_counts(scores, LinearCost([1.0, 1.0], [32, 8]), np.ones(2), target_ms=35.0,
+                                       round_to={0: 16, 1: 1})
+    assert counts == {0: 0, 1: 5} and predicted == pytest.approx(35.0)
+
+
+def test_the_time_left_under_the_target_buys_channels_back():
+    """Group 1's channels are removed first (the least importance per ms) but cannot reach the target; group 0's
+    chunk then overshoots it by 10 ms, which buys group 1's 7 channels (3.5 ms) back."""
+    scores = {0: np.ones(32), 1: np.full(8, 0.1)}
+    counts, predicted = latency_counts(scores, LinearCost([1.0, 0.5], [32, 8]), np.ones(2), target_ms=30.0,
+                                       round_to={0: 16, 1: 1})
+    assert counts == {0: 16, 1: 0} and predicted == pytest.approx(20.0)
 
 
 @pytest.mark.parametrize("config, message", [
