@@ -50,12 +50,20 @@ def profile(path: str, feed: dict, threads: int, runs: int) -> dict[str, float]:
     return ms
 
 
-def attribute(ms: dict[str, float], path: str, layers) -> dict[str, float]:
+def layer_weights(gm, layers) -> dict[str, str]:
+    """Weight name -> layer node, so a layer whose ONNX node the exporter renamed (a BatchNorm folded into a conv
+    carries the BatchNorm's fx node) is found by the weight it reads."""
+    names = {layer.node for layer in layers}
+    return {a.target: n.name for n in gm.graph.nodes if n.name in names for a in n.args
+            if getattr(a, "op", None) == "get_attr"}
+
+
+def attribute(ms: dict[str, float], path: str, layers, weights: dict[str, str]) -> dict[str, float]:
     """Kernel ms per layer node name ("rest: <op>" for the other nodes). onnxruntime names a node by its
     ONNX node (``node_MatMul_1``, ``node_MatMul_1/MatMulAddFusion`` once fused) or, for a blocked-layout
     conv, by its output value (``relu_nchwc``: an activation fused into it); the exporter records each
     ONNX node's fx node, and a node that is not a layer is walked back through one-input nodes to one
-    (the activation fused into a conv counts as the conv's)."""
+    (the activation fused into a conv counts as the conv's; a Clip's constant bounds are not inputs)."""
     import onnx
 
     graph = onnx.load(path, load_external_data=False).graph
@@ -76,7 +84,11 @@ def attribute(ms: dict[str, float], path: str, layers) -> dict[str, float]:
             onnx_name = producer.get(onnx_name[: -len("_nchwc")], onnx_name)
         node, hops = onnx_name, 0
         while node in fx_of and fx_of[node] not in names and hops < 4:
-            ins = [producer[i] for i in inputs[node] if i in producer]
+            read = [weights[i] for i in inputs[node] if i in weights]
+            if read:
+                fx_of[node] = read[0]
+                break
+            ins = [producer[i] for i in inputs[node] if i in producer and ops[producer[i]] != "Constant"]
             if len(ins) != 1:
                 break
             node, hops = ins[0], hops + 1
@@ -125,8 +137,10 @@ def main() -> None:
     feed = lat._feed(names)
     dense_ms, compact_ms = lat.measure(small)
     again = [lat.measure(small) for _ in range(2)]
-    prof = {"dense": attribute(profile(dense_path, feed, args.threads, args.runs), dense_path, lat.layers),
-            "compact": attribute(profile(compact_path, feed, args.threads, args.runs), compact_path, lat.layers)}
+    prof = {"dense": attribute(profile(dense_path, feed, args.threads, args.runs), dense_path, lat.layers,
+                               layer_weights(gm, lat.layers)),
+            "compact": attribute(profile(compact_path, feed, args.threads, args.runs), compact_path, lat.layers,
+                                 layer_weights(small, lat.layers))}
     rows: dict[str, list[float]] = collections.defaultdict(lambda: [0.0] * 4)
     for i, layer in enumerate(lat.layers):
         r = rows[kind(layer)]
