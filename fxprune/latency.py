@@ -35,8 +35,8 @@ from fxprune.passes.couplings import value_key
 from fxprune.passes.ops.conv import CONV_ND
 from fxprune.passes.shapes import dynamic_dims_of, flat_inputs
 
-__all__ = ["LatencyModel", "Layer", "width_grid", "example_feed", "batch_of", "batch_is_dynamic", "LATENCY_AIM",
-           "LATENCY_OVERSHOOT", "LATENCY_TOLERANCE"]
+__all__ = ["LatencyModel", "Layer", "width_grid", "example_feed", "batch_of", "batch_is_dynamic", "setting",
+           "LATENCY_AIM", "LATENCY_OVERSHOOT", "LATENCY_TOLERANCE"]
 
 aten = torch.ops.aten
 
@@ -55,6 +55,11 @@ LATENCY_OVERSHOOT = 0.95
 # plans are aimed at the middle of the window the check accepts, not at its edge: the allocation fills its
 # budget to the prediction's last chunk, so a plan aimed at the target itself misses it on half the noise
 LATENCY_AIM = (LATENCY_OVERSHOOT + LATENCY_TOLERANCE) / 2
+
+
+def setting(threads: int, batch: int) -> str:
+    """How a latency was timed, for notes and reports: ``onnxruntime, 1 thread, batch 8``."""
+    return f"onnxruntime, {threads} thread{'s' * (threads != 1)}, batch {batch}"
 
 
 def width_grid(size: int, step: int = 1) -> list[int]:

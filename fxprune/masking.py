@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from fxprune.errors import ConfigError, PruningError
-from fxprune.latency import LATENCY_OVERSHOOT, LATENCY_TOLERANCE, LatencyModel
+from fxprune.latency import LATENCY_OVERSHOOT, LATENCY_TOLERANCE, LatencyModel, setting
 from fxprune.norms import sync_norms
 from fxprune.passes.compact import space_keep
 from fxprune.pruners import Pruner
@@ -242,8 +242,7 @@ class Masking:
         if measured > want * LATENCY_TOLERANCE:
             pruner._note(f"latency target missed after {tries} measurements: the compact model runs "
                          f"{1.0 / measured:.2f}x faster than the dense one where {1.0 / want:.2f}x was asked "
-                         f"(onnxruntime, {lat.threads} thread{'s' * (lat.threads != 1)}, batch {lat.batch}); "
-                         "see pruning.latency_checks")
+                         f"({setting(lat.threads, lat.batch)}); see pruning.latency_checks")
 
     # -- training-loop hooks --------------------------------------------------------------
     def on_train_begin(self) -> None:

@@ -15,7 +15,7 @@ import torch
 from fxprune.config import parse_config
 from fxprune.errors import ConfigError
 from fxprune.importance import group_scores
-from fxprune.latency import LATENCY_AIM
+from fxprune.latency import LATENCY_AIM, setting
 from fxprune.patterns import n_of_m_masks, nxm_masks, pattern_lock_masks
 from fxprune.registry import PRUNERS, registered_names, unknown_pruner
 from fxprune.schedulers import get_scheduler
@@ -132,9 +132,8 @@ class Pruner:
             dense = self.latency.dense_ms
             self.scheduler.target = max(0.0, 1.0 - ms / dense)
             if ms >= dense:
-                threads = self.config.latency_threads
-                self._note(f"target_latency_ms {ms} is not below the dense model's {dense:.3f} ms (onnxruntime, "
-                           f"{threads} thread{'s' * (threads != 1)}, batch {self.latency.batch}): nothing is pruned")
+                self._note(f"target_latency_ms {ms} is not below the dense model's {dense:.3f} ms "
+                           f"({setting(self.config.latency_threads, self.latency.batch)}): nothing is pruned")
         self.target_sparsity_ratio = self.scheduler.target
 
     def select(self, sparsity: float) -> dict[int, np.ndarray]:

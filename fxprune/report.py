@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from fxprune.latency import setting
 from fxprune.passes.compact import space_keep
 from fxprune.passes.couplings import PARAM_PREFIX
 
@@ -84,8 +85,7 @@ class Report:
         for c in (c for c in self.latency if c.get("kept")):
             lines.append(f"latency: {c['dense_ms']:.2f} ms → {c['compact_ms']:.2f} ms measured "
                          f"({c['measured_speedup']:.2f}x; target {c['target_speedup']:.2f}x, predicted "
-                         f"{c['predicted_speedup']:.2f}x; onnxruntime, {c['threads']} thread{'s' * (c['threads'] != 1)}, "
-                         f"batch {c['batch']})")
+                         f"{c['predicted_speedup']:.2f}x; {setting(c['threads'], c['batch'])})")
         lines += [f"note: {note}" for note in self.notes]
         return "\n".join(lines)
 

@@ -152,12 +152,16 @@ def latency_counts(scores: dict[int, np.ndarray], latency, frac: np.ndarray, tar
     caps = {g: _cap(n, max_ratio) for g, n in sizes.items()}
     floor = {g: min(int(math.ceil(n * min_ratio - 1e-9)), caps[g]) for g, n in sizes.items()}
     sorted_scores = {g: np.sort(s) for g, s in scores.items()}
-    frac = frac.astype(float).copy()
-    for g, c in floor.items():
-        frac[g] = (sizes[g] - c) / sizes[g]
+
+    def kept(g: int, count: int) -> float:
+        return (sizes[g] - count) / sizes[g]
 
     def step(g: int) -> int:
         return 1 if sizes[g] <= round_to.get(g, 1) else round_to.get(g, 1)
+
+    frac = frac.astype(float).copy()
+    for g, c in floor.items():
+        frac[g] = kept(g, c)
 
     def chunk(g, counts, frac):
         n, c, r = sizes[g], counts[g], step(g)
@@ -183,7 +187,7 @@ def latency_counts(scores: dict[int, np.ndarray], latency, frac: np.ndarray, tar
                 heapq.heappush(heap, (price, g))
                 continue
             counts[g] += unit
-            frac[g] = (sizes[g] - counts[g]) / sizes[g]
+            frac[g] = kept(g, counts[g])
             predicted -= saved
             last = g
             if predicted <= target_ms:  # the savings are summed at the line's slope: the prediction itself decides
@@ -207,7 +211,7 @@ def latency_counts(scores: dict[int, np.ndarray], latency, frac: np.ndarray, tar
                 if back is None:
                     continue
                 trial = frac.copy()
-                trial[g] = (sizes[g] - back) / sizes[g]
+                trial[g] = kept(g, back)
                 ms = latency.predict(trial)
                 if ms > target_ms:
                     continue
@@ -228,7 +232,7 @@ def latency_counts(scores: dict[int, np.ndarray], latency, frac: np.ndarray, tar
     before = dict(counts)
     before[last] = restore(last, counts)
     frac_before = frac.copy()
-    frac_before[last] = (sizes[last] - before[last]) / sizes[last]
+    frac_before[last] = kept(last, before[last])
     other = greedy(before, frac_before, latency.predict(frac_before), banned={last})
     if other[2] <= target_ms:
         plans.append(fill(*other[:3]))
