@@ -13,9 +13,9 @@ Per seed, the demo's DigitsCNN is trained dense (300 steps), then pruned during 
 
 Both compact models are then timed interleaved against the dense one (onnxruntime, 1 thread,
 batch 64; speedups from the 10th percentiles, as the target's check times) and their test accuracy
-reported. The uniform model comes first because its widths
-move in aligned steps (16 channels of 64-256): a uniform model matched to a latency-aware one's
-latency lands a whole step away, while ``target_speedup`` can meet any speedup.
+reported. The uniform model comes first because its widths move in aligned steps (16 channels of
+64-256): a uniform model matched to a latency-aware one's latency lands a whole step away, while
+``target_speedup`` can meet any speedup.
 """
 
 from __future__ import annotations

@@ -56,6 +56,7 @@ def main() -> None:
     files = {label: fxprune.export_onnx(gm, os.path.join(tmp, f"{label}.onnx"), (x,), progress=False).path
              for label, gm in (("dense", p.captured.graph_module), ("compact", small))}
     weights = {"dense": layer_weights(p.captured.graph_module, layers), "compact": layer_weights(small, layers)}
+    feeds = {label: lat._feed(_names(path)) for label, path in files.items()}
 
     frac = np.array([k.mean() for k in p._kept.values()])
     macs: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0])
@@ -63,12 +64,13 @@ def main() -> None:
         widths = (lat._space(layer.x_space).width(frac), lat._space(layer.y_space).width(frac))
         macs[kind(layer)][0] += layer_macs(layer.base)
         macs[kind(layer)][1] += layer_macs(layer.shape(*(int(round(w)) for w in widths)))
+    dense_macs = sum(m[0] for m in macs.values())
     print(f"{args.model}, {args.sparsity:.0%} of channels, classifier excluded; ideal {p.report().macs_ratio:.2f} "
-          f"(layer MACs {sum(m[0] for m in macs.values()) / sum(m[1] for m in macs.values()):.2f})\n")
+          f"(layer MACs {dense_macs / sum(m[1] for m in macs.values()):.2f})\n")
     for threads in args.threads:
         ms = {}
         for label, path in files.items():
-            prof = attribute(profile(path, lat._feed(_names(path)), threads, args.runs), path, layers, weights[label])
+            prof = attribute(profile(path, feeds[label], threads, args.runs), path, layers, weights[label])
             by = collections.Counter()
             for layer in layers:
                 by[kind(layer)] += prof.get(layer.node, 0.0)
@@ -83,7 +85,7 @@ def main() -> None:
             d, c = ms["dense"][k], ms["compact"][k]
             m = macs.get(k, (0.0, 0.0))
             mfall = f"{m[0] / m[1]:.2f}x" if m[1] else "-"
-            mshare = f"{m[0] / sum(v[0] for v in macs.values()):.0%}" if m[0] else "-"
+            mshare = f"{m[0] / dense_macs:.0%}" if m[0] else "-"
             print(f"| {k} | {d / total['dense']:.0%} | {mshare} | {d / max(c, 1e-9):.2f}x | {mfall} |")
         print()
 
