@@ -4,8 +4,8 @@ Criteria such as Wanda-SP and FLAP rank channels by what flows through them, and
 compensation re-fits the kept weights to what the removed ones contributed; both need the
 layers' input statistics. ``pruning.calibrate(batches)`` runs the masked model over the
 batches once and streams, per prunable layer (``nn.Linear``, ``nn.Conv1d/2d/3d``, Hugging
-Face's ``Conv1D`` and ``nn.MultiheadAttention``'s packed input projection, whose weight is a group
-member), sums in float64: per input feature the sum
+Face's ``Conv1D`` and ``nn.MultiheadAttention``'s input projections, packed or separate q/k/v, whose
+weights are group members), sums in float64: per input feature the sum
 and sum of squares, per output feature the same, and for layers that consume a group's
 channels the second moment ``sum x x^T`` of their inputs. No activation is stored.
 
@@ -39,7 +39,8 @@ import torch.utils._pytree as pytree
 from tqdm import tqdm
 
 from fxprune.adapters.hf_attention import is_transposed_linear
-from fxprune.adapters.torch_attention import packed_in_projection, register_layer_hooks
+from fxprune.adapters.torch_attention import (SEPARATE_PROJECTIONS, packed_in_projection, register_layer_hooks,
+                                              separate_projection)
 from fxprune.batch_norms import reestimate_batch_norms
 from fxprune.errors import PruningError
 
@@ -157,6 +158,9 @@ class CalibrationStats:
         """The statistics of the layer whose weight is parameter ``name`` (None if it has none)."""
         module, _, attr = name.rpartition(".")
         stats = self.layers.get(module)
+        if stats is None and attr in SEPARATE_PROJECTIONS:  # an attention's separate projection: named by its weight
+            stats = self.layers.get(name)
+            return stats if stats is not None and stats.weight == name else None
         # the attribute, not the whole name: a module under two names has one set of statistics, named once
         return stats if stats is not None and stats.weight.rpartition(".")[2] == attr else None
 
@@ -189,14 +193,25 @@ def tap_sums(x: torch.Tensor, conv: nn.Module, batched_dims: int) -> tuple[int, 
     return samples * math.prod(out), torch.stack(sums, 1)
 
 
-def _weight_attr(module: nn.Module) -> str:
-    """The attribute holding a prunable layer's weight (an attention module's packed input projection:
-    ``in_proj_weight``)."""
-    return "in_proj_weight" if packed_in_projection(module) else "weight"
+def _prunable_layer(model: nn.Module, name: str) -> tuple[nn.Module, str, str] | None:
+    """(the module holding the layer's weight, the weight's attribute, the weight's parameter name) of the layer
+    ``name`` (a module, or an attention's separate projection weight), else None."""
+    separate = separate_projection(model, name)
+    if separate is not None:
+        return separate[0], name.rpartition(".")[2], name
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        return None
+    attr = "in_proj_weight" if packed_in_projection(module) else "weight"  # a packed input projection's weight
+    return module, attr, f"{name}.{attr}"
 
 
-def _layer_kind(module: nn.Module) -> tuple[int, int, int, int, int, int] | None:
+def _layer_kind(module: nn.Module, attr: str) -> tuple[int, int, int, int, int, int] | None:
     """(in_dim, out_dim, groups, batched_dims, in_features, out_features) of a prunable layer, else None."""
+    if attr in SEPARATE_PROJECTIONS:  # (embed_dim, kdim or vdim): a Linear on the query, key or value
+        weight = getattr(module, attr)
+        return 1, 0, 1, 0, weight.shape[1], weight.shape[0]
     if packed_in_projection(module):  # nn.MultiheadAttention's in_proj_weight (3E, E): a Linear on the query
         return 1, 0, 1, 0, module.embed_dim, 3 * module.embed_dim
     if isinstance(module, nn.Linear):
@@ -305,41 +320,41 @@ class Calibration:
     def _hook_layers(self, gram: bool, max_gram_features: int):
         """Accumulators and hooks for every prunable layer whose weight is a group member."""
         members: set[str] = set()
-        claimed: set[tuple[str, int]] = set()  # (module, weight dim) of the members of the groups pruners own
+        claimed: set[tuple[str, int]] = set()  # (layer, weight dim) of the members of the groups pruners own
         for g in self.groups:
             for m in g.parameters:
                 module, _, attr = m.name.rpartition(".")
-                if attr in ("weight", "in_proj_weight"):
-                    members.add(module)
+                # a layer is its module, but an attention's separate q/k/v projections are named by their weights
+                layer = m.name if attr in SEPARATE_PROJECTIONS else module if attr in ("weight", "in_proj_weight") \
+                    else None
+                if layer is not None:
+                    members.add(layer)
                     if g.index in self._claimed:
-                        claimed.add((module, m.dim))
+                        claimed.add((layer, m.dim))
         layers: dict[str, LayerStats] = {}
         handles = []
         by_object: dict[int, LayerStats] = {}
         for name in sorted(members):
-            try:
-                module = self.model.get_submodule(name)
-            except AttributeError:
-                continue
-            kind = _layer_kind(module)
+            found = _prunable_layer(self.model, name)
+            kind = None if found is None else _layer_kind(*found[:2])
             if kind is None:
                 continue
-            if id(module) in by_object:  # one module under two names: one set of sums
-                layers[name] = by_object[id(module)]
+            module, attr, weight_name = found
+            weight = getattr(module, attr)
+            if id(weight) in by_object:  # one layer under two names: one set of sums
+                layers[name] = by_object[id(weight)]
                 continue
             in_dim, out_dim, groups, batched, n_in, n_out = kind
-            attr = _weight_attr(module)
-            weight = getattr(module, attr)
             dev = weight.device
             zeros = lambda n: torch.zeros(n, dtype=torch.float64, device=dev)  # noqa: E731
             wants_gram = gram and groups == 1 and (name, in_dim) in claimed and n_in <= max_gram_features
             conv = module if batched and groups == 1 and (name, in_dim) in claimed else None
-            stats = LayerStats(name, f"{name}.{attr}", in_dim, out_dim, groups, batched, zeros(()), zeros(n_in),
+            stats = LayerStats(name, weight_name, in_dim, out_dim, groups, batched, zeros(()), zeros(n_in),
                                zeros(n_in), zeros(()), zeros(n_out), zeros(n_out),
                                zeros((n_in, n_in)) if wants_gram else None, conv,
                                zeros(()) if conv is not None else None,
                                zeros((n_in, weight[0, 0].numel())) if conv is not None else None)
-            layers[name] = by_object[id(module)] = stats
+            layers[name] = by_object[id(weight)] = stats
             handles += register_layer_hooks(self.model, name, functools.partial(stats._add, out=False),
                                             functools.partial(stats._add, out=True))
         return layers, handles

@@ -55,7 +55,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from fxprune.adapters.torch_attention import reads_inputs_unobserved, register_layer_hooks
+from fxprune.adapters.torch_attention import (projection_bias, reads_inputs_unobserved, register_layer_hooks,
+                                              separate_projection)
 from fxprune.calibration import LayerStats, feature_rows, inference, require_calibration, tap_sums, weight_out_in
 from fxprune.errors import PruningError
 from fxprune import norms as norm_switches
@@ -116,6 +117,7 @@ def _restored_on_error(pruning: "Pruning", changes, kept: dict[int, np.ndarray])
     named = {**dict(pruning.model.named_parameters(remove_duplicate=False)),
              **dict(pruning.model.named_buffers(remove_duplicate=False))}
     wanted = [t for layer, _, _ in changes for t in (named[layer.weight], (bias_target(pruning, layer) or (None,))[0])]
+    wanted = [t._base if t is not None and t._base is not None else t for t in wanted]  # a bias that is a view
     wanted += [named.get(m.name) for g, k in kept.items() if not np.array_equal(k, pruning._kept[g])
                for m in pruning.groups[g].parameters]
     ids = {id(t) for t in wanted if t is not None}
@@ -270,8 +272,7 @@ def _replayed(pruning: "Pruning", kept: dict[int, np.ndarray], changes, mode: st
             for layer, keep, _ in changes:
                 if waves[layer.weight] != wave:
                     continue
-                module = model.get_submodule(layer.module)
-                conv = module if layer.batched_dims and layer.groups == 1 else None
+                conv = model.get_submodule(layer.module) if layer.batched_dims and layer.groups == 1 else None
                 wants_gram = mode == "least_squares" and layer.sum.numel() <= pruning.calibration.max_gram_features
                 device = model.get_parameter(layer.weight).device
                 pair = pairs[layer.module] = _Pair(layer, keep, conv, wants_gram, device)
@@ -383,6 +384,10 @@ def _consumer_changes(pruning: "Pruning", pruners: "list[Pruner]", kept: dict[in
 
 def bias_target(pruning: "Pruning", layer: LayerStats) -> tuple[torch.Tensor, float] | None:
     """Where a shift of the layer's output goes: its bias (+), else its BatchNorm's running mean (-), else None."""
+    separate = separate_projection(pruning.model, layer.weight)
+    if separate is not None:  # an attention's separate q/k/v weight: its third of in_proj_bias
+        bias = projection_bias(*separate)
+        return None if bias is None else (bias, 1.0)
     module = pruning.model.get_submodule(layer.module)
     # the bias beside the weight: ``bias`` for ``weight``, ``in_proj_bias`` for an attention's ``in_proj_weight``
     bias = getattr(module, layer.weight.rpartition(".")[2].removesuffix("weight") + "bias", None)

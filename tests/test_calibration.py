@@ -225,28 +225,38 @@ def test_fitting_on_pruned_inputs_beats_dense_statistics_on_a_cnn():
 
 
 class _FailingReplay:
-    """Calibration batches whose second pass (the sequential fit's replay) raises after one batch, once."""
+    """Calibration batches whose pass ``failing`` (2: the sequential fit's first replay, 3: its second, after the
+    first wave's fits are written) raises after one batch, once."""
 
-    def __init__(self, batches):
-        self.batches, self.passes, self.fail = batches, 0, True
+    def __init__(self, batches, failing=2):
+        self.batches, self.passes, self.fail, self.failing = batches, 0, True, failing
 
     def __iter__(self):
         self.passes += 1
         for i, b in enumerate(self.batches):
-            if self.passes > 1 and self.fail and i == 1:
+            if self.passes >= self.failing and self.fail and i == 1:
                 self.fail = False
                 raise KeyboardInterrupt("interrupted mid-replay")
             yield b
 
 
-def test_a_step_interrupted_mid_replay_changes_nothing_and_retries_to_the_same_result():
-    """An error in the replay leaves neither masks nor half-written fits: the retried step equals an uninterrupted one."""
-    batches = _batches((3, 32, 32), n=3, rows=8)
+@pytest.mark.parametrize("case,failing", [("cnn", 2), ("cnn", 3), ("separate_projections", 3),
+                                          ("separate_projections_heads_kept", 3)])
+def test_a_step_interrupted_mid_replay_changes_nothing_and_retries_to_the_same_result(case, failing):
+    """An error in the replay leaves neither masks nor half-written fits: the retried step equals an uninterrupted
+    one. At pass 3 the first wave's fits are written (for the attention: its separate projections' weights and their
+    thirds of in_proj_bias, views of one tensor)."""
+    if case == "cnn":
+        batches, build = _batches((3, 32, 32), n=3, rows=8), lambda cfg: _compile("PlainCNN", **cfg)
+    else:
+        batches, build = _batches((8, 16), n=3, rows=8), _separate_projections
     config = dict(pruning_type="wanda_sp", target_sparsity=0.5, compensation="least_squares")
-    _, clean = _compile("PlainCNN", **config)
+    if case.endswith("heads_kept"):  # in_proj_bias is then no member of a changed group: saved as the fits' target
+        config["excluded_names"] = ["attn"]
+    _, clean = build(config)
     clean.calibrate(batches, progress=False).prune()
-    _, pruning = _compile("PlainCNN", **config)
-    flaky = _FailingReplay(batches)
+    _, pruning = build(config)
+    flaky = _FailingReplay(batches, failing)
     pruning.calibrate(flaky, progress=False)
     before = {k: v.clone() for k, v in pruning.model.state_dict().items()}
     with pytest.raises(KeyboardInterrupt, match="mid-replay"):
@@ -672,6 +682,76 @@ def test_cross_attention_in_proj_sees_no_input():
     assert pruning.calibration.for_parameter("attn.out_proj.weight").count > 0
     pruning.prune()
     assert 0.2 < pruning.sparsity < 0.3
+    assert_compact_matches_masked(pruning, pruning.compact(), (torch.randn(2, 8, 16),), **EXACT)
+
+
+class _SeparateProjections(torch.nn.Module):
+    """Keys and values narrower than the queries (``kdim``/``vdim``): the attention keeps separate q/k/v weights,
+    whose input columns belong to the query stream's group and to the key/value stream's group."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.kv = torch.nn.Linear(16, 32), torch.nn.Linear(16, 24)
+        self.attn = torch.nn.MultiheadAttention(32, 4, batch_first=True, kdim=24, vdim=24)
+        self.mid, self.head = torch.nn.Linear(32, 32), torch.nn.Linear(32, 10)
+
+    def forward(self, x):
+        memory = torch.relu(self.kv(x.flip(1)))
+        y = self.attn(torch.relu(self.q(x)), memory, memory, need_weights=False)[0]
+        return self.head(torch.relu(self.mid(y)))
+
+
+def _separate_projections(config):
+    torch.manual_seed(0)
+    model = _SeparateProjections().eval()
+    return model, fxprune.compile(model, (torch.randn(2, 8, 16),), {"round_to": 1, "prune_domain": "local", **config},
+                                  dynamic_shapes={})
+
+
+def test_separate_attention_projections_are_observed_as_layers():
+    """Each of q_proj_weight, k_proj_weight and v_proj_weight is a layer named by its weight: it reads the query,
+    key or value, and writes that times its weight plus its third of in_proj_bias."""
+    model, pruning = _separate_projections({"pruning_type": "wanda_sp"})
+    batches = _batches((8, 16))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        pruning.calibrate(batches, progress=False, gram=True)
+    attn = pruning.model.attn
+    with torch.no_grad():
+        query = torch.cat([torch.relu(pruning.model.q(b)) for b in batches]).reshape(-1, 32).double()
+        memory = torch.cat([torch.relu(pruning.model.kv(b.flip(1))) for b in batches]).reshape(-1, 24).double()
+    for i, (name, x) in enumerate([("q", query), ("k", memory), ("v", memory)]):
+        s = pruning.calibration.for_parameter(f"attn.{name}_proj_weight")
+        assert s is not None and s.count == x.shape[0], name
+        y = x @ getattr(attn, f"{name}_proj_weight").double().T + attn.in_proj_bias[32 * i:32 * (i + 1)].double()
+        torch.testing.assert_close(s.mean, x.mean(0), atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(s.gram, x.T @ x / len(x), atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(s.out_mean, y.mean(0), atol=1e-6, rtol=1e-5)
+    pruning.prune()
+    assert not pruning.pruners[0].notes  # every group scored from statistics, every consumer compensable
+
+
+def test_compensation_re_fits_separate_attention_projections():
+    """Pruning the query and key/value streams removes input columns of the separate projections: compensation
+    re-fits them (their kept columns, and their thirds of in_proj_bias), the output error falls, and the compact
+    model equals the masked one."""
+    batches = _batches((8, 16), n=4, rows=16)
+    config = {"pruning_type": "wanda_sp", "target_sparsity": 0.5}
+    errors = _output_errors(_separate_projections, batches, lambda m, b: m(b), config)
+    # measured (none / bias / least_squares): 2.6e-4 / 1.1e-4 / 3.2e-5
+    assert errors["bias"] < 0.5 * errors["none"], errors
+    assert errors["least_squares"] < 0.5 * errors["bias"], errors
+    model, pruning = _separate_projections(dict(config, compensation="least_squares"))
+    pruning.calibrate(batches, progress=False).prune()
+    assert not pruning.pruners[0].notes
+    dense, pruned = model.attn, pruning.model.attn
+    for name in ("q", "k", "v"):
+        mask = pruning.masks[f"attn.{name}_proj_weight"].bool()  # (heads' rows, input columns)
+        kept, rows = mask.any(0), mask.any(1)
+        assert 0 < int(kept.sum()) < kept.numel(), name
+        w, w0 = getattr(pruned, f"{name}_proj_weight"), getattr(dense, f"{name}_proj_weight")
+        assert not torch.allclose(w[rows][:, kept], w0[rows][:, kept]), f"{name}_proj_weight was not re-fitted"
+    assert not torch.allclose(pruned.in_proj_bias, dense.in_proj_bias)
     assert_compact_matches_masked(pruning, pruning.compact(), (torch.randn(2, 8, 16),), **EXACT)
 
 

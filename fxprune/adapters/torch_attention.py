@@ -13,7 +13,10 @@ attention module itself as a layer: in self-attention (query, key and value the 
 input is the query and its output ``linear(query, in_proj_weight, in_proj_bias)``, reported by a
 pre-hook of the attention module. In cross-attention the three chunks read different tensors, so
 nothing is reported (its input columns are not prunable there: the captured graph slices the
-packed weight). Every other layer is hooked as itself.
+packed weight). An attention whose keys or values are narrower or wider than its queries (``kdim``
+or ``vdim`` set) keeps three separate weights instead, ``q_proj_weight``, ``k_proj_weight`` and
+``v_proj_weight``: each is a layer of its own, named by its parameter, that reads the query, key
+or value and adds its third of ``in_proj_bias``. Every other layer is hooked as itself.
 """
 
 from __future__ import annotations
@@ -24,9 +27,11 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call
 
-__all__ = ["owning_attention", "packed_in_projection", "register_layer_hooks", "reads_inputs_unobserved"]
+__all__ = ["owning_attention", "packed_in_projection", "projection_bias", "register_layer_hooks",
+           "reads_inputs_unobserved", "separate_projection"]
 
 Observer = Callable[[torch.Tensor], None]
+SEPARATE_PROJECTIONS = ("q_proj_weight", "k_proj_weight", "v_proj_weight")  # they read query, key and value
 _RECOMPUTING: set[int] = set()  # attention modules being run again by a hook: their hooks do not report that run
 
 
@@ -52,10 +57,26 @@ def packed_in_projection(module: nn.Module) -> bool:
     return isinstance(module, nn.MultiheadAttention) and module._qkv_same_embed_dim
 
 
+def separate_projection(model: nn.Module, name: str) -> tuple[nn.MultiheadAttention, int] | None:
+    """(the attention, 0 / 1 / 2 for query / key / value) where parameter ``name`` is one of an
+    ``nn.MultiheadAttention``'s separate projection weights, else None."""
+    owner, attr = _attention_owning(model, name)
+    if owner is None or packed_in_projection(owner) or attr not in SEPARATE_PROJECTIONS:
+        return None
+    return owner, SEPARATE_PROJECTIONS.index(attr)
+
+
+def projection_bias(attention: nn.MultiheadAttention, index: int) -> torch.Tensor | None:
+    """The separate projection ``index``'s part of ``in_proj_bias`` (a view: writing it writes the bias)."""
+    bias, width = attention.in_proj_bias, attention.embed_dim
+    return None if bias is None else bias[index * width:(index + 1) * width]
+
+
 def reads_inputs_unobserved(model: nn.Module, parameter: str, dim: int) -> bool:
     """Whether ``parameter`` is ``nn.MultiheadAttention``'s packed ``in_proj_weight`` (or a separate q/k/v
     weight) and ``dim`` its input features: it reads the hidden size, and where calibration has no statistics
-    of it (separate q/k/v weights; the packed one in cross-attention) compensation cannot re-fit it."""
+    of it (the packed one in cross-attention; statistics loaded from before separate weights were observed)
+    compensation cannot re-fit it."""
     owner, attr = _attention_owning(model, parameter)
     return owner is not None and dim == 1 and attr in ("in_proj_weight", "q_proj_weight", "k_proj_weight",
                                                        "v_proj_weight")
@@ -65,6 +86,10 @@ def register_layer_hooks(model: nn.Module, name: str, on_input: Observer | None 
                          on_output: Observer | None = None) -> list:
     """Hooks that call ``on_input(x)`` with the tensor the layer ``name`` reads and ``on_output(y)`` with what
     it writes, on every call; returns the handles. Non-tensor and integer inputs are not reported."""
+    separate = separate_projection(model, name)
+    if separate is not None:
+        return [separate[0].register_forward_pre_hook(_separate_projection_hook(*separate, on_input, on_output),
+                                                      with_kwargs=True)]
     layer = model.get_submodule(name)
     attention = owning_attention(model, name)
     if attention is not None:
@@ -92,6 +117,24 @@ def _in_projection_hook(attention: nn.MultiheadAttention, on_input: Observer | N
             _report(on_input, q)
         if on_output is not None:
             _report(on_output, torch.nn.functional.linear(q, attention.in_proj_weight, attention.in_proj_bias))
+
+    return hook
+
+
+def _separate_projection_hook(attention: nn.MultiheadAttention, index: int, on_input: Observer | None,
+                              on_output: Observer | None):
+    def hook(module, args, kwargs):
+        if id(attention) in _RECOMPUTING:
+            return
+        name = ("query", "key", "value")[index]
+        x = args[index] if index < len(args) else kwargs.get(name)
+        if not isinstance(x, torch.Tensor):
+            return
+        if on_input is not None:
+            _report(on_input, x)
+        if on_output is not None:
+            weight = getattr(attention, SEPARATE_PROJECTIONS[index])
+            _report(on_output, torch.nn.functional.linear(x, weight, projection_bias(attention, index)))
 
     return hook
 
