@@ -289,15 +289,17 @@ class LatencyModel:
     def _probe_kept(self, fraction: float) -> tuple[dict[int, np.ndarray], np.ndarray]:
         """Every pruned group at about ``fraction`` of its channels (aligned, concat branches non-empty): the kept
         masks and every group's kept fraction."""
-        from fxprune.selection import aligned_round_to, choose_kept
+        from fxprune.selection import align_narrow, aligned_min_kept, aligned_round_to, choose_kept
 
         p = self.pruning
         kept = {g: k.copy() for g, k in p._kept.items()}
+        narrow = align_narrow([p.groups[g] for g in self.groups], True)  # as a latency target's plans align them
         for g in self.groups:
             group = p.groups[g]
-            step = aligned_round_to(group)
+            step = aligned_round_to(group, narrow)
             keep = (max(step, int(round(group.size * fraction / step)) * step) if group.size > step
                     else max(1, int(round(group.size * fraction))))
+            keep = max(keep, aligned_min_kept(group, narrow))
             kept[g] = choose_kept(-np.arange(group.size, dtype=float), group.size - keep, group.parts, step)
         return kept, np.array([k.mean() for k in kept.values()])
 

@@ -19,7 +19,7 @@ from fxprune.latency import LATENCY_AIM, setting
 from fxprune.patterns import n_of_m_masks, nxm_masks, pattern_lock_masks
 from fxprune.registry import PRUNERS, registered_names, unknown_pruner
 from fxprune.schedulers import get_scheduler
-from fxprune.selection import (align_narrow, aligned_round_to, choose_kept, latency_counts, prune_counts,
+from fxprune.selection import (align_narrow, aligned_min_kept, aligned_round_to, choose_kept, latency_counts, prune_counts,
                                repeated_blocks, unaligned_pieces, uniform_counts)
 from fxprune.user_warning import warn
 
@@ -142,12 +142,13 @@ class Pruner:
         scores = {g.index: self.channel_scores(g) for g in self.groups}
         cfg = self.config
         narrow = align_narrow(self.groups, cfg.prune_domain == "global" or cfg.latency_target)
-        round_to = ({g.index: aligned_round_to(g, narrow) for g in self.groups} if cfg.round_to == "auto"
-                    else cfg.round_to)
+        auto = cfg.round_to == "auto"
+        round_to = {g.index: aligned_round_to(g, narrow) for g in self.groups} if auto else cfg.round_to
+        min_kept = {g.index: aligned_min_kept(g, narrow) for g in self.groups} if auto else None
         if cfg.latency_target:
-            return self._select_latency(scores, sparsity, round_to)
+            return self._select_latency(scores, sparsity, round_to, min_kept)
         options = dict(target=sparsity, scope=cfg.prune_domain, max_ratio=cfg.max_sparsity_ratio_per_layer,
-                       min_ratio=cfg.min_sparsity_ratio_per_op, round_to=round_to)
+                       min_ratio=cfg.min_sparsity_ratio_per_op, round_to=round_to, min_kept=min_kept)
         if cfg.uniform_layers:
             counts = uniform_counts(scores, repeated_blocks(self.groups), **options)
         else:
@@ -163,14 +164,14 @@ class Pruner:
         align = round_to if isinstance(round_to, dict) else {g: round_to for g in scores}
         return {g: choose_kept(scores[g], counts[g], parts[g], align[g]) for g in scores}
 
-    def _select_latency(self, scores, removed: float, round_to) -> dict[int, np.ndarray]:
+    def _select_latency(self, scores, removed: float, round_to, min_kept=None) -> dict[int, np.ndarray]:
         """Widths by importance per predicted ms saved, aiming the prediction by the last measured error."""
         lat, cfg = self.latency, self.config
         target_ms = lat.dense_ms * (1.0 - removed) / lat.correction * (LATENCY_AIM if removed > 0 else 1.0)
         per_group = round_to if isinstance(round_to, dict) else {g: round_to for g in scores}
         counts, self.predicted_ms = latency_counts(scores, lat, self.kept_fraction(), target_ms,
                                                    cfg.max_sparsity_ratio_per_layer, cfg.min_sparsity_ratio_per_op,
-                                                   per_group)
+                                                   per_group, min_kept)
         if self.predicted_ms > target_ms * 1.01:
             self._note(f"latency target {target_ms:.3f} ms (predicted) cannot be reached: the groups are at their "
                        f"cap at {self.predicted_ms:.3f} ms (max_sparsity_ratio_per_layer="

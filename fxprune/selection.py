@@ -17,15 +17,31 @@ import re
 import numpy as np
 
 __all__ = ["prune_counts", "latency_counts", "choose_kept", "repeated_blocks", "uniform_counts", "aligned_round_to",
-           "align_narrow", "unaligned_pieces", "ALIGN"]
+           "aligned_min_kept", "align_narrow", "unaligned_pieces", "ALIGN"]
 
 # kept widths are aligned to this many elements under ``round_to: "auto"`` (the default): onnxruntime's CPU
 # conv and GEMM kernels work on blocks of 8 floats (AVX2) or 16 (AVX-512). 16 serves both; on ResNet-50 it
 # gave 0.92-1.01 of ideal where 8 gave 0.84-0.95 and no rounding 0.56-0.62 (benchmarks/results_defaults.md).
 # Groups too narrow for 16 are aligned to 8: a conv whose input channels are not a multiple of the NCHWc block
 # runs as a plain conv with layout reorders around it (MobileNetV2's 16-32-wide residual streams: 0.70 of
-# ideal at 50% unaligned, 0.85 aligned to 8, 1 thread)
+# ideal at 50% unaligned, 0.85 aligned to 8, 1 thread, AVX2). They keep at least 16 (aligned_min_kept): on
+# AVX-512 the block is 16, onnxruntime pads a width of 24 or 40 to the next block but takes a conv reading
+# fewer than 16 channels out of the layout (MobileNetV2 at 50%, 1 thread: 0.59 of ideal with 8-wide streams)
 ALIGN = 16
+
+
+def _steps(group) -> tuple[int, int]:
+    """(channels per ``ALIGN`` elements of every member, channels per ``ALIGN // 2``): the alignment steps."""
+    per = min((int(np.bincount(m.atoms[m.atoms >= 0]).max()) for m in group.parameters if (m.atoms >= 0).any()),
+              default=1)
+    return ALIGN // math.gcd(ALIGN, per), (ALIGN // 2) // math.gcd(ALIGN // 2, per)
+
+
+def aligned_min_kept(group, narrow: bool = True) -> int:
+    """The fewest channels a group may keep under ``round_to: "auto"``: a narrow group aligned to the half step
+    (8 conv channels) keeps at least a whole step (16), a block on AVX2 and on AVX-512 alike; 1 otherwise."""
+    step, half = _steps(group)
+    return step if 1 < half < step and aligned_round_to(group, narrow) == half else 1
 
 
 def aligned_round_to(group, narrow: bool = True) -> int:
@@ -37,13 +53,10 @@ def aligned_round_to(group, narrow: bool = True) -> int:
     what the coarse rounding of a narrow group moves), and otherwise not rounded: a per-group target there
     could not be honoured (25% of 16 channels is 12 kept, 8 and 16 are the aligned choices).
     """
-    per = min((int(np.bincount(m.atoms[m.atoms >= 0]).max()) for m in group.parameters if (m.atoms >= 0).any()),
-              default=1)
-    step = ALIGN // math.gcd(ALIGN, per)
+    step, half = _steps(group)
     if group.size >= 4 * step:
         return step
-    half = (ALIGN // 2) // math.gcd(ALIGN // 2, per)  # AVX2's block: what onnxruntime's NCHWc convs need at least
-    return half if narrow and group.size >= 2 * half else 1
+    return half if narrow and group.size >= 2 * half else 1  # half: AVX2's NCHWc block
 
 
 def align_narrow(groups, shared_budget: bool) -> bool:
@@ -61,6 +74,11 @@ def _cap(size: int, max_ratio: float) -> int:
     return min(int(math.floor(size * max_ratio + 1e-9)), size - 1)
 
 
+def _caps(sizes: dict[int, int], max_ratio: float, min_kept: dict[int, int] | None) -> dict[int, int]:
+    """Per group, the most channels it may lose."""
+    return {g: max(0, min(_cap(n, max_ratio), n - (min_kept or {}).get(g, 1))) for g, n in sizes.items()}
+
+
 def _round(kept: int, size: int, round_to: int) -> int:
     if round_to <= 1 or size <= round_to:
         return kept
@@ -70,7 +88,7 @@ def _round(kept: int, size: int, round_to: int) -> int:
 
 def prune_counts(scores: dict[int, np.ndarray], target: float, scope: str = "global",
                  max_ratio: float = 0.98, min_ratio: float = 0.0, round_to: int | dict[int, int] = 1,
-                 copies: dict[int, int] | None = None) -> dict[int, int]:
+                 copies: dict[int, int] | None = None, min_kept: dict[int, int] | None = None) -> dict[int, int]:
     """Number of channels to remove per group.
 
     Parameters
@@ -80,11 +98,12 @@ def prune_counts(scores: dict[int, np.ndarray], target: float, scope: str = "glo
     round_to : one multiple for every group, or one per group index.
     copies : group index -> how many groups it stands for (a class of repeated blocks,
         see :func:`uniform_counts`); each channel it removes counts that many times.
+    min_kept : group index -> the fewest channels it may keep (default 1).
     """
     sizes = {g: len(s) for g, s in scores.items()}
     round_to = round_to if isinstance(round_to, dict) else {g: round_to for g in scores}
     weight = {g: (copies or {}).get(g, 1) for g in scores}
-    caps = {g: _cap(n, max_ratio) for g, n in sizes.items()}
+    caps = _caps(sizes, max_ratio, min_kept)
     floors = {g: min(int(math.ceil(n * min_ratio - 1e-9)), caps[g]) for g, n in sizes.items()}
     if scope == "local":
         counts = {g: min(max(int(math.floor(n * target + 1e-9)), floors[g]), caps[g]) for g, n in sizes.items()}
@@ -129,8 +148,8 @@ def _allocate_global(sorted_scores, sizes, caps, counts, budget, round_to, weigh
 
 
 def latency_counts(scores: dict[int, np.ndarray], latency, frac: np.ndarray, target_ms: float,
-                   max_ratio: float = 0.98, min_ratio: float = 0.0, round_to: dict[int, int] | None = None
-                   ) -> tuple[dict[int, int], float]:
+                   max_ratio: float = 0.98, min_ratio: float = 0.0, round_to: dict[int, int] | None = None,
+                   min_kept: dict[int, int] | None = None) -> tuple[dict[int, int], float]:
     """Channels to remove per group so the predicted latency reaches ``target_ms``; and that prediction.
 
     Greedy on importance per millisecond (HALP's knapsack, relaxed): the next chunk removed
@@ -149,7 +168,7 @@ def latency_counts(scores: dict[int, np.ndarray], latency, frac: np.ndarray, tar
     """
     sizes = {g: len(s) for g, s in scores.items()}
     round_to = round_to or {}
-    caps = {g: _cap(n, max_ratio) for g, n in sizes.items()}
+    caps = _caps(sizes, max_ratio, min_kept)
     floor = {g: min(int(math.ceil(n * min_ratio - 1e-9)), caps[g]) for g, n in sizes.items()}
     sorted_scores = {g: np.sort(s) for g, s in scores.items()}
 

@@ -149,11 +149,27 @@ def test_the_probe_is_pruned_about_as_far_as_the_target_asks(fake_timing):
         assert abs(math.log(speedup / target)) < abs(math.log(half / target)), probes
 
 
+def test_the_probe_aligns_its_widths_as_the_plans_do():
+    """The probe is a plan the fit measures: its narrow groups keep a whole 16-channel block, as a latency target's
+    plans do (a narrower conv input leaves onnxruntime's blocked layout on AVX-512), wide ones multiples of 16; in a
+    net made only of narrow groups, plans and probe keep exact counts."""
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 1), torch.nn.ReLU(), torch.nn.Conv2d(16, 24, 1), torch.nn.ReLU(),
+                              torch.nn.Conv2d(24, 128, 1), torch.nn.ReLU(), torch.nn.Conv2d(128, 256, 1),
+                              torch.nn.ReLU(), torch.nn.Conv2d(256, 4, 1))
+    p = fxprune.compile(net, (torch.randn(2, 3, 8, 8),), {"target_speedup": 2.0})
+    kept, _ = p.pruners[0].latency._probe_kept(0.5)
+    assert {p.groups[g].size: int(k.sum()) for g, k in kept.items()} == {16: 16, 24: 16, 128: 64, 256: 128}
+    p = build(target_speedup=2.0)  # groups of 16 and 32 channels only
+    kept, _ = p.pruners[0].latency._probe_kept(0.25)
+    assert sorted(int(k.sum()) for k in kept.values()) == [4, 4, 8, 8]
+
+
 def test_a_model_that_falls_faster_than_its_tables_is_predicted_with_a_negative_offset(monkeypatch, tmp_path):
     """Every pruned model runs 20% faster than its layers' tables say (the dense one as said): the line through
     the dense model and the probe has a slope above 1 and a negative offset. Below the probe the prediction is
-    in proportion from the probe, so it stays positive, and the first plan is predicted within 3% of what it
-    measures (a scale through the origin, the fit for this case before, was 10% off)."""
+    in proportion from the probe, so it stays positive, and the first plan is predicted within 3.5% of what it
+    measures (3.0% with the probe at exact widths, as this net of narrow groups is planned; 2.9% with the probe
+    aligned to 8; a scale through the origin, the fit for this case before, was 10% off)."""
     monkeypatch.setenv("FXPRUNE_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(OpTimer, "_time", lambda self, shape: shape_macs(shape) * NS_PER_MAC)
 
@@ -172,7 +188,7 @@ def test_a_model_that_falls_faster_than_its_tables_is_predicted_with_a_negative_
     assert 0.0 < lat.predict(np.full(len(lat.sizes), 0.05)) < lat.probe["measured_ms"]
     p.prune()
     first = p.latency_checks[0]
-    assert first["predicted_speedup"] == pytest.approx(first["measured_speedup"], rel=0.03), p.latency_checks
+    assert first["predicted_speedup"] == pytest.approx(first["measured_speedup"], rel=0.035), p.latency_checks
     # the plan's prediction is the model's own, not the running sum of savings the greedy kept
     kept = np.array([k.mean() for k in p._kept.values()])
     if len(p.latency_checks) == 1:
