@@ -19,8 +19,8 @@ from fxprune.latency import LATENCY_AIM, setting
 from fxprune.patterns import n_of_m_masks, nxm_masks, pattern_lock_masks
 from fxprune.registry import PRUNERS, registered_names, unknown_pruner
 from fxprune.schedulers import get_scheduler
-from fxprune.selection import (align_narrow, aligned_min_kept, aligned_round_to, choose_kept, latency_counts, prune_counts,
-                               repeated_blocks, unaligned_pieces, uniform_counts)
+from fxprune.selection import (align_narrow, aligned_min_kept, aligned_round_to, choose_kept, latency_counts,
+                               prune_counts, repeated_blocks, unaligned_pieces, uniform_counts)
 from fxprune.user_warning import warn
 
 __all__ = ["PRUNERS", "register_pruners", "get_pruner", "registered_names", "Pruner", "MagnitudePruner",
