@@ -160,7 +160,6 @@ class CalibrationStats:
         stats = self.layers.get(module)
         if stats is None and attr in SEPARATE_PROJECTIONS:  # an attention's separate projection: named by its weight
             stats = self.layers.get(name)
-            return stats if stats is not None and stats.weight == name else None
         # the attribute, not the whole name: a module under two names has one set of statistics, named once
         return stats if stats is not None and stats.weight.rpartition(".")[2] == attr else None
 

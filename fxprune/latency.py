@@ -163,8 +163,9 @@ class LatencyModel:
 
     def __init__(self, pruning, threads: int = 1, batch: int | None = None, cache_dir=None, progress: bool | None = None,
                  groups: list[int] | None = None, target_speedup: float | None = None,
-                 target_ms: float | None = None):
+                 target_ms: float | None = None, round_to: int | str = "auto"):
         self.pruning, self.threads, self.progress = pruning, threads, progress
+        self.round_to = round_to  # the pruner's: the probe's widths are aligned as its plans are
         self.target_speedup, self.target_ms = target_speedup, target_ms  # where the probe is placed
         self.groups = list(range(len(pruning.groups))) if groups is None else list(groups)  # the ones pruned
         self.cache_dir = cache_dir
@@ -294,12 +295,13 @@ class LatencyModel:
         p = self.pruning
         kept = {g: k.copy() for g, k in p._kept.items()}
         narrow = align_narrow([p.groups[g] for g in self.groups], True)  # as a latency target's plans align them
+        auto = self.round_to == "auto"
         for g in self.groups:
             group = p.groups[g]
-            step = aligned_round_to(group, narrow)
+            step = aligned_round_to(group, narrow) if auto else self.round_to
             keep = (max(step, int(round(group.size * fraction / step)) * step) if group.size > step
                     else max(1, int(round(group.size * fraction))))
-            keep = max(keep, aligned_min_kept(group, narrow))
+            keep = max(keep, aligned_min_kept(group, narrow) if auto else 1)
             kept[g] = choose_kept(-np.arange(group.size, dtype=float), group.size - keep, group.parts, step)
         return kept, np.array([k.mean() for k in kept.values()])
 

@@ -60,7 +60,8 @@ class Masking:
                 cfg = pruner.config
                 pruner.latency = LatencyModel(self, cfg.latency_threads, cfg.latency_batch, cfg.latency_cache,
                                               groups=[g.index for g in pruner.groups],
-                                              target_speedup=cfg.target_speedup, target_ms=cfg.target_latency_ms)
+                                              target_speedup=cfg.target_speedup, target_ms=cfg.target_latency_ms,
+                                              round_to=cfg.round_to)
                 pruner.kept_fraction = lambda: np.array([k.mean() for k in self._kept.values()])
 
     # -- kept channels and masks ----------------------------------------------------------

@@ -731,6 +731,24 @@ def test_separate_attention_projections_are_observed_as_layers():
     assert not pruning.pruners[0].notes  # every group scored from statistics, every consumer compensable
 
 
+def test_an_attention_under_two_names_has_one_set_of_statistics():
+    """A shared attention module's separate projections are one layer each, found under either name."""
+    torch.manual_seed(0)
+    model = _SeparateProjections().eval()
+    model.alias = model.attn
+    pruning = fxprune.compile(model, (torch.randn(2, 8, 16),), {"round_to": 1, "prune_domain": "local",
+                                                                "pruning_type": "wanda_sp",
+                                                                "compensation": "least_squares"}, dynamic_shapes={})
+    batches = _batches((8, 16))
+    pruning.calibrate(batches, progress=False)
+    for proj in ("q", "k", "v"):
+        found = [pruning.calibration.for_parameter(f"{owner}.{proj}_proj_weight") for owner in ("attn", "alias")]
+        assert found[0] is found[1] is not None and found[0].count == sum(b.shape[0] for b in batches) * 8, proj
+    pruning.prune()
+    assert not pruning.pruners[0].notes
+    assert_compact_matches_masked(pruning, pruning.compact(), (torch.randn(2, 8, 16),), **EXACT)
+
+
 def test_compensation_re_fits_separate_attention_projections():
     """Pruning the query and key/value streams removes input columns of the separate projections: compensation
     re-fits them (their kept columns, and their thirds of in_proj_bias), the output error falls, and the compact
@@ -751,7 +769,9 @@ def test_compensation_re_fits_separate_attention_projections():
         assert 0 < int(kept.sum()) < kept.numel(), name
         w, w0 = getattr(pruned, f"{name}_proj_weight"), getattr(dense, f"{name}_proj_weight")
         assert not torch.allclose(w[rows][:, kept], w0[rows][:, kept]), f"{name}_proj_weight was not re-fitted"
-    assert not torch.allclose(pruned.in_proj_bias, dense.in_proj_bias)
+    kept_bias = pruning.masks["attn.in_proj_bias"].bool()  # the kept heads' rows: the fit's shifts, not the masks
+    assert 0 < int(kept_bias.sum()) < kept_bias.numel()
+    assert not torch.allclose(pruned.in_proj_bias[kept_bias], dense.in_proj_bias[kept_bias])
     assert_compact_matches_masked(pruning, pruning.compact(), (torch.randn(2, 8, 16),), **EXACT)
 
 

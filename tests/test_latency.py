@@ -152,13 +152,16 @@ def test_the_probe_is_pruned_about_as_far_as_the_target_asks(fake_timing):
 def test_the_probe_aligns_its_widths_as_the_plans_do():
     """The probe is a plan the fit measures: its narrow groups keep a whole 16-channel block, as a latency target's
     plans do (a narrower conv input leaves onnxruntime's blocked layout on AVX-512), wide ones multiples of 16; in a
-    net made only of narrow groups, plans and probe keep exact counts."""
+    net made only of narrow groups, plans and probe keep exact counts; an explicit round_to aligns both to it."""
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 1), torch.nn.ReLU(), torch.nn.Conv2d(16, 24, 1), torch.nn.ReLU(),
                               torch.nn.Conv2d(24, 128, 1), torch.nn.ReLU(), torch.nn.Conv2d(128, 256, 1),
                               torch.nn.ReLU(), torch.nn.Conv2d(256, 4, 1))
     p = fxprune.compile(net, (torch.randn(2, 3, 8, 8),), {"target_speedup": 2.0})
     kept, _ = p.pruners[0].latency._probe_kept(0.5)
     assert {p.groups[g].size: int(k.sum()) for g, k in kept.items()} == {16: 16, 24: 16, 128: 64, 256: 128}
+    p = fxprune.compile(net, (torch.randn(2, 3, 8, 8),), {"target_speedup": 2.0, "round_to": 4})  # as the user asks
+    kept, _ = p.pruners[0].latency._probe_kept(0.25)
+    assert {p.groups[g].size: int(k.sum()) for g, k in kept.items()} == {16: 4, 24: 8, 128: 32, 256: 64}
     p = build(target_speedup=2.0)  # groups of 16 and 32 channels only
     kept, _ = p.pruners[0].latency._probe_kept(0.25)
     assert sorted(int(k.sum()) for k in kept.values()) == [4, 4, 8, 8]
