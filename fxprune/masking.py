@@ -231,9 +231,12 @@ class Masking:
             tried.append((measured, {g: k.copy() for g, k in self._kept.items()}, self.latency_checks[-1]))
             if want * LATENCY_OVERSHOOT <= measured <= want * LATENCY_TOLERANCE or attempt == tries - 1:
                 break
-            # one measurement moves the aim by at most 2x either way: a plan far off (a small model whose
-            # fixed costs the tables do not see) would otherwise swing the next one past the dense model
-            lat.correction *= min(2.0, max(0.5, measured / want))
+            # the next plan is aimed by the prediction's error at this one (measured over predicted), so it lands
+            # where this one was aimed, at LATENCY_AIM of the target; scaling the aim by measured over *wanted*
+            # cancelled that margin and put the next plan on the window's edge, where noise half the time
+            # fails it. One measurement moves the aim by at most 2x either way: a plan far off (a small model
+            # whose fixed costs the tables do not see) would otherwise swing the next one past the dense model
+            lat.correction = min(2.0 * lat.correction, max(0.5 * lat.correction, measured / predicted))
             self.set_kept(pruner.select(pruner.scheduler.target))
         meeting = [t for t in tried if t[0] <= want * LATENCY_TOLERANCE]
         measured, kept, check = max(meeting, key=lambda t: t[0]) if meeting else min(tried, key=lambda t: t[0])
