@@ -154,7 +154,7 @@ class Pruner:
         else:
             counts = prune_counts(scores, **options)
         kept = self._kept_masks(scores, counts, round_to)
-        self._note_adjustments(sparsity, counts, round_to)
+        self._note_adjustments(sparsity, counts, round_to, min_kept)
         self._note_unaligned(kept, round_to)
         return kept
 
@@ -196,7 +196,7 @@ class Pruner:
                        "could not remove the channels the target asks of their groups (onnxruntime runs such a "
                        "concat and the convs after it outside its blocked layout; a lower target avoids it)")
 
-    def _note_adjustments(self, sparsity: float, counts: dict[int, int], round_to) -> None:
+    def _note_adjustments(self, sparsity: float, counts: dict[int, int], round_to, min_kept=None) -> None:
         """Say where the requested target could not be met as asked, once per reason (a warning and the report)."""
         cfg, sizes = self.config, {g.index: g.size for g in self.groups}
         rounding = cfg.round_to if isinstance(cfg.round_to, int) else 1  # "auto" rounds only where it fits
@@ -210,11 +210,16 @@ class Pruner:
         # what an explicit round_to alone may move the total by; "auto" is held to 1% of the channels
         step = rounding * (len(sizes) if cfg.prune_domain == "local" else 1) if isinstance(cfg.round_to, int) else 1
         if sparsity == cfg.target_sparsity and total and abs(reached - sparsity) > max(0.01, step / total):
-            capped = [g for g, n in sizes.items() if counts[g] >= min(int(n * cfg.max_sparsity_ratio_per_layer), n - 1)]
+            least = min_kept or {}
+            capped = [g for g, n in sizes.items()
+                      if counts[g] >= min(int(n * cfg.max_sparsity_ratio_per_layer), n - least.get(g, 1))]
             reasons = []
             if capped:
-                reasons.append(f"{len(capped)} groups are at their cap (every group keeps at least one channel, and at "
-                               f"most max_sparsity_ratio_per_layer={cfg.max_sparsity_ratio_per_layer} of its channels go)")
+                held = ", narrow groups a 16-element block under round_to 'auto'" if any(
+                    least.get(g, 1) > 1 for g in capped) else ""
+                reasons.append(f"{len(capped)} groups are at their cap (every group keeps at least one channel{held}, "
+                               f"and at most max_sparsity_ratio_per_layer={cfg.max_sparsity_ratio_per_layer} of its "
+                               "channels go)")
             if max(round_to.values(), default=1) > 1 if isinstance(round_to, dict) else round_to > 1:
                 reasons.append(f"kept counts are rounded to aligned widths (round_to={cfg.round_to!r}; round_to=1 "
                                "gives exact counts)")

@@ -74,9 +74,15 @@ def _cap(size: int, max_ratio: float) -> int:
     return min(int(math.floor(size * max_ratio + 1e-9)), size - 1)
 
 
-def _caps(sizes: dict[int, int], max_ratio: float, min_kept: dict[int, int] | None) -> dict[int, int]:
-    """Per group, the most channels it may lose."""
-    return {g: max(0, min(_cap(n, max_ratio), n - (min_kept or {}).get(g, 1))) for g, n in sizes.items()}
+def _caps_and_floors(sizes: dict[int, int], max_ratio: float, min_ratio: float, min_kept: dict[int, int] | None
+                     ) -> tuple[dict[int, int], dict[int, int]]:
+    """Per group, the most and the fewest channels it may lose. ``min_ratio`` is asked for (the config's
+    ``min_sparsity_ratio_per_op``) and ``min_kept`` is the default alignment's: where they conflict the user's
+    request wins."""
+    user = {g: _cap(n, max_ratio) for g, n in sizes.items()}
+    floors = {g: min(int(math.ceil(n * min_ratio - 1e-9)), user[g]) for g, n in sizes.items()}
+    caps = {g: max(floors[g], min(user[g], n - (min_kept or {}).get(g, 1))) for g, n in sizes.items()}
+    return caps, floors
 
 
 def _round(kept: int, size: int, round_to: int) -> int:
@@ -103,8 +109,7 @@ def prune_counts(scores: dict[int, np.ndarray], target: float, scope: str = "glo
     sizes = {g: len(s) for g, s in scores.items()}
     round_to = round_to if isinstance(round_to, dict) else {g: round_to for g in scores}
     weight = {g: (copies or {}).get(g, 1) for g in scores}
-    caps = _caps(sizes, max_ratio, min_kept)
-    floors = {g: min(int(math.ceil(n * min_ratio - 1e-9)), caps[g]) for g, n in sizes.items()}
+    caps, floors = _caps_and_floors(sizes, max_ratio, min_ratio, min_kept)
     if scope == "local":
         counts = {g: min(max(int(math.floor(n * target + 1e-9)), floors[g]), caps[g]) for g, n in sizes.items()}
     else:
@@ -168,8 +173,7 @@ def latency_counts(scores: dict[int, np.ndarray], latency, frac: np.ndarray, tar
     """
     sizes = {g: len(s) for g, s in scores.items()}
     round_to = round_to or {}
-    caps = _caps(sizes, max_ratio, min_kept)
-    floor = {g: min(int(math.ceil(n * min_ratio - 1e-9)), caps[g]) for g, n in sizes.items()}
+    caps, floor = _caps_and_floors(sizes, max_ratio, min_ratio, min_kept)
     sorted_scores = {g: np.sort(s) for g, s in scores.items()}
 
     def kept(g: int, count: int) -> float:

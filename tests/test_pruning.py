@@ -359,6 +359,10 @@ def test_default_round_to_keeps_a_whole_block_in_narrow_groups():
     assert kept[16] == 16 and kept[24] in (16, 24) and kept[40] in (16, 24, 32, 40), kept
     assert kept[256] % 16 == 0
     assert pruning.sparsity == pytest.approx(0.6, abs=0.02)  # the wide group takes up the budget
+    # a minimum sparsity per group that the user asks for wins over the alignment's 16
+    asked = fxprune.compile(net, (torch.randn(2, 3, 8, 8),), {"target_sparsity": 0.6,
+                                                              "min_sparsity_ratio_per_op": 0.5}).prune()
+    assert {g.size: len(asked.kept_channels[g.index]) for g in asked.groups}[16] == 8
     # a local budget keeps exact counts in narrow groups, down to a single channel
     local = fxprune.compile(net, (torch.randn(2, 3, 8, 8),), {"target_sparsity": 0.6, "prune_domain": "local"}).prune()
     assert {g.size: len(local.kept_channels[g.index]) for g in local.groups if g.size < 64} == {16: 7, 24: 10, 40: 16}
