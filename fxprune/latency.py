@@ -290,7 +290,7 @@ class LatencyModel:
     def _probe_kept(self, fraction: float) -> tuple[dict[int, np.ndarray], np.ndarray]:
         """Every pruned group at about ``fraction`` of its channels (aligned, concat branches non-empty): the kept
         masks and every group's kept fraction."""
-        from fxprune.selection import align_narrow, aligned_min_kept, aligned_round_to, choose_kept
+        from fxprune.selection import align_narrow, aligned_widths, choose_kept
 
         p = self.pruning
         kept = {g: k.copy() for g, k in p._kept.items()}
@@ -298,10 +298,10 @@ class LatencyModel:
         auto = self.round_to == "auto"
         for g in self.groups:
             group = p.groups[g]
-            step = aligned_round_to(group, narrow) if auto else self.round_to
+            step, least = aligned_widths(group, narrow) if auto else (self.round_to, 1)
             keep = (max(step, int(round(group.size * fraction / step)) * step) if group.size > step
                     else max(1, int(round(group.size * fraction))))
-            keep = max(keep, aligned_min_kept(group, narrow) if auto else 1)
+            keep = max(keep, least)
             kept[g] = choose_kept(-np.arange(group.size, dtype=float), group.size - keep, group.parts, step)
         return kept, np.array([k.mean() for k in kept.values()])
 

@@ -19,8 +19,8 @@ from fxprune.latency import LATENCY_AIM, setting
 from fxprune.patterns import n_of_m_masks, nxm_masks, pattern_lock_masks
 from fxprune.registry import PRUNERS, registered_names, unknown_pruner
 from fxprune.schedulers import get_scheduler
-from fxprune.selection import (align_narrow, aligned_min_kept, aligned_round_to, choose_kept, latency_counts,
-                               prune_counts, repeated_blocks, unaligned_pieces, uniform_counts)
+from fxprune.selection import (ALIGN, align_narrow, aligned_widths, choose_kept, latency_counts, prune_counts,
+                               repeated_blocks, unaligned_pieces, uniform_counts)
 from fxprune.user_warning import warn
 
 __all__ = ["PRUNERS", "register_pruners", "get_pruner", "registered_names", "Pruner", "MagnitudePruner",
@@ -142,9 +142,11 @@ class Pruner:
         scores = {g.index: self.channel_scores(g) for g in self.groups}
         cfg = self.config
         narrow = align_narrow(self.groups, cfg.prune_domain == "global" or cfg.latency_target)
-        auto = cfg.round_to == "auto"
-        round_to = {g.index: aligned_round_to(g, narrow) for g in self.groups} if auto else cfg.round_to
-        min_kept = {g.index: aligned_min_kept(g, narrow) for g in self.groups} if auto else None
+        round_to, min_kept = cfg.round_to, None
+        if cfg.round_to == "auto":
+            widths = {g.index: aligned_widths(g, narrow) for g in self.groups}
+            round_to = {g: w[0] for g, w in widths.items()}
+            min_kept = {g: w[1] for g, w in widths.items()}
         if cfg.latency_target:
             return self._select_latency(scores, sparsity, round_to, min_kept)
         options = dict(target=sparsity, scope=cfg.prune_domain, max_ratio=cfg.max_sparsity_ratio_per_layer,
@@ -215,7 +217,7 @@ class Pruner:
                       if counts[g] >= min(int(n * cfg.max_sparsity_ratio_per_layer), n - least.get(g, 1))]
             reasons = []
             if capped:
-                held = ", narrow groups a 16-element block under round_to 'auto'" if any(
+                held = f", narrow groups a {ALIGN}-element block under round_to 'auto'" if any(
                     least.get(g, 1) > 1 for g in capped) else ""
                 reasons.append(f"{len(capped)} groups are at their cap (every group keeps at least one channel{held}, "
                                f"and at most max_sparsity_ratio_per_layer={cfg.max_sparsity_ratio_per_layer} of its "

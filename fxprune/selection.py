@@ -17,14 +17,14 @@ import re
 import numpy as np
 
 __all__ = ["prune_counts", "latency_counts", "choose_kept", "repeated_blocks", "uniform_counts", "aligned_round_to",
-           "aligned_min_kept", "align_narrow", "unaligned_pieces", "ALIGN"]
+           "aligned_widths", "align_narrow", "unaligned_pieces", "ALIGN"]
 
 # kept widths are aligned to this many elements under ``round_to: "auto"`` (the default): onnxruntime's CPU
 # conv and GEMM kernels work on blocks of 8 floats (AVX2) or 16 (AVX-512). 16 serves both; on ResNet-50 it
 # gave 0.92-1.01 of ideal where 8 gave 0.84-0.95 and no rounding 0.56-0.62 (benchmarks/results_defaults.md).
 # Groups too narrow for 16 are aligned to 8: a conv whose input channels are not a multiple of the NCHWc block
 # runs as a plain conv with layout reorders around it (MobileNetV2's 16-32-wide residual streams: 0.70 of
-# ideal at 50% unaligned, 0.85 aligned to 8, 1 thread, AVX2). They keep at least 16 (aligned_min_kept): on
+# ideal at 50% unaligned, 0.85 aligned to 8, 1 thread, AVX2). They keep at least 16 (aligned_widths): on
 # AVX-512 the block is 16, onnxruntime pads a width of 24 or 40 to the next block but takes a conv reading
 # fewer than 16 channels out of the layout (MobileNetV2 at 50%, 1 thread: 0.59 of ideal with 8-wide streams)
 ALIGN = 16
@@ -37,11 +37,16 @@ def _steps(group) -> tuple[int, int]:
     return ALIGN // math.gcd(ALIGN, per), (ALIGN // 2) // math.gcd(ALIGN // 2, per)
 
 
-def aligned_min_kept(group, narrow: bool = True) -> int:
-    """The fewest channels a group may keep under ``round_to: "auto"``: a narrow group aligned to the half step
-    (8 conv channels) keeps at least a whole step (16), a block on AVX2 and on AVX-512 alike; 1 otherwise."""
+def aligned_widths(group, narrow: bool = True) -> tuple[int, int]:
+    """(:func:`aligned_round_to`, the fewest channels the group may keep) under ``round_to: "auto"``: a narrow
+    group aligned to the half step (8 conv channels) keeps at least a whole step (16), a block on AVX2 and on
+    AVX-512 alike; every other group at least 1."""
     step, half = _steps(group)
-    return step if 1 < half < step and aligned_round_to(group, narrow) == half else 1
+    if group.size >= 4 * step:
+        return step, 1
+    if narrow and group.size >= 2 * half:  # half: AVX2's NCHWc block
+        return half, step if 1 < half < step else 1
+    return 1, 1
 
 
 def aligned_round_to(group, narrow: bool = True) -> int:
@@ -53,10 +58,7 @@ def aligned_round_to(group, narrow: bool = True) -> int:
     what the coarse rounding of a narrow group moves), and otherwise not rounded: a per-group target there
     could not be honoured (25% of 16 channels is 12 kept, 8 and 16 are the aligned choices).
     """
-    step, half = _steps(group)
-    if group.size >= 4 * step:
-        return step
-    return half if narrow and group.size >= 2 * half else 1  # half: AVX2's NCHWc block
+    return aligned_widths(group, narrow)[0]
 
 
 def align_narrow(groups, shared_budget: bool) -> bool:
