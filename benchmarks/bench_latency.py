@@ -151,9 +151,12 @@ def main() -> None:
     ap.add_argument("--layout-edges", choices=("on", "off"), default="on",
                     help="off: conv tables hold each conv's time alone, layout changes at its edges included "
                          "(fxprune.latency.LAYOUT_EDGES)")
+    ap.add_argument("--in-network", choices=("on", "off"), default="on",
+                    help="off: every layer's table as timed alone, one line fit for all (fxprune.latency.IN_NETWORK)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     fxprune.latency.LAYOUT_EDGES = args.layout_edges == "on"
+    fxprune.latency.IN_NETWORK = args.in_network == "on"
     settings = [tuple(int(v) for v in s.split("x")) for s in args.settings]
     cache = args.cache or tempfile.mkdtemp(prefix="fxprune-tables-")
     began = time.perf_counter()

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import os
 import sys
 import tempfile
@@ -29,74 +28,7 @@ for path in (ROOT, os.path.dirname(os.path.abspath(__file__))):
 import bench_latency  # noqa: E402
 
 import fxprune  # noqa: E402
-from fxprune.exporters.ort_benchmark import session_options  # noqa: E402
-
-
-def profile(path: str, feed: dict, threads: int, runs: int) -> dict[str, float]:
-    """Mean kernel ms per run of every onnxruntime node of one file, by node name."""
-    import onnxruntime as ort
-
-    options = session_options(threads)
-    options.enable_profiling = True
-    options.profile_file_prefix = path[:-5]
-    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-    for _ in range(10 + runs):
-        session.run(None, feed)
-    events = json.load(open(session.end_profiling()))
-    ms: dict[str, float] = collections.Counter()
-    for e in events:
-        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
-            ms[e["name"][: -len("_kernel_time")]] += e["dur"] / 1e3 / (10 + runs)
-    return ms
-
-
-def layer_weights(gm, layers) -> dict[str, str]:
-    """Weight name -> layer node, so a layer whose ONNX node the exporter renamed (a BatchNorm folded into a conv
-    carries the BatchNorm's fx node) is found by the weight it reads."""
-    names = {layer.node for layer in layers}
-    return {a.target: n.name for n in gm.graph.nodes if n.name in names for a in n.args
-            if getattr(a, "op", None) == "get_attr"}
-
-
-def attribute(ms: dict[str, float], path: str, layers, weights: dict[str, str]) -> dict[str, float]:
-    """Kernel ms per layer node name ("rest: <op>" for the other nodes). onnxruntime names a node by its
-    ONNX node (``node_MatMul_1``, ``node_MatMul_1/MatMulAddFusion`` once fused) or, for a blocked-layout
-    conv, by its output value (``relu_nchwc``: an activation fused into it); the exporter records each
-    ONNX node's fx node, and a node that is not a layer is walked back through one-input nodes to one
-    (the activation fused into a conv counts as the conv's; a Clip's constant bounds are not inputs)."""
-    import onnx
-
-    graph = onnx.load(path, load_external_data=False).graph
-    fx_of, producer, ops, inputs = {}, {}, {}, {}
-    for n in graph.node:
-        meta = {p.key: p.value for p in n.metadata_props}
-        fx = meta.get("pkg.torch.onnx.fx_node", "")
-        fx_of[n.name] = fx[1:].split(" ", 1)[0] if fx.startswith("%") else None
-        ops[n.name] = n.op_type
-        inputs[n.name] = [i for i in n.input if i]
-        for o in n.output:
-            producer[o] = n.name
-    names = {layer.node for layer in layers}
-    out: dict[str, float] = collections.Counter()
-    for key, t in ms.items():
-        onnx_name = key.split("/", 1)[0]
-        if onnx_name not in fx_of and onnx_name.endswith("_nchwc"):
-            onnx_name = producer.get(onnx_name[: -len("_nchwc")], onnx_name)
-        node, hops = onnx_name, 0
-        while node in fx_of and fx_of[node] not in names and hops < 4:
-            read = [weights[i] for i in inputs[node] if i in weights]
-            if read:
-                fx_of[node] = read[0]
-                break
-            ins = [producer[i] for i in inputs[node] if i in producer and ops[producer[i]] != "Constant"]
-            if len(ins) != 1:
-                break
-            node, hops = ins[0], hops + 1
-        if node in fx_of and fx_of[node] in names:
-            out[fx_of[node]] += t
-        else:
-            out["rest: " + ops.get(onnx_name, key.rsplit("_", 1)[0] if onnx_name not in ops else "?")] += t
-    return out
+from fxprune.exporters.ort_profile import REST, attribute, kernel_ms, layer_weights  # noqa: E402
 
 
 def kind(layer) -> str:
@@ -137,10 +69,11 @@ def main() -> None:
     feed = lat._feed(names)
     dense_ms, compact_ms = lat.measure(small)
     again = [lat.measure(small) for _ in range(2)]
-    prof = {"dense": attribute(profile(dense_path, feed, args.threads, args.runs), dense_path, lat.layers,
-                               layer_weights(gm, lat.layers)),
-            "compact": attribute(profile(compact_path, feed, args.threads, args.runs), compact_path, lat.layers,
-                                 layer_weights(small, lat.layers))}
+    nodes = [layer.node for layer in lat.layers]
+    prof = {"dense": attribute(kernel_ms(dense_path, feed, args.threads, args.runs), dense_path, nodes,
+                               layer_weights(gm, nodes)),
+            "compact": attribute(kernel_ms(compact_path, feed, args.threads, args.runs), compact_path, nodes,
+                                 layer_weights(small, nodes))}
     rows: dict[str, list[float]] = collections.defaultdict(lambda: [0.0] * 4)
     for i, layer in enumerate(lat.layers):
         r = rows[kind(layer)]
@@ -150,7 +83,7 @@ def main() -> None:
         r[3] += prof["compact"].get(layer.node, 0.0)
     kept_elems = sum(lat._value_elements(j, frac) for j in range(len(lat.values)))
     rest_share = kept_elems / lat.rest_elements if lat.rest_elements else 1.0
-    rest = lambda which: sum(v for k, v in prof[which].items() if k.startswith("rest"))  # noqa: E731
+    rest = lambda which: sum(v for k, v in prof[which].items() if k.startswith(REST))  # noqa: E731
     rows["rest (other ops)"] = [lat.scale * lat.rest_ms, rest("dense"), lat.scale * lat.rest_ms * rest_share,
                                 rest("compact")]
     rows["offset (fit)"] = [lat.offset, 0.0, lat.offset, 0.0]
@@ -167,7 +100,7 @@ def main() -> None:
     for k, (md, pd, mc, pc) in rows.items():
         print(f"| {k} | {md:.3f} | {pd:.3f} | {mc:.3f} | {pc:.3f} | {md / mc if mc else 0:.2f} | "
               f"{pd / pc if pc else 0:.2f} |")
-    for op in sorted({k for d in prof.values() for k in d if k.startswith("rest")},
+    for op in sorted({k for d in prof.values() for k in d if k.startswith(REST)},
                      key=lambda k: -prof["dense"].get(k, 0.0))[:8]:
         d, c = prof["dense"].get(op, 0.0), prof["compact"].get(op, 0.0)
         print(f"| &nbsp; {op} | | {d:.3f} | | {c:.3f} | | {d / c if c else 0:.2f} |")

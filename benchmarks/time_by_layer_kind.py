@@ -26,9 +26,10 @@ for path in (ROOT, os.path.dirname(os.path.abspath(__file__))):
         sys.path.insert(0, path)
 
 import bench_latency  # noqa: E402
-from latency_breakdown import attribute, kind, layer_weights, profile  # noqa: E402
+from latency_breakdown import kind  # noqa: E402
 
 import fxprune  # noqa: E402
+from fxprune.exporters.ort_profile import REST, attribute, kernel_ms, layer_weights  # noqa: E402
 from fxprune.latency import LatencyModel  # noqa: E402
 
 
@@ -55,7 +56,8 @@ def main() -> None:
     tmp = tempfile.mkdtemp()
     files = {label: fxprune.export_onnx(gm, os.path.join(tmp, f"{label}.onnx"), (x,), progress=False).path
              for label, gm in (("dense", p.captured.graph_module), ("compact", small))}
-    weights = {"dense": layer_weights(p.captured.graph_module, layers), "compact": layer_weights(small, layers)}
+    nodes = [layer.node for layer in layers]
+    weights = {"dense": layer_weights(p.captured.graph_module, nodes), "compact": layer_weights(small, nodes)}
     feeds = {label: lat._feed(_names(path)) for label, path in files.items()}
 
     frac = np.array([k.mean() for k in p._kept.values()])
@@ -70,11 +72,11 @@ def main() -> None:
     for threads in args.threads:
         ms = {}
         for label, path in files.items():
-            prof = attribute(profile(path, feeds[label], threads, args.runs), path, layers, weights[label])
+            prof = attribute(kernel_ms(path, feeds[label], threads, args.runs), path, nodes, weights[label])
             by = collections.Counter()
             for layer in layers:
                 by[kind(layer)] += prof.get(layer.node, 0.0)
-            by["rest"] = sum(v for k, v in prof.items() if k.startswith("rest"))
+            by["rest"] = sum(v for k, v in prof.items() if k.startswith(REST))
             ms[label] = by
         total = {label: sum(by.values()) for label, by in ms.items()}
         print(f"{threads} thread{'s' * (threads != 1)}: kernels {total['dense']:.3f} ms -> {total['compact']:.3f} ms, "

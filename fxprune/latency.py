@@ -7,7 +7,10 @@ A plan's latency is the sum of its layers' interpolated times plus the rest of t
 (the dense model's measured latency less its layers' share, scaled by the fraction of the
 other ops' activation elements the plan keeps: element-wise ops, norms and attention
 products cost in proportion to the tensors they touch), mapped to milliseconds by a line
-fit on two measured models, the dense one and a probe pruned about as far as the target asks
+fit on two measured models. Both are also profiled, so each layer's table is mapped to its own
+time inside the network (a wide conv runs faster there than alone, a narrow one does not; one
+scale for all layers let the allocation pick the narrow widths whose tables promised too much).
+The two models are the dense one and a probe pruned about as far as the target asks
 (so a plan is predicted between two measured points, not extrapolated from them). The
 prediction steers the allocation (:func:`fxprune.selection.latency_counts`); the compact
 model's measured latency is the check (:meth:`LatencyModel.measure`).
@@ -44,6 +47,11 @@ SMOOTH = True  # tables are fit by a bilinear surface before use (see smooth)
 # a conv's table holds its time inside a network: its time alone less the layout changes at the edges of a
 # one-layer model (OpTimer.in_layout_ms); False: times alone
 LAYOUT_EDGES = True
+# each layer's table is mapped to its time inside the network, profiled in the dense model and the probe
+# (exporters/ort_profile.py); False: the tables as timed (alone), one line fit for all
+IN_NETWORK = True
+# profiled runs per model for the in-network times (per kernel, the median)
+PROFILE_RUNS = 20
 # widths timed per layer dim, as fractions of the dense width (aligned to 16 where the dim is wide enough)
 FRACTIONS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
 PROBE_FRACTIONS = np.linspace(0.1, 0.9, 33)  # uniform kept fractions a probe is chosen from
@@ -196,8 +204,11 @@ class LatencyModel:
         self.rest_ms = 0.0
         self.scale, self.offset = 1.0, 0.0  # predicted ms = scale * (tables + rest) + offset, fit on two models
         self.probe: dict = {}
+        # per layer, its table's ms and its profiled ms inside the probe and inside the dense model (None: as timed)
+        self.in_network: list[tuple[float, float, float, float] | None] | None = None
         self.correction = 1.0  # how much lower than asked the prediction is aimed (from the last measurement)
         self._onnx = None  # folder of the dense model's ONNX file, exported once
+        self._exported = None  # the compact model whose ONNX file the folder holds
         self._input_names: list[str] | None = None  # the dense ONNX file's input names, read once
         self._touch = self._by_group()
 
@@ -261,6 +272,9 @@ class LatencyModel:
         self.rest_ms = max((dense_ms or 0.0) - self._tables_ms(np.ones(len(self.sizes))), 0.0)
         probe_frac, probe = self._probe(self._probe_fraction(dense_ms))
         self.dense_ms, probe_ms = self.measure(probe)
+        if IN_NETWORK:
+            self.in_network = self._profile_layers(probe_frac, probe)
+        self._exported = None  # the probe is not kept alive by the reference
         self.rest_ms = max(self.dense_ms - self._tables_ms(np.ones(len(self.sizes))), 0.0)
         raw_dense, raw_probe = self._raw(np.ones(len(self.sizes))), self._raw(probe_frac)
         a = (self.dense_ms - probe_ms) / (raw_dense - raw_probe) if raw_dense > raw_probe else 0.0
@@ -272,6 +286,17 @@ class LatencyModel:
         self.probe = {"kept_fraction": float(np.mean(probe_frac[self.groups])) if self.groups else 1.0,
                       "raw": raw_probe, "measured_ms": probe_ms, "predicted_ms": self._to_ms(raw_probe)}
         return self
+
+    def _profile_layers(self, probe_frac: np.ndarray, probe: torch.fx.GraphModule) -> list:
+        """Per layer ``(table ms, in-network ms)`` at the probe's widths and at the dense ones (None where a layer's
+        kernels were not found in both profiles)."""
+        in_probe, in_dense = self.profile(probe)
+        ones = np.ones(len(self.sizes))
+        fits = []
+        for i, layer in enumerate(self.layers):
+            p, d = in_probe.get(layer.node, 0.0), in_dense.get(layer.node, 0.0)
+            fits.append((self._table_ms(i, probe_frac), p, self._table_ms(i, ones), d) if p > 0 and d > 0 else None)
+        return fits
 
     def _tables_ms(self, frac: np.ndarray) -> float:
         return sum(self.layer_ms(i, frac) for i in range(len(self.layers)))
@@ -333,7 +358,7 @@ class LatencyModel:
             return {}
         return {"tables": [t.tolist() for _, _, t in self.tables], "dense_ms": self.dense_ms, "rest_ms": self.rest_ms,
                 "scale": self.scale, "offset": self.offset, "correction": self.correction, "probe": dict(self.probe),
-                "layers": [layer.base.key() for layer in self.layers]}
+                "in_network": self.in_network, "layers": [layer.base.key() for layer in self.layers]}
 
     def load_state_dict(self, state: dict) -> None:
         if not state:
@@ -345,12 +370,20 @@ class LatencyModel:
         self.dense_ms, self.rest_ms = state["dense_ms"], state["rest_ms"]
         self.scale, self.offset, self.correction = state["scale"], state["offset"], state["correction"]
         self.probe = dict(state["probe"])
+        self.in_network = state.get("in_network")
 
     def _quiet(self) -> bool | None:
         return None if self.progress is None else not self.progress
 
     # -- prediction -------------------------------------------------------------------------
     def layer_ms(self, i: int, frac: np.ndarray) -> float:
+        """Layer ``i``'s ms at the widths ``frac`` gives it: its table's time mapped to its time inside the network
+        (:func:`in_network_ms`)."""
+        fit = self.in_network[i] if self.in_network else None
+        table = self._table_ms(i, frac)
+        return table if fit is None else in_network_ms(table, *fit)
+
+    def _table_ms(self, i: int, frac: np.ndarray) -> float:
         layer, (gi, go, table) = self.layers[i], self.tables[i]
         a = self._space(layer.x_space).width(frac)
         if go is None:
@@ -398,30 +431,53 @@ class LatencyModel:
     def measure(self, compact: torch.nn.Module | None = None, repeat: int = 30) -> tuple[float, float | None]:
         """onnxruntime ms (the 10th percentile of interleaved runs) of the dense model and of ``compact``, at
         this batch and threads."""
-        from fxprune.exporters.onnx_export import export_onnx
         from fxprune.exporters.ort_benchmark import benchmark
 
         def timed():
-            p = self.pruning
-            if self._onnx is None:
-                self._onnx = tempfile.TemporaryDirectory(prefix="fxprune-latency-")
-            models = {"dense": str(Path(self._onnx.name) / "dense.onnx")}
-            if not Path(models["dense"]).is_file():
-                export_onnx(p.captured.graph_module, models["dense"], p.example_inputs, p.example_kwargs, check=False)
-            if compact is not None:
-                models["compact"] = str(Path(self._onnx.name) / "compact.onnx")
-                export_onnx(compact, models["compact"], p.example_inputs, p.example_kwargs, check=False)
-            if self._input_names is None:  # read once: a session on the dense file costs ~0.2 s on ResNet-50
-                import onnxruntime as ort
-
-                session = ort.InferenceSession(models["dense"], providers=["CPUExecutionProvider"])
-                self._input_names = [i.name for i in session.get_inputs()]
+            models = self._files(compact)
             result = benchmark(models, threads=[self.threads], warmup=5, repeat=repeat,
                                inputs=self._feed(self._input_names))
             ms = {row.label: row.p10_ms for row in result.rows}
             return ms["dense"], ms.get("compact")
 
         return _share(timed)
+
+    def profile(self, compact: torch.nn.Module) -> tuple[dict[str, float], dict[str, float]]:
+        """Kernel ms per layer node inside ``compact`` and inside the dense model (onnxruntime's profiler, each
+        file run alone, :mod:`fxprune.exporters.ort_profile`), at this batch and threads."""
+        from fxprune.exporters.ort_profile import attribute, kernel_ms, layer_weights
+
+        def profiled():
+            files, nodes = self._files(compact, reuse=True), [layer.node for layer in self.layers]
+            feed = self._feed(self._input_names)
+            return tuple(attribute(kernel_ms(files[label], feed, self.threads, PROFILE_RUNS), files[label], nodes,
+                                   layer_weights(gm, nodes))
+                         for label, gm in (("compact", compact), ("dense", self.pruning.captured.graph_module)))
+
+        return _share(profiled)
+
+    def _files(self, compact: torch.nn.Module | None, reuse: bool = False) -> dict[str, str]:
+        """The dense ONNX file (exported once) and ``compact``'s (with ``reuse``, not again if it was the last
+        one exported: the profile of the model just timed)."""
+        from fxprune.exporters.onnx_export import export_onnx
+
+        p = self.pruning
+        if self._onnx is None:
+            self._onnx = tempfile.TemporaryDirectory(prefix="fxprune-latency-")
+        models = {"dense": str(Path(self._onnx.name) / "dense.onnx")}
+        if not Path(models["dense"]).is_file():
+            export_onnx(p.captured.graph_module, models["dense"], p.example_inputs, p.example_kwargs, check=False)
+        if compact is not None:
+            models["compact"] = str(Path(self._onnx.name) / "compact.onnx")
+            if not (reuse and self._exported is compact):
+                export_onnx(compact, models["compact"], p.example_inputs, p.example_kwargs, check=False)
+                self._exported = compact
+        if self._input_names is None:  # read once: a session on the dense file costs ~0.2 s on ResNet-50
+            import onnxruntime as ort
+
+            session = ort.InferenceSession(models["dense"], providers=["CPUExecutionProvider"])
+            self._input_names = [i.name for i in session.get_inputs()]
+        return models
 
     def _feed(self, names: list[str]) -> dict[str, np.ndarray]:
         p = self.pruning
@@ -443,6 +499,21 @@ def example_feed(example_inputs: tuple, example_kwargs: dict | None, names: list
             t = t[torch.arange(batch) % example_batch]
         feed[name] = _to_numpy(t)
     return feed
+
+
+def in_network_ms(t: float, t_probe: float, probe: float, t_dense: float, dense: float) -> float:
+    """A layer's time inside the network for table time ``t``, from its table and profiled times at the probe's and
+    the dense widths: the line through the two profiled points (a layer's own scale, and its own fixed cost where
+    the line meets zero width above zero: a narrow layer is slower inside the network, for its table, than a wide
+    one). Below the probe, where the line would fall below zero width's zero, in proportion to the table (the
+    probe's in-network over table ratio). Where the two points give no rising line (the layer was not pruned in
+    the probe, or timing noise), one ratio for both, so the time still grows with the width."""
+    if t_dense > t_probe * 1.001 and dense > probe:
+        slope = (dense - probe) / (t_dense - t_probe)
+        if t >= t_probe or probe >= slope * t_probe:
+            return probe + slope * (t - t_probe)
+        return t * probe / t_probe
+    return t * (probe + dense) / (t_probe + t_dense)
 
 
 def smooth(grid_in: list[int], grid_out: list[int] | None, table: np.ndarray) -> np.ndarray:

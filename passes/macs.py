@@ -13,7 +13,7 @@ import torch.utils._pytree as pytree
 
 from fxprune.passes.ops import OPS
 
-__all__ = ["count_macs", "count_params"]
+__all__ = ["count_macs", "macs_by_node", "count_params"]
 
 
 def _macs(target, args, out) -> int:
@@ -25,13 +25,18 @@ class _Counter(torch.fx.Interpreter):
     def __init__(self, gm):
         super().__init__(gm)
         self.macs = 0
+        self.by_node: dict[str, int] = {}
+
+    def run_node(self, n):
+        self._node = n.name
+        return super().run_node(n)
 
     def call_function(self, target, args, kwargs):
         out = super().call_function(target, args, kwargs)
-        if isinstance(target, torch._ops.HigherOrderOperator):
-            self.macs += _region_macs(args)
-        else:
-            self.macs += _macs(target, args, out)
+        macs = _region_macs(args) if isinstance(target, torch._ops.HigherOrderOperator) else _macs(target, args, out)
+        self.macs += macs
+        if macs:
+            self.by_node[self._node] = macs
         return out
 
 
@@ -48,10 +53,15 @@ def _region_macs(args) -> int:
 
 def count_macs(gm: torch.fx.GraphModule, example_inputs: tuple) -> int:
     """MACs of one forward of a captured or compacted graph module on ``example_inputs``."""
+    return sum(macs_by_node(gm, example_inputs).values())
+
+
+def macs_by_node(gm: torch.fx.GraphModule, example_inputs: tuple) -> dict[str, int]:
+    """MACs of one forward per graph node (the nodes that have any), by node name."""
     counter = _Counter(gm)
     with torch.no_grad():
         counter.run(*pytree.tree_leaves(example_inputs))
-    return counter.macs
+    return counter.by_node
 
 
 def count_params(module: torch.nn.Module) -> int:

@@ -18,8 +18,9 @@ import torch
 import fxprune
 from fxprune.errors import ConfigError
 from fxprune.exporters.op_timing import OpShape, OpTimer
+from fxprune.exporters.ort_profile import REST
 from fxprune.latency import LatencyModel, width_grid
-from fxprune.passes.macs import count_macs
+from fxprune.passes.macs import count_macs, macs_by_node
 from fxprune.passes.shapes import flat_inputs
 from fxprune.selection import latency_counts
 from tests.models import ARCHITECTURES
@@ -53,6 +54,22 @@ def test_a_conv_table_holds_its_time_inside_a_network():
     assert free.edge_ms(x) == pytest.approx(0, abs=1e-12) and free.in_layout_ms(conv) == pytest.approx(free(conv))
 
 
+def layer_ms(lat: LatencyModel, gm, ratio=None) -> dict[str, float]:
+    """Fake in-network ms per layer node of ``gm``: its MACs (as its table says), times ``ratio(macs, dense
+    macs)`` of the layer if given."""
+    args = flat_inputs(lat.pruning.example_inputs, lat.pruning.example_kwargs)
+    macs, dense = macs_by_node(gm, args), macs_by_node(lat.pruning.captured.graph_module, args)
+    scale = NS_PER_MAC * lat.batch / lat.example_batch
+    return {layer.node: macs[layer.node] * scale * (ratio(macs[layer.node], dense[layer.node]) if ratio else 1.0)
+            for layer in lat.layers if layer.node in macs}
+
+
+def fake_profile(monkeypatch, ratio=None):
+    """Profiles give every layer's fake in-network ms (:func:`layer_ms`)."""
+    monkeypatch.setattr(LatencyModel, "profile", lambda self, compact: (
+        layer_ms(self, compact, ratio), layer_ms(self, self.pruning.captured.graph_module, ratio)))
+
+
 @pytest.fixture
 def fake_timing(monkeypatch, tmp_path):
     """Layer time = MACs; model time = graph MACs, times ``state["factor"]`` for the compact models timed after
@@ -72,6 +89,7 @@ def fake_timing(monkeypatch, tmp_path):
         return dense, count_macs(compact, args) * NS_PER_MAC * self.batch / self.example_batch * factor
 
     monkeypatch.setattr(LatencyModel, "measure", measure)
+    fake_profile(monkeypatch)
     return state
 
 
@@ -186,6 +204,7 @@ def test_a_model_that_falls_faster_than_its_tables_is_predicted_with_a_negative_
         return dense, None if compact is None else 0.8 * count_macs(compact, args) * NS_PER_MAC
 
     monkeypatch.setattr(LatencyModel, "measure", measure)
+    monkeypatch.setattr(fxprune.latency, "IN_NETWORK", False)  # the line fit alone
     p = build(target_speedup=3.0)
     lat = p.pruners[0].latency.build()
     assert lat.scale > 1.0 and lat.offset < 0.0
@@ -200,6 +219,37 @@ def test_a_model_that_falls_faster_than_its_tables_is_predicted_with_a_negative_
     kept = np.array([k.mean() for k in p._kept.values()])
     if len(p.latency_checks) == 1:
         assert p.pruners[0].predicted_ms == pytest.approx(lat.predict(kept))
+
+
+@pytest.mark.parametrize("in_network", [True, False])
+def test_each_layer_is_predicted_by_its_time_inside_the_network(monkeypatch, tmp_path, in_network):
+    """Inside the network a large layer (over a million MACs dense) costs 0.6 of its table plus a fixed cost of 8%
+    of its dense time, a small one what its table says: so a large layer runs faster than its table (0.68 at the
+    dense width) and slower once narrow (1.4 at a tenth; ResNet-50's 1x1 convs on an AVX-512 CPU: 0.62 at the dense
+    width, 1.05 at a quarter of the input width). A plan that is not the uniform probe is predicted from each
+    layer's own line through its profiled times in the dense model and in the probe; one line through the two
+    measured models cannot, as the plan moves time between large and small layers (IN_NETWORK off: 3% here)."""
+    monkeypatch.setenv("FXPRUNE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(OpTimer, "_time", lambda self, shape: shape_macs(shape) * NS_PER_MAC)
+    monkeypatch.setattr(fxprune.latency, "IN_NETWORK", in_network)
+    ratio = lambda macs, dense: 0.6 + 0.08 * dense / macs if dense > 1e6 else 1.0  # noqa: E731
+
+    def measure(self, compact=None, repeat=30):
+        dense = sum(layer_ms(self, self.pruning.captured.graph_module, ratio).values())
+        return dense, None if compact is None else sum(layer_ms(self, compact, ratio).values())
+
+    monkeypatch.setattr(LatencyModel, "measure", measure)
+    fake_profile(monkeypatch, ratio)
+    p = build(target_speedup=2.0, latency_verify=False)
+    p.prune()
+    lat = p.pruners[0].latency
+    kept = np.array([k.mean() for k in p._kept.values()])
+    assert np.ptp(kept[lat.groups]) > 0.2  # the plan is not the uniform probe
+    error = abs(lat.predict(kept) / lat.measure(p.compact(check=False))[1] - 1)
+    if in_network:
+        assert error < 1e-6
+    else:
+        assert error > 0.02
 
 
 def test_the_latency_model_times_the_fast_runs(monkeypatch):
@@ -371,6 +421,7 @@ def test_a_probe_no_faster_than_the_dense_model_keeps_the_dense_time(monkeypatch
         return dense, None if compact is None else 1.05 * dense
 
     monkeypatch.setattr(LatencyModel, "measure", measure)
+    fake_profile(monkeypatch)
     lat = build(target_speedup=2.0, latency_verify=False).pruners[0].latency.build()
     dense = np.ones(len(lat.sizes))
     assert lat.offset == 0.0 and lat.scale > 0.0
@@ -395,6 +446,11 @@ def test_real_onnxruntime_tables_are_cached(tmp_path):
     (next(tmp_path.glob("op_latency-*.json"))).write_text("{not json")  # a damaged cache is timed again
     third = fxprune.compile(factory(), inputs(), config).pruners[0].latency.build()
     assert third.timed_shapes == first.timed_shapes
+    # onnxruntime's profile found every layer's kernels in the dense model and in the probe (a conv with its
+    # fused BatchNorm and activation under one name, the classifier's Gemm), and nothing else is called a layer
+    assert second.in_network and all(fit is not None for fit in second.in_network)
+    in_probe, in_dense = second.profile(second._probe(0.5)[1])
+    assert set(in_dense) - {layer.node for layer in second.layers} == {k for k in in_dense if k.startswith(REST)}
 
 
 def test_resumed_state_plans_without_timing_again(fake_timing):
