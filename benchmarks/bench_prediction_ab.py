@@ -54,6 +54,8 @@ def main() -> None:
     ap.add_argument("--cache", default=None)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if not isinstance(getattr(fxprune.latency, args.switch, None), bool):
+        ap.error(f"--switch {args.switch}: not a boolean of fxprune.latency")
     cache = args.cache or tempfile.mkdtemp(prefix="fxprune-tables-")
     began = time.perf_counter()
     rows = ["| model | target | threads | batch | round | switch | predicted | measured (median of 3) | error | "

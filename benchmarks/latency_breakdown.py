@@ -4,10 +4,10 @@
 
 fxprune plans ``{"target_speedup": T, "excluded_names": ["classifier"], ...}`` once (``latency_verify``
 off, so the plan is the first one the check would time); then the dense and the compact ONNX files
-are each run alone in an onnxruntime session with ``enable_profiling`` and every kernel's time is
-attributed to the captured graph's layer it computes (a conv's fused activation counts as the
-conv's), or to "rest". Printed per kind of layer: the latency model's time (its tables at the dense
-and at the planned widths, times its fitted scale) against the profiled one.
+are each profiled alone by :meth:`LatencyModel.profile` (every kernel's time attributed to the captured
+graph's layer it computes, a conv's fused activation counted as the conv's, or to "rest":
+``exporters/ort_profile.py``). Printed per kind of layer: the latency model's time (each layer's
+in-network line at the dense and at the planned widths, times its fitted scale) against the profiled one.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ for path in (ROOT, os.path.dirname(os.path.abspath(__file__))):
 import bench_latency  # noqa: E402
 
 import fxprune  # noqa: E402
-from fxprune.exporters.ort_profile import REST, attribute, kernel_ms, layer_weights  # noqa: E402
+import fxprune.latency  # noqa: E402
+from fxprune.exporters.ort_profile import REST  # noqa: E402
 
 
 def kind(layer) -> str:
@@ -58,22 +59,12 @@ def main() -> None:
     lat = p.pruners[0].latency
     frac = np.array([k.mean() for k in p._kept.values()])
     dense_frac = np.ones_like(frac)
-    tmp = tempfile.mkdtemp()
-    gm = p.captured.graph_module
-    dense_path = fxprune.export_onnx(gm, os.path.join(tmp, "dense.onnx"), (x,), progress=False).path
     small = p.compact(check=False)
-    compact_path = fxprune.export_onnx(small, os.path.join(tmp, "compact.onnx"), (x,), progress=False).path
-    import onnxruntime as ort
-
-    names = [i.name for i in ort.InferenceSession(dense_path, providers=["CPUExecutionProvider"]).get_inputs()]
-    feed = lat._feed(names)
     dense_ms, compact_ms = lat.measure(small)
     again = [lat.measure(small) for _ in range(2)]
-    nodes = [layer.node for layer in lat.layers]
-    prof = {"dense": attribute(kernel_ms(dense_path, feed, args.threads, args.runs), dense_path, nodes,
-                               layer_weights(gm, nodes)),
-            "compact": attribute(kernel_ms(compact_path, feed, args.threads, args.runs), compact_path, nodes,
-                                 layer_weights(small, nodes))}
+    fxprune.latency.PROFILE_RUNS = args.runs
+    in_compact, in_dense = lat.profile(small)
+    prof = {"dense": in_dense, "compact": in_compact}
     rows: dict[str, list[float]] = collections.defaultdict(lambda: [0.0] * 4)
     for i, layer in enumerate(lat.layers):
         r = rows[kind(layer)]

@@ -5,7 +5,7 @@
 The ideal speedup counts MACs, so it assumes every layer's time falls as its MACs do. fxprune
 prunes ``{"target_sparsity": S, "excluded_names": ["classifier"]}`` once; the dense and the
 compact ONNX files are each profiled alone in onnxruntime (``enable_profiling``), every kernel's
-time attributed to its layer as ``latency_breakdown.py`` does, and printed per kind of layer
+time attributed to its layer (``exporters/ort_profile.py``), and printed per kind of layer
 (1x1 conv, depthwise/grouped conv, kxk conv, matmul, the rest): its share of the time and of the
 MACs, and how far each falls. A kind whose time falls less than its MACs is where the gap is.
 """

@@ -22,6 +22,10 @@ import numpy as np
 __all__ = ["kernel_ms", "layer_weights", "attribute", "REST"]
 
 REST = "rest: "  # prefix of the keys of kernels that are no layer's, by ONNX op type
+# ops onnxruntime fuses into the conv or Gemm before them (or that a blocked-layout conv's kernel is named after):
+# a kernel named after one is walked back to the layer; any other op's kernel is its own ("rest")
+FUSED_AFTER = frozenset({"Relu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "LeakyRelu", "Tanh", "Elu",
+                         "Selu", "Softplus", "Gelu", "BatchNormalization", "Identity", "Add", "Sub", "Mul", "Div"})
 
 
 def kernel_ms(path: str, feed: dict, threads: int, runs: int, warmup: int = 5) -> dict[str, float]:
@@ -67,8 +71,8 @@ def attribute(ms: dict[str, float], path: str, layer_nodes: Iterable[str], weigh
     """Kernel ms per layer node name (``REST + op type`` for the other kernels). onnxruntime names a kernel by its
     ONNX node (``node_MatMul_1``, ``node_MatMul_1/MatMulAddFusion`` or ``fused node_linear`` once fused) or, for a blocked-layout conv, by
     its output value (``relu_nchwc``: an activation fused into it); a node that is not a layer is walked back
-    through one-input nodes to one (the activation fused into a conv counts as the conv's; a Clip's constant
-    bounds are not inputs)."""
+    through one-input element-wise nodes (:data:`FUSED_AFTER`; a Clip's constant bounds are not inputs) to one, so
+    the activation fused into a conv counts as the conv's and a pool or a LayerNorm after it does not."""
     import onnx
 
     graph = onnx.load(path, load_external_data=False).graph
@@ -93,6 +97,8 @@ def attribute(ms: dict[str, float], path: str, layer_nodes: Iterable[str], weigh
             if read:
                 fx_of[node] = read[0]
                 break
+            if ops[node] not in FUSED_AFTER:
+                break
             ins = [producer[i] for i in inputs[node] if i in producer and ops[producer[i]] != "Constant"]
             if len(ins) != 1:
                 break
@@ -100,5 +106,5 @@ def attribute(ms: dict[str, float], path: str, layer_nodes: Iterable[str], weigh
         if node in fx_of and fx_of[node] in names:
             out[fx_of[node]] += t
         else:
-            out[REST + ops.get(onnx_name, key.rsplit("_", 1)[0] if onnx_name not in ops else "?")] += t
+            out[REST + ops.get(onnx_name, key.rsplit("_", 1)[0])] += t
     return out

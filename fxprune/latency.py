@@ -24,6 +24,7 @@ of the same files; the fast runs are the model's own cost.
 from __future__ import annotations
 
 import tempfile
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,7 +49,8 @@ SMOOTH = True  # tables are fit by a bilinear surface before use (see smooth)
 # one-layer model (OpTimer.in_layout_ms); False: times alone
 LAYOUT_EDGES = True
 # each layer's table is mapped to its time inside the network, profiled in the dense model and the probe
-# (exporters/ort_profile.py); False: the tables as timed (alone), one line fit for all
+# (exporters/ort_profile.py); False: the tables as timed (alone), one line fit for all. Read when the tables are
+# built: a state loaded with load_state_dict plans as it was saved
 IN_NETWORK = True
 # profiled runs per model for the in-network times (per kernel, the median)
 PROFILE_RUNS = 20
@@ -204,11 +206,11 @@ class LatencyModel:
         self.rest_ms = 0.0
         self.scale, self.offset = 1.0, 0.0  # predicted ms = scale * (tables + rest) + offset, fit on two models
         self.probe: dict = {}
-        # per layer, its table's ms and its profiled ms inside the probe and inside the dense model (None: as timed)
+        # per layer (its table ms, its profiled ms) in the probe and in the dense model, flat (None: as timed)
         self.in_network: list[tuple[float, float, float, float] | None] | None = None
         self.correction = 1.0  # how much lower than asked the prediction is aimed (from the last measurement)
         self._onnx = None  # folder of the dense model's ONNX file, exported once
-        self._exported = None  # the compact model whose ONNX file the folder holds
+        self._exported = None  # a weak reference to the compact model whose ONNX file the folder holds
         self._input_names: list[str] | None = None  # the dense ONNX file's input names, read once
         self._touch = self._by_group()
 
@@ -274,7 +276,6 @@ class LatencyModel:
         self.dense_ms, probe_ms = self.measure(probe)
         if IN_NETWORK:
             self.in_network = self._profile_layers(probe_frac, probe)
-        self._exported = None  # the probe is not kept alive by the reference
         self.rest_ms = max(self.dense_ms - self._tables_ms(np.ones(len(self.sizes))), 0.0)
         raw_dense, raw_probe = self._raw(np.ones(len(self.sizes))), self._raw(probe_frac)
         a = (self.dense_ms - probe_ms) / (raw_dense - raw_probe) if raw_dense > raw_probe else 0.0
@@ -288,15 +289,21 @@ class LatencyModel:
         return self
 
     def _profile_layers(self, probe_frac: np.ndarray, probe: torch.fx.GraphModule) -> list:
-        """Per layer ``(table ms, in-network ms)`` at the probe's widths and at the dense ones (None where a layer's
-        kernels were not found in both profiles)."""
+        """Per layer ``(table ms at the probe's widths, in-network ms in the probe, table ms at the dense widths,
+        in-network ms in the dense model)``. A layer whose kernels were not found in both profiles takes the median
+        in-network over table ratio of the layers found (None, its table as timed, if none was)."""
         in_probe, in_dense = self.profile(probe)
         ones = np.ones(len(self.sizes))
         fits = []
         for i, layer in enumerate(self.layers):
             p, d = in_probe.get(layer.node, 0.0), in_dense.get(layer.node, 0.0)
             fits.append((self._table_ms(i, probe_frac), p, self._table_ms(i, ones), d) if p > 0 and d > 0 else None)
-        return fits
+        ratios = [(p + d) / (tp + td) for tp, p, td, d in filter(None, fits)]
+        if ratios and len(ratios) < len(fits):
+            r = float(np.median(ratios))
+            fits = [fit or (self._table_ms(i, probe_frac), self._table_ms(i, probe_frac) * r, self._table_ms(i, ones),
+                            self._table_ms(i, ones) * r) for i, fit in enumerate(fits)]
+        return fits or None
 
     def _tables_ms(self, frac: np.ndarray) -> float:
         return sum(self.layer_ms(i, frac) for i in range(len(self.layers)))
@@ -444,7 +451,8 @@ class LatencyModel:
 
     def profile(self, compact: torch.nn.Module) -> tuple[dict[str, float], dict[str, float]]:
         """Kernel ms per layer node inside ``compact`` and inside the dense model (onnxruntime's profiler, each
-        file run alone, :mod:`fxprune.exporters.ort_profile`), at this batch and threads."""
+        file run alone, :mod:`fxprune.exporters.ort_profile`), at this batch and threads. Under torch.distributed
+        every rank calls it (rank 0 profiles, the others receive its figures), as :meth:`measure`."""
         from fxprune.exporters.ort_profile import attribute, kernel_ms, layer_weights
 
         def profiled():
@@ -469,9 +477,10 @@ class LatencyModel:
             export_onnx(p.captured.graph_module, models["dense"], p.example_inputs, p.example_kwargs, check=False)
         if compact is not None:
             models["compact"] = str(Path(self._onnx.name) / "compact.onnx")
-            if not (reuse and self._exported is compact):
+            if not (reuse and self._exported is not None and self._exported() is compact):
+                self._exported = None  # until the file is the one of ``compact``
                 export_onnx(compact, models["compact"], p.example_inputs, p.example_kwargs, check=False)
-                self._exported = compact
+                self._exported = weakref.ref(compact)
         if self._input_names is None:  # read once: a session on the dense file costs ~0.2 s on ResNet-50
             import onnxruntime as ort
 
@@ -503,12 +512,13 @@ def example_feed(example_inputs: tuple, example_kwargs: dict | None, names: list
 
 def in_network_ms(t: float, t_probe: float, probe: float, t_dense: float, dense: float) -> float:
     """A layer's time inside the network for table time ``t``, from its table and profiled times at the probe's and
-    the dense widths: the line through the two profiled points (a layer's own scale, and its own fixed cost where
-    the line meets zero width above zero: a narrow layer is slower inside the network, for its table, than a wide
-    one). Below the probe, where the line would fall below zero width's zero, in proportion to the table (the
-    probe's in-network over table ratio). Where the two points give no rising line (the layer was not pruned in
-    the probe, or timing noise), one ratio for both, so the time still grows with the width."""
-    if t_dense > t_probe * 1.001 and dense > probe:
+    the dense widths: the line through the two profiled points, so each layer has its own scale and its own fixed
+    cost (a narrow layer is slower inside the network, for its table, than a wide one). Below the probe the line
+    goes on where it meets zero table time at or above zero ms; where it would meet it below zero, the time is in
+    proportion to the table (the probe's in-network over table ratio), never below zero. Where the probe did not cut
+    the layer's table by a tenth, the slope would be profiling noise over a small difference, and where the two
+    points do not rise (noise), one ratio for both is used, so the time still grows with the width."""
+    if t_probe < 0.9 * t_dense and dense > probe:
         slope = (dense - probe) / (t_dense - t_probe)
         if t >= t_probe or probe >= slope * t_probe:
             return probe + slope * (t - t_probe)
