@@ -86,6 +86,7 @@ def fake_timing(monkeypatch, tmp_path):
         if compact is None:
             return dense, None
         factor = state["factor"] if state["measured"] > 1 else 1.0
+        factor *= state.get("slowed", {}).get(state["measured"], 1.0)  # the host slowed this measurement
         return dense, count_macs(compact, args) * NS_PER_MAC * self.batch / self.example_batch * factor
 
     monkeypatch.setattr(LatencyModel, "measure", measure)
@@ -264,6 +265,19 @@ def test_the_latency_model_times_the_fast_runs(monkeypatch):
     monkeypatch.setattr(ort_benchmark, "benchmark",
                         lambda *a, **k: ort_benchmark.BenchmarkResult(rows=rows, baseline="dense"))
     assert lat.measure(p.captured.graph_module) == (8.0, 4.0)
+
+
+def test_a_measurement_far_off_its_prediction_is_timed_again_before_the_plan_changes(fake_timing):
+    """The host slowed the plan's first measurement by 40% (the probe is measurement 1): it is timed again, each
+    model at its faster time, and the plan is kept as it was planned, not re-aimed and pruned further."""
+    fake_timing["slowed"] = {2: 1.4}
+    p = build(target_speedup=2.0)
+    p.prune()
+    assert fake_timing["measured"] == 3 and len(p.latency_checks) == 1, p.latency_checks
+    check = p.latency_checks[0]
+    assert check["kept"] and check["timed"] == 2
+    assert check["measured_speedup"] == pytest.approx(check["predicted_speedup"], rel=0.02)
+    assert p.pruners[0].latency.correction == 1.0
 
 
 def test_an_overshoot_is_pruned_again_less(fake_timing):
