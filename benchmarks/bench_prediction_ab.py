@@ -70,7 +70,8 @@ def main() -> None:
                         setattr(fxprune.latency, args.switch, on)
                         pred, meas, spread = plan_error(name, target, threads, batch, cache)
                         errors[on].append(pred / meas - 1)
-                        rows.append(f"| {name} | {target:g}x | {threads} | {batch} | {r + 1} | {'on' if on else 'off'} | "
+                        switch = "on" if on else "off"
+                        rows.append(f"| {name} | {target:g}x | {threads} | {batch} | {r + 1} | {switch} | "
                                     f"{pred:.2f}x | {meas:.2f}x | {pred / meas - 1:+.1%} | {spread:.1%} |")
                         print(rows[-1], flush=True)
     summary = "; ".join(f"{'on' if on else 'off'}: mean |error| {np.mean(np.abs(e)):.1%}, max |error| "

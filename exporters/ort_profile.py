@@ -7,7 +7,8 @@ does not. The latency tables time layers alone; these in-network times correct t
 Every kernel onnxruntime profiles is attributed to the captured graph's layer it computes: the
 exporter records each ONNX node's fx node, a kernel fused from several nodes (a conv with its
 BatchNorm and activation) keeps one of their names, and a node that is not a layer is walked back
-through one-input nodes to one. Everything else is "rest".
+through the one-input element-wise nodes onnxruntime fuses after a layer to one. Everything else
+is "rest".
 """
 
 from __future__ import annotations
@@ -69,10 +70,11 @@ def layer_weights(gm, layer_nodes: Iterable[str]) -> dict[str, str]:
 
 def attribute(ms: dict[str, float], path: str, layer_nodes: Iterable[str], weights: dict[str, str]) -> dict[str, float]:
     """Kernel ms per layer node name (``REST + op type`` for the other kernels). onnxruntime names a kernel by its
-    ONNX node (``node_MatMul_1``, ``node_MatMul_1/MatMulAddFusion`` or ``fused node_linear`` once fused) or, for a blocked-layout conv, by
-    its output value (``relu_nchwc``: an activation fused into it); a node that is not a layer is walked back
-    through one-input element-wise nodes (:data:`FUSED_AFTER`; a Clip's constant bounds are not inputs) to one, so
-    the activation fused into a conv counts as the conv's and a pool or a LayerNorm after it does not."""
+    ONNX node (``node_MatMul_1``; ``node_MatMul_1/MatMulAddFusion`` or ``fused node_linear`` once fused) or, for a
+    blocked-layout conv, by its output value (``relu_nchwc``: an activation fused into it); a node that is not a
+    layer is walked back through one-input element-wise nodes (:data:`FUSED_AFTER`; a Clip's constant bounds are
+    not inputs) to one, so the activation fused into a conv counts as the conv's and a pool or a LayerNorm after it
+    does not."""
     import onnx
 
     graph = onnx.load(path, load_external_data=False).graph
