@@ -297,16 +297,14 @@ class LatencyModel:
         in-network over table ratio of the layers found (None, its table as timed, if none was)."""
         in_probe, in_dense = self.profile(probe)
         ones = np.ones(len(self.sizes))
-        fits = []
-        for i, layer in enumerate(self.layers):
-            p, d = in_probe.get(layer.node, 0.0), in_dense.get(layer.node, 0.0)
-            fits.append((self._table_ms(i, probe_frac), p, self._table_ms(i, ones), d) if p > 0 and d > 0 else None)
-        ratios = [(p + d) / (tp + td) for tp, p, td, d in filter(None, fits)]
-        if ratios and len(ratios) < len(fits):
-            r = float(np.median(ratios))
-            fits = [fit or (self._table_ms(i, probe_frac), self._table_ms(i, probe_frac) * r, self._table_ms(i, ones),
-                            self._table_ms(i, ones) * r) for i, fit in enumerate(fits)]
-        return fits or None
+        tables = [(self._table_ms(i, probe_frac), self._table_ms(i, ones)) for i in range(len(self.layers))]
+        found = [(in_probe.get(layer.node, 0.0), in_dense.get(layer.node, 0.0)) for layer in self.layers]
+        ratios = [(p + d) / (tp + td) for (tp, td), (p, d) in zip(tables, found) if p > 0 and d > 0]
+        if not ratios:
+            return None
+        r = float(np.median(ratios))
+        return [(tp, p, td, d) if p > 0 and d > 0 else (tp, tp * r, td, td * r)
+                for (tp, td), (p, d) in zip(tables, found)]
 
     def _tables_ms(self, frac: np.ndarray) -> float:
         return sum(self.layer_ms(i, frac) for i in range(len(self.layers)))

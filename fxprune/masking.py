@@ -211,8 +211,8 @@ class Masking:
         """Time the compact model against the dense one; where it misses the latency target, or beats it by
         more than :data:`LATENCY_OVERSHOOT` (channels removed for nothing), aim the prediction by the measured
         error and prune again, up to ``tries`` measurements (a measurement more than :data:`LATENCY_RECHECK` off its
-        prediction is timed twice first). The plan kept is the one that meets the target
-        with the fewest channels removed (else the fastest). Every measurement is in ``pruning.latency_checks``
+        prediction is timed twice first). The plan kept is the one that meets the target with the fewest channels
+        removed (else the fastest). Every measurement is in ``pruning.latency_checks``
         (the plan kept marked ``"kept": True``); a target still missed is a warning."""
         lat, cfg = pruner.latency, pruner.config
         want = 1.0 / cfg.target_speedup if cfg.target_speedup else cfg.target_latency_ms / lat.dense_ms
@@ -220,16 +220,16 @@ class Masking:
             return
         tried = []
         for attempt in range(tries):
+            predicted, timed = pruner.predicted_ms / lat.dense_ms, 1
             if all(k.all() for k in self._kept.values()):  # re-aimed so far that nothing is pruned: the dense model
                 dense_ms = compact_ms = lat.dense_ms
             else:
                 dense_ms, compact_ms = lat.measure(compact := self.compact(check=False))
-            predicted, timed = pruner.predicted_ms / lat.dense_ms, 1
-            if abs(compact_ms / dense_ms / predicted - 1) > LATENCY_RECHECK:
-                # far from its prediction: timed again before the plan is changed, each model at its faster time
-                # (a host that slows runs for seconds at a time moved one measurement by 25% on a 2-vCPU VM)
-                again = lat.measure(compact)
-                dense_ms, compact_ms, timed = min(dense_ms, again[0]), min(compact_ms, again[1]), 2
+                if abs(compact_ms / dense_ms / predicted - 1) > LATENCY_RECHECK:
+                    # far from its prediction: timed again before the plan is changed, each model at its faster
+                    # time (a host that slows runs for seconds at a time moved one measurement by 25% on a 2-vCPU VM)
+                    again = lat.measure(compact)
+                    dense_ms, compact_ms, timed = min(dense_ms, again[0]), min(compact_ms, again[1]), 2
             measured = compact_ms / dense_ms
             self.latency_checks.append({"step": self.global_step, "attempt": attempt, "dense_ms": dense_ms,
                                         "compact_ms": compact_ms, "measured_speedup": 1.0 / measured,

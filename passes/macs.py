@@ -24,7 +24,6 @@ def _macs(target, args, out) -> int:
 class _Counter(torch.fx.Interpreter):
     def __init__(self, gm):
         super().__init__(gm)
-        self.macs = 0
         self.by_node: dict[str, int] = {}
 
     def run_node(self, n):
@@ -34,7 +33,6 @@ class _Counter(torch.fx.Interpreter):
     def call_function(self, target, args, kwargs):
         out = super().call_function(target, args, kwargs)
         macs = _region_macs(args) if isinstance(target, torch._ops.HigherOrderOperator) else _macs(target, args, out)
-        self.macs += macs
         if macs:
             self.by_node[self._node] = macs
         return out
@@ -48,7 +46,7 @@ def _region_macs(args) -> int:
     counter = _Counter(sub)
     with torch.no_grad():
         counter.run(*args[args.index(sub) + 1:])
-    return counter.macs
+    return sum(counter.by_node.values())
 
 
 def count_macs(gm: torch.fx.GraphModule, example_inputs: tuple) -> int:
