@@ -8,8 +8,9 @@ What is measured and how:
    (vocabulary 256). The last ``--heldout`` fraction of the files (default 5%) is the validation split.
 2. Model: ``LlamaForCausalLM`` from a ``LlamaConfig`` (default hidden 320, 4 layers, 10 heads of 32,
    FFN 1280, untied LM head: 6.7 M parameters; ``--hidden 384 --layers 6 --heads 6 --ffn 1536`` is a
-   14.4 M one), random init, trained for ``--train-minutes`` of wall time on random windows of the
-   training split (AdamW, linear warm-up, then a cosine learning rate over the time budget). The checkpoint is cached in ``$FXPRUNE_CACHE_DIR/lm`` (default
+   14.4 M one), random init, trained for ``--train-minutes`` of wall time (or ``--train-steps`` steps:
+   the same model on every machine) on random windows of the training split (AdamW, linear warm-up,
+   then a cosine learning rate over the budget). The checkpoint is cached in ``$FXPRUNE_CACHE_DIR/lm`` (default
    ``~/.cache/fxprune/lm``) under a key of the config, the training settings and the corpus (its
    files, bytes and SHA-256), so a rerun skips training.
 3. Evaluation: perplexity ``exp(mean NLL)`` of the next byte over ``--eval-windows`` windows of
@@ -79,7 +80,7 @@ import fxprune  # noqa: E402
 from fxprune.calibrated import FlapPruner, one_input_per_channel  # noqa: E402
 
 CRITERIA = ("magnitude", "activation", "wanda_sp", "flap")
-VARIANTS = ("flap_marginal_heads",)  # opt-in rows (--criteria), pruners of this benchmark only
+VARIANTS = ("flap_marginal_heads", "flap_dense_choice")  # opt-in rows (--criteria), pruners of this benchmark only
 COMPENSATIONS = ("none", "bias", "least_squares")
 
 
@@ -91,6 +92,15 @@ class FlapMarginalHeads(FlapPruner):
 
     def residual_scored(self, member) -> bool:
         return one_input_per_channel(member.atoms)
+
+
+@fxprune.register_pruners("flap_dense_choice")
+class FlapDenseChoice(FlapPruner):
+    """``flap`` as it chose before the sequential fit chose heads and FFN channels again on the inputs the
+    earlier layers' pruning leaves them: every channel chosen on ``calibrate()``'s (dense) statistics."""
+
+    def reselects_on_pruned_inputs(self, member) -> bool:
+        return False
 
 
 VOCAB = 256  # byte-level tokens
@@ -166,7 +176,8 @@ def cache_dir() -> str:
 
 
 def train_settings(args) -> dict:
-    return {"minutes": args.train_minutes, "seq_len": args.seq_len, "batch": args.batch, "lr": args.lr,
+    budget = {"steps": args.train_steps} if args.train_steps else {"minutes": args.train_minutes}
+    return {**budget, "seq_len": args.seq_len, "batch": args.batch, "lr": args.lr,
             "min_lr_ratio": 0.1, "warmup_steps": 50, "weight_decay": 0.1, "betas": [0.9, 0.95], "clip": 1.0,
             "seed": args.seed}
 
@@ -196,10 +207,17 @@ def train_or_load(args, train: torch.Tensor, corpus: dict) -> tuple[transformers
     budget = args.train_minutes * 60
     model.train()
     step, losses, t0 = 0, [], time.perf_counter()
-    while (elapsed := time.perf_counter() - t0) < budget:
-        # warm-up by steps, then cosine over the fraction of the time budget used, down to min_lr_ratio
+
+    def done() -> float:
+        """The fraction of the budget used: steps where a step count is given (the same model on every
+        machine), else wall time."""
+        return step / args.train_steps if args.train_steps else (time.perf_counter() - t0) / budget
+
+    while (frac := done()) < 1:
+        elapsed = time.perf_counter() - t0
+        # warm-up by steps, then cosine over the fraction of the budget used, down to min_lr_ratio
         warm = min(1.0, (step + 1) / settings["warmup_steps"])
-        cosine = settings["min_lr_ratio"] + (1 - settings["min_lr_ratio"]) * 0.5 * (1 + math.cos(math.pi * elapsed / budget))
+        cosine = settings["min_lr_ratio"] + (1 - settings["min_lr_ratio"]) * 0.5 * (1 + math.cos(math.pi * frac))
         for group in opt.param_groups:
             group["lr"] = args.lr * warm * cosine
         x = random_windows(train, args.batch, args.seq_len, gen)
@@ -513,6 +531,8 @@ def cost_table(rows: list[dict]) -> str:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--train-minutes", type=float, default=10.0, help="wall-time budget of the dense training")
+    ap.add_argument("--train-steps", type=int, default=None, help="a budget of training steps instead of minutes: "
+                    "the same checkpoint on every machine (a time budget gives a faster machine more steps)")
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.35, 0.5], help="heads + FFN pruning ratios")
     ap.add_argument("--hidden-ratio", type=float, default=0.2, help="ratio of the column that prunes the hidden size "
                     "too (heads, FFN and hidden at this ratio); negative: no such column")
@@ -668,7 +688,7 @@ def main(argv=None) -> None:
         f"untied LM head{', biases in every Linear (attention_bias, mlp_bias)' if args.bias else ''}: "
         f"{dense_params / 1e6:.2f} M parameters",
         f"- training: {record['steps']} steps of {args.batch} random windows of {args.seq_len} bytes "
-        f"({record['tokens'] / 1e6:.1f} M tokens) in {record['seconds'] / 60:.1f} min (budget {args.train_minutes} min), "
+        f"({record['tokens'] / 1e6:.1f} M tokens) in {record['seconds'] / 60:.1f} min (budget {f'{args.train_steps} steps' if args.train_steps else f'{args.train_minutes} min'}), "
         f"AdamW lr {args.lr} (betas 0.9/0.95, weight decay 0.1 on matrices, clip 1.0), 50 warm-up steps then cosine "
         f"over the time budget to 10%; final training loss {record['final_train_loss']:.3f} nats/byte"
         + (f"; loaded from the cache `{record['cache']}`" if record.get("cached") else f"; cached as `{record['cache']}`"),

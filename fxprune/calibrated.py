@@ -115,6 +115,11 @@ class FlapPruner(CalibratedPruner):
         """Under ``least_squares`` the score is the re-fit's residual, which needs the consumers' Grams."""
         return self.config.compensation == "least_squares"
 
+    def reselects_on_pruned_inputs(self, member) -> bool:
+        """Where this pruner scores the fit's residual, the sequential fit measures it on its own inputs."""
+        return (self.scores_with_gram and self.config.compensation_inputs == "pruned"
+                and self.residual_scored(member))
+
     def calibrated_scores(self, group, stats):
         parts, marginal = [], []
         for m, layer, w in self._consumers(group, stats):

@@ -41,6 +41,15 @@ Which inputs a layer is fitted on (``compensation_inputs``):
 - ``dense``: each layer on the statistics ``calibrate`` collected, on its own. One pass over
   the data in all, none at the pruning step.
 
+Under ``pruned``, a pruner whose score is the fit's own residual (``flap`` with ``least_squares``:
+``Pruner.reselects_on_pruned_inputs``) also chooses *which* channels go on those inputs: a group
+whose readers all sit in one wave (heads at ``o_proj``, FFN channels at ``down_proj``, a conv's
+output channels at the next conv) stays whole until that wave, and then loses as many channels as
+the step's selection took from it, the ones whose removal the fit restores best on the inputs the
+earlier waves left (the greedy Optimal-Brain-Surgeon residual of the fit from the pruned inputs
+to the dense output). The counts, and every group read in several waves (the hidden size), stay
+as the selection chose them from ``calibrate``'s statistics.
+
 A layer without a bias: a BatchNorm that its output alone feeds takes the shift in its
 ``running_mean`` (exact in eval mode). Otherwise the shift is skipped with a note: a bias
 created now would not be in the captured graph, and ``compact()`` would drop it.
@@ -59,6 +68,7 @@ from fxprune.adapters.torch_attention import (projection_bias, reads_inputs_unob
                                               separate_projection)
 from fxprune.calibration import LayerStats, feature_rows, inference, require_calibration, tap_sums, weight_out_in
 from fxprune.errors import PruningError
+from fxprune.selection import choose_kept
 from fxprune import norms as norm_switches
 
 if TYPE_CHECKING:
@@ -92,7 +102,7 @@ def compensate(pruning: "Pruning", pruner: "Pruner | list[Pruner]", kept: dict[i
     changes = [c for c in _consumer_changes(pruning, pruners, kept, stats, skipped["unseen"], owners) if c[2].any()]
     with _restored_on_error(pruning, changes, kept) as before:
         if config.compensation_inputs == "pruned" and changes:
-            moments = _replayed(pruning, kept, changes, mode, before)
+            moments = _replayed(pruning, pruners, kept, changes, mode, before)
         else:
             moments = ((layer, keep, _dense_moments(layer, keep, mode), None) for layer, keep, _ in changes)
         for layer, keep, (cross, inner, taps, kept_taps), weight in moments:
@@ -228,6 +238,13 @@ class _Pair:
 
     SUMS = ("rows", "sum_dense", "sum_kept", "positions", "taps_dense", "taps_kept", "cross", "inner")
 
+    def restrict(self, keep: np.ndarray) -> None:
+        """Keep the sums of the inputs ``keep`` leaves (a subset of those summed over): a group chosen again."""
+        sel = torch.from_numpy(np.asarray(keep, dtype=bool)[self.kept.cpu().numpy()]).to(self.kept.device)
+        self.kept, self.sum_kept, self.taps_kept = self.kept[sel], self.sum_kept[sel], self.taps_kept[sel]
+        if self.cross is not None:
+            self.cross, self.inner = self.cross[:, sel], self.inner[sel][:, sel]
+
     def to_cpu(self) -> None:
         """Move the sums to the CPU, where the fit is solved (after they were all-reduced on the device)."""
         for name in self.SUMS:
@@ -248,12 +265,14 @@ class _Pair:
                 taps, kept_taps)
 
 
-def _replayed(pruning: "Pruning", kept: dict[int, np.ndarray], changes, mode: str, before: dict[str, torch.Tensor]):
+def _replayed(pruning: "Pruning", pruners: "list[Pruner]", kept: dict[int, np.ndarray], changes, mode: str,
+              before: dict[str, torch.Tensor]):
     """Per changed layer, wave by wave, (layer, keep, moments) measured on the pruned model as re-fitted so far;
     the caller writes each wave's fits before the next wave runs (this is a generator). The fourth item is
     the layer's weight before the step (the model's own is masked by then). ``before``: the tensors the step
     changes, as they were; with them (and the norm switches as they were) swapped in, the model runs as it
-    was before the step, so the dense side of each pair costs no copy of the model."""
+    was before the step, so the dense side of each pair costs no copy of the model. The groups that are
+    chosen again in their wave (:func:`_reselectable`) get their new keep masks in ``kept``."""
     batches = pruning._calibration_batches
     if batches is None:
         raise PruningError("compensation_inputs 'pruned' runs the calibration batches again, and this pruning object "
@@ -261,9 +280,12 @@ def _replayed(pruning: "Pruning", kept: dict[int, np.ndarray], changes, mode: st
                            "pruning.calibrate(batches) again, or set compensation_inputs: 'dense'")
     model = pruning.model
     then = norm_switches.switches(model)
-    pruning.set_kept(kept)  # masks applied now, so the pruned model reads the inputs it will have
-    switched = (then, norm_switches.switches(model))  # the norm switches before and after the step
     waves = _waves(pruning.captured.graph_module, {layer.weight for layer, _, _ in changes})
+    later = _reselectable(pruning, pruners, kept, changes, waves) if mode == "least_squares" else {}
+    chosen = dict(kept)
+    now = {**kept, **{g: pruning._kept[g] for g in later}}  # a group chosen again stays as it was until its wave
+    pruning.set_kept(now)  # masks applied now, so the pruned model reads the inputs it will have
+    switched = (then, norm_switches.switches(model))  # the norm switches before and after the step
     dense_side = [False]
     for wave in sorted(set(waves.values())):
         pairs = {}
@@ -275,6 +297,8 @@ def _replayed(pruning: "Pruning", kept: dict[int, np.ndarray], changes, mode: st
                 conv = model.get_submodule(layer.module) if layer.batched_dims and layer.groups == 1 else None
                 wants_gram = mode == "least_squares" and layer.sum.numel() <= pruning.calibration.max_gram_features
                 device = model.get_parameter(layer.weight).device
+                if any(w == wave for w, _ in later.values()):  # this layer's inputs: as they are before the step
+                    keep = _layer_keep(pruning, layer, now)
                 pair = pairs[layer.module] = _Pair(layer, keep, conv, wants_gram, device)
                 handles += register_layer_hooks(model, layer.module, _paired(pair, dense_side))
             with inference(model) as run:
@@ -296,9 +320,21 @@ def _replayed(pruning: "Pruning", kept: dict[int, np.ndarray], changes, mode: st
                 for t in pair.tensors():
                     dist.all_reduce(t)
             pair.to_cpu()
-            keep = next(k for layer, k, _ in changes if layer.module == pair.layer.module)
+        here = [g for g, (w, _) in later.items() if w == wave]
+        if here:
+            for g in here:
+                chosen[g] = _choose_again(pruning, pruning.groups[g], kept[g], now[g], pairs, before)
+            now.update({g: chosen[g] for g in here})
+            pruning.set_kept(now)
+            switched = (then, norm_switches.switches(model))
+            for pair in pairs.values():
+                pair.restrict(_layer_keep(pruning, pair.layer, now))
+        for pair in pairs.values():
+            keep = _layer_keep(pruning, pair.layer, now) if here else next(
+                k for layer, k, _ in changes if layer.module == pair.layer.module)
             yield pair.layer, keep, pair.moments(), before[pair.layer.weight]
         pruning.apply_masks()  # a re-fitted layer that also loses outputs: those rows are zero again
+    kept.update(chosen)  # the caller applies these
 
 
 def _paired(pair: _Pair, dense_side: list[bool]):
@@ -367,19 +403,116 @@ def _consumer_changes(pruning: "Pruning", pruners: "list[Pruner]", kept: dict[in
                   and reads_inputs_unobserved(pruning.model, m.name, m.dim)):
                 unseen.append(m.name)
                 owners.setdefault(m.name, pruner)
-    changes: dict[str, list] = {}
+    changes = []
+    for module, (layer, reads) in _inputs_of(pruning, stats).items():
+        if module in touched:
+            new, old = _keep_of(reads, {**pruning._kept, **kept}), _keep_of(reads, pruning._kept)
+            changes.append((layer, new, old & ~new))
+    return changes
+
+
+def _inputs_of(pruning: "Pruning", stats) -> dict[str, tuple[LayerStats, list[tuple[int, np.ndarray]]]]:
+    """Per measured consumer layer (its module name): its statistics and, per group whose channels it reads,
+    (group index, the group channel of each of its inputs: -1 where the input is not the group's)."""
+    out: dict[str, tuple[LayerStats, list]] = {}
     for g in pruning.groups:
         for m in g.parameters:
             layer = stats.for_parameter(m.name)
-            if layer is None or layer.module not in touched or not layer.is_consumer(m.dim):
+            if layer is not None and layer.is_consumer(m.dim):
+                out.setdefault(layer.module, (layer, []))[1].append((g.index, m.atoms))
+    return out
+
+
+def _keep_of(reads: list[tuple[int, np.ndarray]], kept: dict[int, np.ndarray]) -> np.ndarray:
+    """A consumer's kept inputs when its groups keep ``kept`` (``reads``: as :func:`_inputs_of` gives them)."""
+    keep = np.ones(len(reads[0][1]), dtype=bool)
+    for g, atoms in reads:
+        valid = atoms >= 0
+        keep[valid] &= np.asarray(kept[g], dtype=bool)[atoms[valid]]
+    return keep
+
+
+def _reselectable(pruning: "Pruning", pruners: "list[Pruner]", kept: dict[int, np.ndarray], changes,
+                  waves: dict[str, int]) -> dict[int, tuple[int, "Pruner"]]:
+    """The groups whose channels the sequential fit chooses again, each with its wave and its pruner: those
+    whose pruner scores them by the fit's residual where they are read (``reselects_on_pruned_inputs``),
+    that lose channels in this step and have no concatenated pieces, and whose every reader is a measured
+    consumer with an input Gram, fitted in one wave, that loses no other group's inputs in this step. Their
+    channels reach no layer before that wave, so choosing them there changes no input an earlier wave was
+    fitted on."""
+    stats = pruning.calibration
+    reads = _inputs_of(pruning, stats)
+    removed = {layer.module: gone for layer, _, gone in changes}
+    out: dict[int, tuple[int, "Pruner"]] = {}
+    for pruner in pruners:
+        for group in pruner.groups:
+            g = group.index
+            if np.array_equal(kept[g], pruning._kept[g]) or len(group.parts):
                 continue
-            new, old = kept.get(g.index, pruning._kept[g.index]), pruning._kept[g.index]
-            n = len(m.atoms)
-            entry = changes.setdefault(layer.module, [layer, np.ones(n, dtype=bool), np.ones(n, dtype=bool)])
-            valid = m.atoms >= 0
-            entry[1][valid] &= np.asarray(new, dtype=bool)[m.atoms[valid]]
-            entry[2][valid] &= np.asarray(old, dtype=bool)[m.atoms[valid]]
-    return [(layer, new, old & ~new) for layer, new, old in changes.values()]
+            readers, ok = set(), True
+            for m in group.parameters:
+                layer = stats.for_parameter(m.name)
+                if layer is None:
+                    ok &= not reads_inputs_unobserved(pruning.model, m.name, m.dim)
+                elif layer.is_consumer(m.dim):
+                    readers.add(layer.module)
+                    ok &= pruner.reselects_on_pruned_inputs(m)
+                else:
+                    ok &= not (m.dim == layer.in_dim and layer.groups == 1)
+            if not ok or not readers or not readers <= removed.keys():
+                continue
+            if len({waves[reads[r][0].weight] for r in readers}) != 1:
+                continue
+            if any(reads[r][0].sum.numel() > stats.max_gram_features for r in readers):
+                continue
+            if any((removed[r] & ~_owned(reads[r][1], g)).any() for r in readers):
+                continue
+            out[g] = (waves[reads[next(iter(readers))][0].weight], pruner)
+    return out
+
+
+def _owned(reads: list[tuple[int, np.ndarray]], g: int) -> np.ndarray:
+    """Which of a consumer's inputs are group ``g``'s channels."""
+    owned = np.zeros(len(reads[0][1]), dtype=bool)
+    for gi, atoms in reads:
+        if gi == g:
+            owned |= atoms >= 0
+    return owned
+
+
+def _layer_keep(pruning: "Pruning", layer: LayerStats, kept: dict[int, np.ndarray]) -> np.ndarray:
+    return _keep_of(_inputs_of(pruning, pruning.calibration)[layer.module][1], kept)
+
+
+def _choose_again(pruning: "Pruning", group, chosen: np.ndarray, old: np.ndarray, pairs: dict[str, "_Pair"],
+                  before: dict[str, torch.Tensor]) -> np.ndarray:
+    """``group``'s keep mask with as many channels removed as ``chosen`` removes, chosen among ``old`` (those
+    kept before the step) by the residual of the fit from each reader's pruned inputs to its dense output:
+    with ``V`` that fit over all its inputs and ``G`` their damped second moment, removing the inputs ``S``
+    and re-fitting leaves ``tr(V_S (G^-1)_SS^-1 V_S^T)`` (:func:`fxprune.calibrated.refit_residual_scores`,
+    the cheapest eliminated first). ``pairs``: the wave's moments, each over the inputs its layer keeps
+    with this group as before the step."""
+    from fxprune.calibrated import refit_residual_scores
+
+    reads = _inputs_of(pruning, pruning.calibration)
+    score = np.zeros(group.size)
+    for pair in pairs.values():
+        owned = [atoms for gi, atoms in reads[pair.layer.module][1] if gi == group.index]
+        if not owned:
+            continue
+        (cross, cross_c), (inner, inner_c), _, _ = pair.moments()
+        if bias_target(pruning, pair.layer) is not None:
+            cross, inner = cross_c, inner_c
+        inner = damp_(inner.clone())
+        fit = torch.linalg.solve(inner, cross.T).T
+        w = weight_out_in(before[pair.layer.weight], pair.layer).detach().double().cpu()
+        atoms = np.full(len(owned[0]), -1)
+        for a in owned:
+            atoms = np.where(a >= 0, a, atoms)
+        candidates = pair.kept.cpu().numpy()
+        score += refit_residual_scores(torch.einsum("oit,ik->okt", w, fit), inner, atoms[candidates], group.size)
+    score[~old] = -np.inf  # removed before this step: they stay removed
+    return choose_kept(score, int((~chosen).sum()))
 
 
 def bias_target(pruning: "Pruning", layer: LayerStats) -> tuple[torch.Tensor, float] | None:

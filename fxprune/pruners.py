@@ -114,6 +114,13 @@ class Pruner:
         """Score per channel of ``group``; lower is pruned first."""
         return group_scores(group, self.modules, self.config.magnitude_norm, self.scores or None)
 
+    def reselects_on_pruned_inputs(self, member) -> bool:
+        """Under ``compensation: least_squares`` with ``compensation_inputs: pruned``: whether the fit chooses
+        again, in its wave, which of a group's channels go where ``member`` reads them (as many as ``select``
+        took), by the fit's residual on the inputs the earlier layers' pruning leaves
+        (:mod:`fxprune.compensation`). None here: this criterion is not that residual."""
+        return False
+
     def after_select(self, pruning, kept: dict[int, np.ndarray]) -> None:
         """Between choosing ``kept`` and masking the rest, while removed weights still hold their values:
         ``compensation`` re-fits the kept weights here (:mod:`fxprune.compensation`)."""

@@ -942,3 +942,68 @@ def test_pruner_notes_name_the_users_line_and_their_own_pruner():
     first, second = (" ".join(p.notes) for p in pruning.pruners)
     assert "rounded to aligned widths" in first  # 40 of 100 rounded to 16-element widths
     assert "1 layers (4) have no bias" in second and "no bias" not in first  # layer 4 reads the second's channels
+
+
+def _tanh_chain(seed):
+    """Three groups of 12 channels in a chain, each read by the next Linear alone: one wave per group."""
+    torch.manual_seed(seed)
+    lin = torch.nn.Linear
+    return torch.nn.Sequential(lin(8, 12), torch.nn.Tanh(), lin(12, 12), torch.nn.Tanh(), lin(12, 12), torch.nn.Tanh(),
+                               lin(12, 4)).eval()
+
+
+@pytest.mark.parametrize("seed", [0, 4])
+def test_flap_chooses_each_groups_channels_on_the_inputs_the_earlier_layers_pruning_leaves(monkeypatch, seed):
+    """Under least_squares on pruned inputs, the channel the last group loses is the one whose removal the fit
+    from the pruned inputs to the dense output restores best, found here by re-fitting once per candidate
+    (no damping, so the fit is exact). On these seeds that is not the channel calibrate()'s dense statistics
+    rank lowest: the dense choice removed channel 10 (seed 0) and 2 (seed 4), where 5 and 3 are best."""
+    from fxprune import compensation
+    from fxprune.calibrated import FlapPruner
+
+    monkeypatch.setattr(compensation, "DAMPING", 0.0)
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randn(64, 8, generator=gen) for _ in range(4)]
+    dense = _tanh_chain(seed)
+    last = {}
+    choose = compensation._choose_again
+
+    def brute_force(pruning, group, chosen, old, pairs, before):
+        if any(m.name == "6.weight" for m in group.parameters):  # the group read by the last Linear
+            seen = {"pruned": [], "dense": []}
+            hooks = [pruning.model[6].register_forward_pre_hook(lambda m, a: seen["pruned"].append(a[0].double())),
+                     dense[6].register_forward_pre_hook(lambda m, a: seen["dense"].append(a[0].double()))]
+            with torch.no_grad():
+                for b in batches:
+                    pruning.model(b), dense(b)
+            for h in hooks:
+                h.remove()
+            xp, xd = (torch.cat(seen[k]) - torch.cat(seen[k]).mean(0) for k in ("pruned", "dense"))  # it has a bias
+            target = xd @ dense[6].weight.double().T
+            errors = []
+            for c in range(12):
+                kept = [i for i in range(12) if i != c]
+                fit = torch.linalg.lstsq(xp[:, kept], target).solution
+                errors.append(float((target - xp[:, kept] @ fit).square().sum()))
+            last["best"] = int(np.argmin(errors))
+        return choose(pruning, group, chosen, old, pairs, before)
+
+    class DenseChoice(FlapPruner):
+        def reselects_on_pruned_inputs(self, member):
+            return False
+
+    monkeypatch.setattr(compensation, "_choose_again", brute_force)
+    monkeypatch.setitem(fxprune.pruners.PRUNERS, "test_flap_dense_choice", DenseChoice)
+    removed = {}
+    for criterion in ("flap", "test_flap_dense_choice"):
+        pruning = fxprune.compile(_tanh_chain(seed), (batches[0],),
+                                  {"pruning_type": criterion, "target_sparsity": 1 / 12, "round_to": 1,
+                                   "compensation": "least_squares", "prune_domain": "local"})
+        pruning.calibrate(batches, progress=False).prune()
+        group = next(g for g in pruning.groups if any(m.name == "6.weight" for m in g.parameters))
+        removed[criterion] = set(range(12)) - set(pruning.kept_channels[group.index].tolist())
+        assert all(len(k) == 11 for k in pruning.kept_channels.values())  # one channel per group, as selected
+        if criterion == "flap":
+            assert_compact_matches_masked(pruning, pruning.compact(), (batches[1],), **EXACT)
+    assert removed["flap"] == {last["best"]}, (removed, last)
+    assert removed["test_flap_dense_choice"] != removed["flap"]  # the dense statistics chose another channel
