@@ -678,6 +678,7 @@ def main(argv=None) -> None:
     fx_ok = [r for k, v in rows.items() if k[0] != "Torch-Pruning" for r in v.values() if not r.get("error")]
     fx_errors = [f"- {a} + {b}, {col}: {r['error']}" for (a, b), v in rows.items() if a != "Torch-Pruning"
                  for col, r in v.items() if r.get("error")]
+    budget = f"{args.train_steps} steps" if args.train_steps else f"{args.train_minutes} min"
     details = [
         f"- corpus: {corpus['files']} `*.py` files under `{corpus['root']}` (Python {corpus['python']}, site-packages "
         f"excluded), sorted and concatenated as bytes; validation = the last {corpus['val_files']} files (from "
@@ -688,9 +689,9 @@ def main(argv=None) -> None:
         f"untied LM head{', biases in every Linear (attention_bias, mlp_bias)' if args.bias else ''}: "
         f"{dense_params / 1e6:.2f} M parameters",
         f"- training: {record['steps']} steps of {args.batch} random windows of {args.seq_len} bytes "
-        f"({record['tokens'] / 1e6:.1f} M tokens) in {record['seconds'] / 60:.1f} min (budget {f'{args.train_steps} steps' if args.train_steps else f'{args.train_minutes} min'}), "
+        f"({record['tokens'] / 1e6:.1f} M tokens) in {record['seconds'] / 60:.1f} min (budget {budget}), "
         f"AdamW lr {args.lr} (betas 0.9/0.95, weight decay 0.1 on matrices, clip 1.0), 50 warm-up steps then cosine "
-        f"over the time budget to 10%; final training loss {record['final_train_loss']:.3f} nats/byte"
+        f"over the {'step' if args.train_steps else 'time'} budget to 10%; final training loss {record['final_train_loss']:.3f} nats/byte"
         + (f"; loaded from the cache `{record['cache']}`" if record.get("cached") else f"; cached as `{record['cache']}`"),
         f"- dense validation perplexity: **{dense_ppl:.3f}** ({math.log2(dense_ppl):.3f} bits/byte), on "
         f"{args.eval_windows} windows of {args.seq_len} bytes spread evenly over the validation split "

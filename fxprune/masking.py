@@ -254,6 +254,13 @@ class Masking:
             pruner._note(f"latency target missed after {tries} measurements: the compact model runs "
                          f"{1.0 / measured:.2f}x faster than the dense one where {1.0 / want:.2f}x was asked "
                          f"({setting(lat.threads, lat.batch)}); see pruning.latency_checks")
+        elif measured < want * LATENCY_OVERSHOOT:
+            pruner._note(f"latency target overshot after {len(tried)} measurements: the plan kept runs "
+                         f"{1.0 / measured:.2f}x faster than the dense one where {1.0 / want:.2f}x was asked, so it "
+                         f"removes channels the target did not need; no plan measured within "
+                         f"{LATENCY_OVERSHOOT:.0%}-{LATENCY_TOLERANCE:.0%} of the target, and the closer ones missed "
+                         f"it ({setting(lat.threads, lat.batch)}; timings that move between measurements cause "
+                         "this: see pruning.latency_checks, or ask for a lower target_speedup)")
 
     # -- training-loop hooks --------------------------------------------------------------
     def on_train_begin(self) -> None:

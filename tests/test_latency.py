@@ -539,3 +539,17 @@ def test_ddp_ranks_plan_on_rank_zeros_timing(tmp_path):
     result = torch.load(out, weights_only=True)
     assert torch.equal(result["kept"][0], result["kept"][1]) and not bool(result["kept"][0].all())
     assert torch.equal(result["figures"][0], result["figures"][1])
+
+
+def test_a_plan_kept_far_faster_than_asked_is_reported(fake_timing):
+    """The host slowed the first two plans' measurements past the target (the second's twice, so it is re-timed
+    and still slow) and sped up the third's: the only plan that meets the target is far faster than asked. It is
+    kept (it meets the target) and a note says it overshoots, where it was silent before."""
+    fake_timing["slowed"] = {2: 1.06, 3: 1.15, 4: 1.15, 5: 0.8, 6: 0.8}  # measurement 1 is the probe
+    p = build(target_speedup=2.0)
+    with pytest.warns(UserWarning, match="latency target overshot after 3 measurements"):
+        p.prune()
+    kept = next(c for c in p.latency_checks if c["kept"])
+    assert kept["attempt"] == 2 and kept["measured_speedup"] > 2.0 / 0.95, p.latency_checks
+    assert all(c["measured_speedup"] < 2.0 / 1.01 for c in p.latency_checks if not c["kept"])
+    assert any("overshot" in n for n in p.report().notes)
