@@ -212,7 +212,8 @@ class Masking:
         more than :data:`LATENCY_OVERSHOOT` (channels removed for nothing), aim the prediction by the measured
         error and prune again, up to ``tries`` measurements (a measurement more than :data:`LATENCY_RECHECK` off its
         prediction is timed twice first). The plan kept is the one that meets the target with the fewest channels
-        removed (else the fastest). Every measurement is in ``pruning.latency_checks``
+        removed (else the fastest); where only a plan that overshoots meets it, the nearest miss is timed once more
+        first (:meth:`_retime_near_miss`). Every measurement is in ``pruning.latency_checks``
         (the plan kept marked ``"kept": True``); a target still missed is a warning."""
         lat, cfg = pruner.latency, pruner.config
         want = 1.0 / cfg.target_speedup if cfg.target_speedup else cfg.target_latency_ms / lat.dense_ms
@@ -246,9 +247,12 @@ class Masking:
             lat.correction = min(2.0 * lat.correction, max(0.5 * lat.correction, measured / predicted))
             self.set_kept(pruner.select(pruner.scheduler.target))
         meeting = [t for t in tried if t[0] <= want * LATENCY_TOLERANCE]
+        if meeting and max(t[0] for t in meeting) < want * LATENCY_OVERSHOOT:
+            self._retime_near_miss(lat, tried, want)
+            meeting = [t for t in tried if t[0] <= want * LATENCY_TOLERANCE]
         measured, kept, check = max(meeting, key=lambda t: t[0]) if meeting else min(tried, key=lambda t: t[0])
         check["kept"] = True
-        if kept is not tried[-1][1]:
+        if any(not np.array_equal(k, self._kept[g]) for g, k in kept.items()):
             self.set_kept(kept)
         if measured > want * LATENCY_TOLERANCE:
             pruner._note(f"latency target missed after {tries} measurements: the compact model runs "
@@ -261,6 +265,23 @@ class Masking:
                          f"{LATENCY_OVERSHOOT:.0%}-{LATENCY_TOLERANCE:.0%} of the target, and the closer ones missed "
                          f"it ({setting(lat.threads, lat.batch)}; timings that move between measurements cause "
                          "this: see pruning.latency_checks, or ask for a lower target_speedup)")
+
+    def _retime_near_miss(self, lat: LatencyModel, tried: list, want: float) -> None:
+        """Where only an overshooting plan met the target, time once more the plan that missed it by the least,
+        if by less than :data:`LATENCY_RECHECK` and timed once, each model at its faster time: at 2 threads a
+        2-vCPU VM moved ConvNeXt-tiny's timings by up to 30%, and a plan measured 3.7% short of 3x was dropped
+        for one 45% faster than asked. ``tried`` is updated in place."""
+        misses = [i for i, t in enumerate(tried)
+                  if want * LATENCY_TOLERANCE < t[0] <= want * (1 + LATENCY_RECHECK) and t[2]["timed"] == 1]
+        if not misses:
+            return
+        i = min(misses, key=lambda j: tried[j][0])
+        _, kept, check = tried[i]
+        self.set_kept(kept)
+        dense_ms, compact_ms = lat.measure(self.compact(check=False))
+        dense_ms, compact_ms = min(dense_ms, check["dense_ms"]), min(compact_ms, check["compact_ms"])
+        check.update(dense_ms=dense_ms, compact_ms=compact_ms, measured_speedup=dense_ms / compact_ms, timed=2)
+        tried[i] = (compact_ms / dense_ms, kept, check)
 
     # -- training-loop hooks --------------------------------------------------------------
     def on_train_begin(self) -> None:

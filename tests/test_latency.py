@@ -543,13 +543,34 @@ def test_ddp_ranks_plan_on_rank_zeros_timing(tmp_path):
 
 def test_a_plan_kept_far_faster_than_asked_is_reported(fake_timing):
     """The host slowed the first two plans' measurements past the target (the second's twice, so it is re-timed
-    and still slow) and sped up the third's: the only plan that meets the target is far faster than asked. It is
-    kept (it meets the target) and a note says it overshoots, where it was silent before."""
-    fake_timing["slowed"] = {2: 1.06, 3: 1.15, 4: 1.15, 5: 0.8, 6: 0.8}  # measurement 1 is the probe
+    and still slow; the first's again when it is re-timed) and sped up the third's: the only plan that meets the
+    target is far faster than asked. It is kept (it meets the target) and a note says it overshoots, where it
+    was silent before."""
+    fake_timing["slowed"] = {2: 1.06, 3: 1.15, 4: 1.15, 5: 0.8, 6: 0.8, 7: 1.06}  # measurement 1 is the probe
     p = build(target_speedup=2.0)
     with pytest.warns(UserWarning, match="latency target overshot after 3 measurements"):
         p.prune()
     kept = next(c for c in p.latency_checks if c["kept"])
     assert kept["attempt"] == 2 and kept["measured_speedup"] > 2.0 / 0.95, p.latency_checks
     assert all(c["measured_speedup"] < 2.0 / 1.01 for c in p.latency_checks if not c["kept"])
+    assert p.latency_checks[0]["timed"] == 2  # the nearest miss was timed again first
     assert any("overshot" in n for n in p.report().notes)
+
+
+def test_where_only_an_overshoot_meets_the_target_the_nearest_miss_is_timed_again(fake_timing):
+    """As above, but the first plan's second timing is the model's own cost: it meets the target, and it is kept
+    instead of the plan 25% faster than asked, with the model masked as that plan."""
+    fake_timing["slowed"] = {2: 1.06, 3: 1.15, 4: 1.15, 5: 0.8, 6: 0.8}
+    p = build(target_speedup=2.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        p.prune()
+    assert fake_timing["measured"] == 7, p.latency_checks
+    first = p.latency_checks[0]
+    assert first["kept"] and first["timed"] == 2, p.latency_checks
+    assert 2.0 / 1.01 <= first["measured_speedup"] <= 2.0 / 0.95
+    assert not p.latency_checks[2]["kept"] and p.latency_checks[2]["measured_speedup"] > 2.0 / 0.95
+    small = p.compact()
+    x = ARCHITECTURES["ResNetBasic"][1]()
+    assert count_macs(small, x) == pytest.approx(count_macs(p.captured.graph_module, x) / first["predicted_speedup"],
+                                                 rel=0.05)
