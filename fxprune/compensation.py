@@ -240,8 +240,9 @@ class _Pair:
 
     def restrict(self, keep: np.ndarray) -> None:
         """Keep the sums of the inputs ``keep`` leaves (a subset of those summed over): a group chosen again."""
-        sel = torch.from_numpy(np.asarray(keep, dtype=bool)[self.kept.cpu().numpy()]).to(self.kept.device)
-        self.kept, self.sum_kept, self.taps_kept = self.kept[sel], self.sum_kept[sel], self.taps_kept[sel]
+        sel = torch.from_numpy(np.asarray(keep, dtype=bool)[self.kept.cpu().numpy()])  # the sums are on the CPU
+        self.kept = self.kept[sel.to(self.kept.device)]
+        self.sum_kept, self.taps_kept = self.sum_kept[sel], self.taps_kept[sel]
         if self.cross is not None:
             self.cross, self.inner = self.cross[:, sel], self.inner[sel][:, sel]
 
@@ -281,7 +282,8 @@ def _replayed(pruning: "Pruning", pruners: "list[Pruner]", kept: dict[int, np.nd
     model = pruning.model
     then = norm_switches.switches(model)
     waves = _waves(pruning.captured.graph_module, {layer.weight for layer, _, _ in changes})
-    later = _reselectable(pruning, pruners, kept, changes, waves) if mode == "least_squares" else {}
+    reads = _inputs_of(pruning, pruning.calibration)
+    later = _reselectable(pruning, pruners, kept, changes, waves, reads) if mode == "least_squares" else {}
     chosen = dict(kept)
     now = {**kept, **{g: pruning._kept[g] for g in later}}  # a group chosen again stays as it was until its wave
     pruning.set_kept(now)  # masks applied now, so the pruned model reads the inputs it will have
@@ -297,8 +299,8 @@ def _replayed(pruning: "Pruning", pruners: "list[Pruner]", kept: dict[int, np.nd
                 conv = model.get_submodule(layer.module) if layer.batched_dims and layer.groups == 1 else None
                 wants_gram = mode == "least_squares" and layer.sum.numel() <= pruning.calibration.max_gram_features
                 device = model.get_parameter(layer.weight).device
-                if any(w == wave for w, _ in later.values()):  # this layer's inputs: as they are before the step
-                    keep = _layer_keep(pruning, layer, now)
+                if wave in later.values():  # this layer's inputs: as they are before the step
+                    keep = _keep_of(reads[layer.module][1], now)
                 pair = pairs[layer.module] = _Pair(layer, keep, conv, wants_gram, device)
                 handles += register_layer_hooks(model, layer.module, _paired(pair, dense_side))
             with inference(model) as run:
@@ -320,17 +322,17 @@ def _replayed(pruning: "Pruning", pruners: "list[Pruner]", kept: dict[int, np.nd
                 for t in pair.tensors():
                     dist.all_reduce(t)
             pair.to_cpu()
-        here = [g for g, (w, _) in later.items() if w == wave]
+        here = [g for g, w in later.items() if w == wave]
         if here:
             for g in here:
-                chosen[g] = _choose_again(pruning, pruning.groups[g], kept[g], now[g], pairs, before)
+                chosen[g] = _choose_again(pruning, pruning.groups[g], kept[g], now[g], pairs, before, reads)
             now.update({g: chosen[g] for g in here})
             pruning.set_kept(now)
             switched = (then, norm_switches.switches(model))
             for pair in pairs.values():
-                pair.restrict(_layer_keep(pruning, pair.layer, now))
+                pair.restrict(_keep_of(reads[pair.layer.module][1], now))
         for pair in pairs.values():
-            keep = _layer_keep(pruning, pair.layer, now) if here else next(
+            keep = _keep_of(reads[pair.layer.module][1], now) if here else next(
                 k for layer, k, _ in changes if layer.module == pair.layer.module)
             yield pair.layer, keep, pair.moments(), before[pair.layer.weight]
         pruning.apply_masks()  # a re-fitted layer that also loses outputs: those rows are zero again
@@ -433,21 +435,20 @@ def _keep_of(reads: list[tuple[int, np.ndarray]], kept: dict[int, np.ndarray]) -
 
 
 def _reselectable(pruning: "Pruning", pruners: "list[Pruner]", kept: dict[int, np.ndarray], changes,
-                  waves: dict[str, int]) -> dict[int, tuple[int, "Pruner"]]:
-    """The groups whose channels the sequential fit chooses again, each with its wave and its pruner: those
-    whose pruner scores them by the fit's residual where they are read (``reselects_on_pruned_inputs``),
-    that lose channels in this step and have no concatenated pieces, and whose every reader is a measured
-    consumer with an input Gram, fitted in one wave, that loses no other group's inputs in this step. Their
-    channels reach no layer before that wave, so choosing them there changes no input an earlier wave was
-    fitted on."""
+                  waves: dict[str, int], reads) -> dict[int, int]:
+    """The groups whose channels the sequential fit chooses again, each with its wave: those whose pruner
+    scores them by the fit's residual where they are read (``reselects_on_pruned_inputs``), that lose channels
+    in this step, have no concatenated pieces and no norm over their channels (removing some would change the
+    others' values), and whose every reader is a measured consumer with an input Gram, fitted in one wave,
+    that loses no other group's inputs in this step. Their channels reach no layer before that wave, so
+    choosing them there changes no input an earlier wave was fitted on. ``reads``: :func:`_inputs_of`."""
     stats = pruning.calibration
-    reads = _inputs_of(pruning, stats)
     removed = {layer.module: gone for layer, _, gone in changes}
-    out: dict[int, tuple[int, "Pruner"]] = {}
+    out: dict[int, int] = {}
     for pruner in pruners:
         for group in pruner.groups:
             g = group.index
-            if np.array_equal(kept[g], pruning._kept[g]) or len(group.parts):
+            if np.array_equal(kept[g], pruning._kept[g]) or len(group.parts) or group.normalized:
                 continue
             readers, ok = set(), True
             for m in group.parameters:
@@ -467,7 +468,7 @@ def _reselectable(pruning: "Pruning", pruners: "list[Pruner]", kept: dict[int, n
                 continue
             if any((removed[r] & ~_owned(reads[r][1], g)).any() for r in readers):
                 continue
-            out[g] = (waves[reads[next(iter(readers))][0].weight], pruner)
+            out[g] = waves[reads[next(iter(readers))][0].weight]
     return out
 
 
@@ -480,21 +481,17 @@ def _owned(reads: list[tuple[int, np.ndarray]], g: int) -> np.ndarray:
     return owned
 
 
-def _layer_keep(pruning: "Pruning", layer: LayerStats, kept: dict[int, np.ndarray]) -> np.ndarray:
-    return _keep_of(_inputs_of(pruning, pruning.calibration)[layer.module][1], kept)
-
-
-def _choose_again(pruning: "Pruning", group, chosen: np.ndarray, old: np.ndarray, pairs: dict[str, "_Pair"],
-                  before: dict[str, torch.Tensor]) -> np.ndarray:
-    """``group``'s keep mask with as many channels removed as ``chosen`` removes, chosen among ``old`` (those
-    kept before the step) by the residual of the fit from each reader's pruned inputs to its dense output:
+def _choose_again(pruning: "Pruning", group, selected: np.ndarray, before_step: np.ndarray,
+                  pairs: dict[str, "_Pair"], before: dict[str, torch.Tensor], reads) -> np.ndarray:
+    """``group``'s keep mask with as many channels removed as ``selected`` removes, chosen among
+    ``before_step`` (those kept before the step) by the residual of the fit from each reader's pruned inputs to its dense output:
     with ``V`` that fit over all its inputs and ``G`` their damped second moment, removing the inputs ``S``
     and re-fitting leaves ``tr(V_S (G^-1)_SS^-1 V_S^T)`` (:func:`fxprune.calibrated.refit_residual_scores`,
     the cheapest eliminated first). ``pairs``: the wave's moments, each over the inputs its layer keeps
-    with this group as before the step."""
+    with this group as before the step. Where the scores are not finite (a singular fit), the selection's
+    choice stands."""
     from fxprune.calibrated import refit_residual_scores
 
-    reads = _inputs_of(pruning, pruning.calibration)
     score = np.zeros(group.size)
     for pair in pairs.values():
         owned = [atoms for gi, atoms in reads[pair.layer.module][1] if gi == group.index]
@@ -504,15 +501,20 @@ def _choose_again(pruning: "Pruning", group, chosen: np.ndarray, old: np.ndarray
         if bias_target(pruning, pair.layer) is not None:
             cross, inner = cross_c, inner_c
         inner = damp_(inner.clone())
-        fit = torch.linalg.solve(inner, cross.T).T
+        try:
+            fit = torch.linalg.solve(inner, cross.T).T
+        except RuntimeError:
+            return selected
         w = weight_out_in(before[pair.layer.weight], pair.layer).detach().double().cpu()
         atoms = np.full(len(owned[0]), -1)
         for a in owned:
             atoms = np.where(a >= 0, a, atoms)
         candidates = pair.kept.cpu().numpy()
         score += refit_residual_scores(torch.einsum("oit,ik->okt", w, fit), inner, atoms[candidates], group.size)
-    score[~old] = -np.inf  # removed before this step: they stay removed
-    return choose_kept(score, int((~chosen).sum()))
+    if not np.isfinite(score).all():
+        return selected
+    score[~before_step] = -np.inf  # removed before this step: they stay removed
+    return choose_kept(score, int((~selected).sum()))
 
 
 def bias_target(pruning: "Pruning", layer: LayerStats) -> tuple[torch.Tensor, float] | None:

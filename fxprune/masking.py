@@ -197,6 +197,8 @@ class Masking:
             kept = pruner.select(target)
             self._check_kept(kept)  # before compensation edits any weight
             pruner.after_select(self, kept)
+            checked = pruner.latency is not None and target == pruner.scheduler.target and pruner.config.latency_verify
+            unmasked = self._member_copies(pruner) if checked else None  # a later plan may keep what this one zeroes
             self._apply_kept(kept)
         else:
             self._element_masks.update({k: v.to(torch.bool) for k, v in pruner.element_masks(target).items()})
@@ -204,10 +206,28 @@ class Masking:
             self.apply_masks()
         pruner.current_sparsity_ratio = target
         if pruner.latency is not None and target == pruner.scheduler.target and pruner.config.latency_verify:
-            self._meet_latency(pruner)
+            self._meet_latency(pruner, unmasked if pruner.pattern.is_channel else None)
         pruner.on_pruning_step()
 
-    def _meet_latency(self, pruner: Pruner, tries: int = 3) -> None:
+    def _member_copies(self, pruner: Pruner) -> dict[str, torch.Tensor]:
+        """Copies of the parameters ``pruner``'s groups mask, as they are before its plan zeroes any of them."""
+        names = {m.name for g in pruner.groups for m in g.parameters if m.name in self._params}
+        return {n: self._params[n].detach().clone() for n in names}
+
+    def _restore(self, unmasked: dict[str, torch.Tensor] | None) -> None:
+        """Write back the parameters as they were before the step's plan masked them (the masks stay)."""
+        with torch.no_grad():
+            for name, t in (unmasked or {}).items():
+                self._params[name].copy_(t)
+
+    def _set_plan(self, kept: dict[int, np.ndarray], unmasked: dict[str, torch.Tensor] | None) -> None:
+        """Mask the model as ``kept`` from the weights before the step (``unmasked``), so a plan that keeps
+        channels another plan removed gets their weights back, not the zeros that plan left."""
+        self._restore(unmasked)
+        self.set_kept(kept)
+
+    def _meet_latency(self, pruner: Pruner, unmasked: dict[str, torch.Tensor] | None = None,
+                      tries: int = 3) -> None:
         """Time the compact model against the dense one; where it misses the latency target, or beats it by
         more than :data:`LATENCY_OVERSHOOT` (channels removed for nothing), aim the prediction by the measured
         error and prune again, up to ``tries`` measurements (a measurement more than :data:`LATENCY_RECHECK` off its
@@ -245,15 +265,16 @@ class Masking:
             # fails it. One measurement moves the aim by at most 2x either way: a plan far off (a small model
             # whose fixed costs the tables do not see) would otherwise swing the next one past the dense model
             lat.correction = min(2.0 * lat.correction, max(0.5 * lat.correction, measured / predicted))
-            self.set_kept(pruner.select(pruner.scheduler.target))
+            self._restore(unmasked)  # scored on the weights before the step, as the first plan was
+            self._set_plan(pruner.select(pruner.scheduler.target), unmasked)
         meeting = [t for t in tried if t[0] <= want * LATENCY_TOLERANCE]
         if meeting and max(t[0] for t in meeting) < want * LATENCY_OVERSHOOT:
-            self._retime_near_miss(lat, tried, want)
+            self._retime_near_miss(lat, tried, want, unmasked)
             meeting = [t for t in tried if t[0] <= want * LATENCY_TOLERANCE]
         measured, kept, check = max(meeting, key=lambda t: t[0]) if meeting else min(tried, key=lambda t: t[0])
         check["kept"] = True
         if any(not np.array_equal(k, self._kept[g]) for g, k in kept.items()):
-            self.set_kept(kept)
+            self._set_plan(kept, unmasked)
         if measured > want * LATENCY_TOLERANCE:
             pruner._note(f"latency target missed after {tries} measurements: the compact model runs "
                          f"{1.0 / measured:.2f}x faster than the dense one where {1.0 / want:.2f}x was asked "
@@ -266,7 +287,8 @@ class Masking:
                          f"it ({setting(lat.threads, lat.batch)}; timings that move between measurements cause "
                          "this: see pruning.latency_checks, or ask for a lower target_speedup)")
 
-    def _retime_near_miss(self, lat: LatencyModel, tried: list, want: float) -> None:
+    def _retime_near_miss(self, lat: LatencyModel, tried: list, want: float,
+                          unmasked: dict[str, torch.Tensor] | None) -> None:
         """Where only an overshooting plan met the target, time once more the plan that missed it by the least,
         if by less than :data:`LATENCY_RECHECK` and timed once, each model at its faster time: at 2 threads a
         2-vCPU VM moved ConvNeXt-tiny's timings by up to 30%, and a plan measured 3.7% short of 3x was dropped
@@ -277,7 +299,7 @@ class Masking:
             return
         i = min(misses, key=lambda j: tried[j][0])
         _, kept, check = tried[i]
-        self.set_kept(kept)
+        self._set_plan(kept, unmasked)
         dense_ms, compact_ms = lat.measure(self.compact(check=False))
         dense_ms, compact_ms = min(dense_ms, check["dense_ms"]), min(compact_ms, check["compact_ms"])
         check.update(dense_ms=dense_ms, compact_ms=compact_ms, measured_speedup=dense_ms / compact_ms, timed=2)

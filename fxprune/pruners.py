@@ -118,7 +118,7 @@ class Pruner:
         """Under ``compensation: least_squares`` with ``compensation_inputs: pruned``: whether the fit chooses
         again, in its wave, which of a group's channels go where ``member`` reads them (as many as ``select``
         took), by the fit's residual on the inputs the earlier layers' pruning leaves
-        (:mod:`fxprune.compensation`). None here: this criterion is not that residual."""
+        (:mod:`fxprune.compensation`). False here: this criterion is not that residual."""
         return False
 
     def after_select(self, pruning, kept: dict[int, np.ndarray]) -> None:

@@ -968,7 +968,7 @@ def test_flap_chooses_each_groups_channels_on_the_inputs_the_earlier_layers_prun
     last = {}
     choose = compensation._choose_again
 
-    def brute_force(pruning, group, chosen, old, pairs, before):
+    def brute_force(pruning, group, *rest):
         if any(m.name == "6.weight" for m in group.parameters):  # the group read by the last Linear
             seen = {"pruned": [], "dense": []}
             hooks = [pruning.model[6].register_forward_pre_hook(lambda m, a: seen["pruned"].append(a[0].double())),
@@ -986,7 +986,7 @@ def test_flap_chooses_each_groups_channels_on_the_inputs_the_earlier_layers_prun
                 fit = torch.linalg.lstsq(xp[:, kept], target).solution
                 errors.append(float((target - xp[:, kept] @ fit).square().sum()))
             last["best"] = int(np.argmin(errors))
-        return choose(pruning, group, chosen, old, pairs, before)
+        return choose(pruning, group, *rest)
 
     class DenseChoice(FlapPruner):
         def reselects_on_pruned_inputs(self, member):

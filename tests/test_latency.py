@@ -574,3 +574,19 @@ def test_where_only_an_overshoot_meets_the_target_the_nearest_miss_is_timed_agai
     x = ARCHITECTURES["ResNetBasic"][1]()
     assert count_macs(small, x) == pytest.approx(count_macs(p.captured.graph_module, x) / first["predicted_speedup"],
                                                  rel=0.05)
+
+
+def test_a_plan_chosen_after_another_keeps_the_weights_that_plan_zeroed(fake_timing):
+    """The first plan overshoots, so the check prunes again, less: the channels the second plan keeps that the
+    first removed hold their weights from before the step, not the zeros the first plan left."""
+    fake_timing["factor"] = 0.7  # the compact model is faster than predicted: fewer channels need to go
+    factory, inputs = ARCHITECTURES["ResNetBasic"]
+    model = factory()
+    dense = {n: t.detach().clone() for n, t in model.named_parameters()}
+    p = fxprune.compile(model, inputs(), {"target_speedup": 2.0})
+    p.prune()
+    assert len(p.latency_checks) >= 2 and not p.latency_checks[0]["kept"], p.latency_checks
+    params = dict(p.model.named_parameters())
+    for name, mask in p.masks.items():
+        if name in params:  # every weight the kept plan keeps is the weight before pruning
+            torch.testing.assert_close(params[name][mask.bool()], dense[name][mask.bool()], atol=0, rtol=0)
