@@ -193,20 +193,22 @@ class Masking:
             pruner.on_pruning_step()
 
     def _step_pruner(self, pruner: Pruner, target: float) -> None:
+        checked = pruner.latency is not None and target == pruner.scheduler.target and pruner.config.latency_verify
+        unmasked = None
         if pruner.pattern.is_channel:
             kept = pruner.select(target)
             self._check_kept(kept)  # before compensation edits any weight
             pruner.after_select(self, kept)
-            checked = pruner.latency is not None and target == pruner.scheduler.target and pruner.config.latency_verify
-            unmasked = self._member_copies(pruner) if checked else None  # a later plan may keep what this one zeroes
+            if checked:  # a later plan of the check may keep what this one zeroes
+                unmasked = self._member_copies(pruner)
             self._apply_kept(kept)
         else:
             self._element_masks.update({k: v.to(torch.bool) for k, v in pruner.element_masks(target).items()})
             self._build_masks()
             self.apply_masks()
         pruner.current_sparsity_ratio = target
-        if pruner.latency is not None and target == pruner.scheduler.target and pruner.config.latency_verify:
-            self._meet_latency(pruner, unmasked if pruner.pattern.is_channel else None)
+        if checked:
+            self._meet_latency(pruner, unmasked)
         pruner.on_pruning_step()
 
     def _member_copies(self, pruner: Pruner) -> dict[str, torch.Tensor]:
