@@ -285,7 +285,8 @@ def _replayed(pruning: "Pruning", pruners: "list[Pruner]", kept: dict[int, np.nd
     reads = _inputs_of(pruning, pruning.calibration)
     later = _reselectable(pruning, pruners, kept, changes, waves, reads) if mode == "least_squares" else {}
     chosen = dict(kept)
-    now = {**kept, **{g: pruning._kept[g] for g in later}}  # a group chosen again stays as it was until its wave
+    # every group's keep mask as the pruned model has it: a group chosen again stays as it was until its wave
+    now = {**pruning._kept, **kept, **{g: pruning._kept[g] for g in later}}
     pruning.set_kept(now)  # masks applied now, so the pruned model reads the inputs it will have
     switched = (then, norm_switches.switches(model))  # the norm switches before and after the step
     dense_side = [False]
@@ -293,14 +294,13 @@ def _replayed(pruning: "Pruning", pruners: "list[Pruner]", kept: dict[int, np.nd
         pairs = {}
         handles = []
         try:
-            for layer, keep, _ in changes:
+            for layer, _, _ in changes:
                 if waves[layer.weight] != wave:
                     continue
                 conv = model.get_submodule(layer.module) if layer.batched_dims and layer.groups == 1 else None
                 wants_gram = mode == "least_squares" and layer.sum.numel() <= pruning.calibration.max_gram_features
                 device = model.get_parameter(layer.weight).device
-                if wave in later.values():  # this layer's inputs: as they are before the step
-                    keep = _keep_of(reads[layer.module][1], now)
+                keep = _keep_of(reads[layer.module][1], now)  # a group chosen in this wave: whole as before
                 pair = pairs[layer.module] = _Pair(layer, keep, conv, wants_gram, device)
                 handles += register_layer_hooks(model, layer.module, _paired(pair, dense_side))
             with inference(model) as run:
@@ -332,9 +332,7 @@ def _replayed(pruning: "Pruning", pruners: "list[Pruner]", kept: dict[int, np.nd
             for pair in pairs.values():
                 pair.restrict(_keep_of(reads[pair.layer.module][1], now))
         for pair in pairs.values():
-            keep = _keep_of(reads[pair.layer.module][1], now) if here else next(
-                k for layer, k, _ in changes if layer.module == pair.layer.module)
-            yield pair.layer, keep, pair.moments(), before[pair.layer.weight]
+            yield pair.layer, _keep_of(reads[pair.layer.module][1], now), pair.moments(), before[pair.layer.weight]
         pruning.apply_masks()  # a re-fitted layer that also loses outputs: those rows are zero again
     kept.update(chosen)  # the caller applies these
 
@@ -466,36 +464,36 @@ def _reselectable(pruning: "Pruning", pruners: "list[Pruner]", kept: dict[int, n
                 continue
             if any(reads[r][0].sum.numel() > stats.max_gram_features for r in readers):
                 continue
-            if any((removed[r] & ~_owned(reads[r][1], g)).any() for r in readers):
+            if any((removed[r] & (_group_atoms(reads[r][1], g) < 0)).any() for r in readers):
                 continue
             out[g] = waves[reads[next(iter(readers))][0].weight]
     return out
 
 
-def _owned(reads: list[tuple[int, np.ndarray]], g: int) -> np.ndarray:
-    """Which of a consumer's inputs are group ``g``'s channels."""
-    owned = np.zeros(len(reads[0][1]), dtype=bool)
+def _group_atoms(reads: list[tuple[int, np.ndarray]], g: int) -> np.ndarray:
+    """Per input of a consumer, group ``g``'s channel it is (-1: another group's, or none)."""
+    out = np.full(len(reads[0][1]), -1)
     for gi, atoms in reads:
         if gi == g:
-            owned |= atoms >= 0
-    return owned
+            out = np.where(atoms >= 0, atoms, out)
+    return out
 
 
 def _choose_again(pruning: "Pruning", group, selected: np.ndarray, before_step: np.ndarray,
                   pairs: dict[str, "_Pair"], before: dict[str, torch.Tensor], reads) -> np.ndarray:
     """``group``'s keep mask with as many channels removed as ``selected`` removes, chosen among
-    ``before_step`` (those kept before the step) by the residual of the fit from each reader's pruned inputs to its dense output:
-    with ``V`` that fit over all its inputs and ``G`` their damped second moment, removing the inputs ``S``
-    and re-fitting leaves ``tr(V_S (G^-1)_SS^-1 V_S^T)`` (:func:`fxprune.calibrated.refit_residual_scores`,
-    the cheapest eliminated first). ``pairs``: the wave's moments, each over the inputs its layer keeps
-    with this group as before the step. Where the scores are not finite (a singular fit), the selection's
-    choice stands."""
+    ``before_step`` (those kept before the step) by the residual of the fit from each reader's pruned inputs
+    to its dense output: with ``V`` that fit over all its inputs and ``G`` their damped second moment,
+    removing the inputs ``S`` and re-fitting leaves ``tr(V_S (G^-1)_SS^-1 V_S^T)``
+    (:func:`fxprune.calibrated.refit_residual_scores`, the cheapest eliminated first). ``pairs``: the wave's
+    moments, each over the inputs its layer keeps with this group as before the step. Where the scores are
+    not finite (a singular fit), the selection's choice stands."""
     from fxprune.calibrated import refit_residual_scores
 
     score = np.zeros(group.size)
     for pair in pairs.values():
-        owned = [atoms for gi, atoms in reads[pair.layer.module][1] if gi == group.index]
-        if not owned:
+        atoms = _group_atoms(reads[pair.layer.module][1], group.index)
+        if not (atoms >= 0).any():
             continue
         (cross, cross_c), (inner, inner_c), _, _ = pair.moments()
         if bias_target(pruning, pair.layer) is not None:
@@ -506,9 +504,6 @@ def _choose_again(pruning: "Pruning", group, selected: np.ndarray, before_step: 
         except RuntimeError:
             return selected
         w = weight_out_in(before[pair.layer.weight], pair.layer).detach().double().cpu()
-        atoms = np.full(len(owned[0]), -1)
-        for a in owned:
-            atoms = np.where(a >= 0, a, atoms)
         candidates = pair.kept.cpu().numpy()
         score += refit_residual_scores(torch.einsum("oit,ik->okt", w, fit), inner, atoms[candidates], group.size)
     if not np.isfinite(score).all():

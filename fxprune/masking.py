@@ -268,7 +268,7 @@ class Masking:
             # whose fixed costs the tables do not see) would otherwise swing the next one past the dense model
             lat.correction = min(2.0 * lat.correction, max(0.5 * lat.correction, measured / predicted))
             self._restore(unmasked)  # scored on the weights before the step, as the first plan was
-            self._set_plan(pruner.select(pruner.scheduler.target), unmasked)
+            self.set_kept(pruner.select(pruner.scheduler.target))
         meeting = [t for t in tried if t[0] <= want * LATENCY_TOLERANCE]
         if meeting and max(t[0] for t in meeting) < want * LATENCY_OVERSHOOT:
             self._retime_near_miss(lat, tried, want, unmasked)
