@@ -42,7 +42,14 @@ from fxprune.errors import ConfigError, PruningError
 from fxprune.pruners import Pruner, register_pruners
 
 __all__ = ["CalibratedPruner", "ActivationPruner", "WandaSPPruner", "FlapPruner", "refit_residual_scores",
-           "one_input_per_channel"]
+           "one_input_per_channel", "ROWS_PER_INPUT"]
+
+# Calibration rows (tokens, pixels) per input of a reading layer below which flap's residual ranking fits
+# the calibration batches more than the data: on the 14.4 M byte-level Llama (benchmarks/RESULTS.md) the FFN
+# readers' 1,536 inputs ranked from 8,192 rows (5.3 per input) left flap + least_squares 6.554 at 50%, from
+# 32,768 (21 per input) 6.185, and only there the lowest of the criteria at every ratio. Published setups
+# calibrate with about 24 per input (128 x 2,048 tokens for LLaMA-7B's 11,008 FFN channels).
+ROWS_PER_INPUT = 16
 
 
 class CalibratedPruner(Pruner):
@@ -124,6 +131,7 @@ class FlapPruner(CalibratedPruner):
         parts, marginal = [], []
         for m, layer, w in self._consumers(group, stats):
             if self.scores_with_gram and layer.gram is not None and self.residual_scored(m):
+                self._note_few_rows(layer)
                 parts.append(refit_residual_scores(w, _covariance(layer, layer.module in stats.shifted), m.atoms,
                                                    group.size))
                 continue
@@ -134,6 +142,15 @@ class FlapPruner(CalibratedPruner):
             self._note(f"{group.describe()}: {', '.join(marginal)} kept no input Gram (wider than max_gram_features, "
                        "or calibrate(gram=False)): scored by the marginal fluctuation there, not the re-fit residual")
         return sum(parts) if parts else None
+
+    def _note_few_rows(self, layer) -> None:
+        """Say where the residual that ranks channels is estimated from few calibration rows per input."""
+        inputs = layer.gram.shape[0]
+        if layer.count < ROWS_PER_INPUT * inputs:
+            self._note(f"the re-fit residual that ranks channels is estimated from {layer.count:,} calibration rows "
+                       f"for layers of {inputs:,} inputs ({layer.count / inputs:.1f} per input); under "
+                       f"{ROWS_PER_INPUT} per input it favours channels the fit predicts on the calibration data "
+                       "alone: calibrate on more batches")
 
     def residual_scored(self, member) -> bool:
         """Whether this consumer member is scored by the re-fit residual (given its Gram): every one here; a

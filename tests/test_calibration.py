@@ -864,6 +864,20 @@ def test_flap_least_squares_without_gram_says_it_scored_the_fluctuation():
     assert set(range(6)) - set(pruning.kept_channels[pruning.groups[0].index].tolist()) == {5}
 
 
+@pytest.mark.parametrize("rows, noted", [(8, True), (64, False)])
+def test_flap_least_squares_says_when_few_calibration_rows_per_input_rank_the_channels(rows, noted):
+    net = _duplicated_channel_net()
+    batches = _batches((8,), n=4, rows=rows)
+    pruning = fxprune.compile(net, (batches[0],), {"pruning_type": "flap", "target_sparsity": 1 / 6, "round_to": 1,
+                                                    "compensation": "least_squares"})
+    pruning.calibrate(batches, progress=False).prune()
+    notes = [n for n in pruning.pruners[0].notes if "per input" in n]
+    # layer 1 reads the 6 pruned channels: batches of 8-11 rows are 38 rows, 6.3 per input; of 64-67, 43.7
+    assert notes == (["the re-fit residual that ranks channels is estimated from 38 calibration rows for layers of "
+                      "6 inputs (6.3 per input); under 16 per input it favours channels the fit predicts on the "
+                      "calibration data alone: calibrate on more batches"] if noted else [])
+
+
 def test_a_flap_variant_scores_chosen_members_by_the_fluctuation_under_least_squares():
     from fxprune.calibrated import FlapPruner
     from fxprune.pruners import PRUNERS
