@@ -551,7 +551,9 @@ def main(argv=None) -> None:
     ap.add_argument("--heldout", type=float, default=0.05, help="fraction of the files (the last ones) held out")
     ap.add_argument("--eval-windows", type=int, default=64)
     ap.add_argument("--eval-batch", type=int, default=16)
-    ap.add_argument("--calibration-windows", type=int, default=64)
+    ap.add_argument("--calibration-windows", type=int, default=256,
+                    help="256 x 128 bytes is 21 rows per FFN input of the 14.4 M config, over the 16 that flap's "
+                    "re-fit residual asks (fxprune.calibrated.ROWS_PER_INPUT); 64 left every criterion higher")
     ap.add_argument("--calibration-batch", type=int, default=8)
     ap.add_argument("--calibration-seed", type=int, default=None, help="seed of the calibration windows' draw "
                     "(default: --seed + 1); changes the draw only, not the training or the checkpoint")
