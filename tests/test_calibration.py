@@ -356,6 +356,36 @@ def test_bias_free_conv_shifts_its_batch_norm():
     assert not any("no bias" in n for n in pruning.pruners[0].notes)
 
 
+@pytest.mark.parametrize("compensation", ["bias", "least_squares"])
+def test_a_mean_shift_into_a_normed_residual_stream_is_noted(compensation):
+    """``bias`` restores o_proj's and down_proj's mean output, not the removed channels' fluctuation, and the
+    final RMSNorm divides by the total: the mean's share after the norm grows (measured on a byte-level Llama,
+    where it made perplexity worse than no compensation). The note names those layers; least_squares, which
+    restores both, gives none; a CNN's BatchNorm shift (test above) gives none either."""
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                                   intermediate_size=128, vocab_size=100, use_cache=False, attention_bias=True,
+                                   mlp_bias=True)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    gen = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, 100, (4, 16), generator=gen) for _ in range(3)]
+    pruning = fxprune.compile(model, (batches[0][:1],), {"pruning_type": "wanda_sp", "compensation": compensation,
+                                                         "target_sparsity": 0.5, "prune_domain": "local"})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pruning.calibrate(batches, progress=False).prune()
+    normed = [n for n in pruning.pruners[0].notes if "RMSNorm" in n]
+    if compensation == "bias":
+        assert len(normed) == 1 and normed[0].startswith("4 layers (model.layers.0.self_attn.o_proj"), normed
+        assert "least_squares restores both" in normed[0]
+        assert any("RMSNorm" in str(w.message) for w in caught)
+    else:
+        assert not normed, normed
+    _, cnn = _compile("PlainCNN", pruning_type="activation", target_sparsity=0.5, compensation="bias")
+    cnn.calibrate(_batches((3, 32, 32)), progress=False).prune()
+    assert not any("RMSNorm" in n for n in cnn.pruners[0].notes)
+
+
 def test_without_calibration_the_error_says_what_to_call():
     _, pruning = _compile("MLP", pruning_type="flap")
     with pytest.raises(fxprune.PruningError, match=r"pruning\.calibrate\(batches\)"):
