@@ -114,12 +114,12 @@ def compensate(pruning: "Pruning", pruner: "Pruner | list[Pruner]", kept: dict[i
                               "or calibrate(gram=False)): their removed inputs are compensated by their mean only"),
                      ("bias", "have no bias and no BatchNorm of their own after them: the mean of their removed inputs "
                               "is not compensated (a new bias would not be in the captured graph)"),
-                     ("normed", "write channels that a LayerNorm or RMSNorm then divides by their root mean square, "
-                                "and were compensated by their mean only: the removed channels' mean is restored, "
-                                "their fluctuation is not, so after the norm the mean's share grows over the dense "
-                                "model's (on a byte-level Llama at 50%, 42% of the final norm's input energy against "
-                                "21% dense, and a higher perplexity than no compensation): least_squares restores "
-                                "both")):
+                     ("normed", "write channels that a norm layer (LayerNorm, RMSNorm, GroupNorm) then divides by "
+                                "their root mean square, and were compensated by their mean only: the removed "
+                                "channels' mean is restored, their fluctuation is not, so after the norm the mean's "
+                                "share grows over the dense model's (on a byte-level Llama at 50%, 42% of the final "
+                                "norm's input energy against 21% dense, and a higher perplexity than no "
+                                "compensation): least_squares restores both")):
         for owner in pruners:
             names = [n for n in skipped[key] if owners.get(n, pruners[0]) is owner]
             if names:
