@@ -528,7 +528,8 @@ def cost_table(rows: list[dict]) -> str:
 
 
 # ------------------------------------------------------------------------------------------
-def main(argv=None) -> None:
+def parser() -> argparse.ArgumentParser:
+    """The benchmark's arguments (other scripts build the same checkpoint settings from it)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--train-minutes", type=float, default=10.0, help="wall-time budget of the dense training")
     ap.add_argument("--train-steps", type=int, default=None, help="a budget of training steps instead of minutes: "
@@ -568,7 +569,11 @@ def main(argv=None) -> None:
     ap.add_argument("--cost-sequences", type=int, default=32, help="0: skip the calibration-cost part")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cost-worker", default=None, help=argparse.SUPPRESS)  # MODEL:COMPENSATION, one measurement
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> None:
+    args = parser().parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.cost_worker:
         name, compensation = args.cost_worker.rsplit(":", 1)

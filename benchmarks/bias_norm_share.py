@@ -29,6 +29,7 @@ import fxprune  # noqa: E402
 def final_norm_input(model, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The logits and the input of the final norm (the residual stream after the last block)."""
     seen = {}
+
     def keep(module, inputs, output) -> None:  # returns None: the norm's output is left as it is
         seen["x"] = inputs[0]
 
@@ -64,17 +65,17 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
-    # the 6.7 M config of bench_retrain_free_lm.py with biases in every Linear (its --bias)
-    args = argparse.Namespace(hidden=320, layers=4, heads=10, ffn=1280, seq_len=128, batch=16, lr=2e-3, seed=0,
-                              train_steps=a.train_steps, train_minutes=10, bias=True, heldout=0.05)
+    # the benchmark's default (6.7 M) config with biases in every Linear, and its calibration draw
+    args = lm.parser().parse_args(["--bias", "--train-steps", str(a.train_steps),
+                                   "--calibration-windows", str(a.calibration_windows)])
     train, val, corpus = lm.load_corpus(args.heldout)
     model, _ = lm.train_or_load(args, train, corpus)
-    x = lm.even_windows(val, 64, args.seq_len)
-    calib = list(lm.random_windows(train, a.calibration_windows, args.seq_len,
-                                   torch.Generator().manual_seed(1)).split(8))
+    x = lm.even_windows(val, args.eval_windows, args.seq_len)
+    calib = list(lm.random_windows(train, args.calibration_windows, args.seq_len,
+                                   torch.Generator().manual_seed(args.seed + 1)).split(args.calibration_batch))
     dense_logits, dense_stream = final_norm_input(model, x)
     print(f"{a.criterion} at {a.ratio:.0%} of heads and FFN channels, local scope, {a.calibration_windows} "
-          "calibration windows; validation: 64 windows of 128 bytes\n")
+          f"calibration windows; validation: {args.eval_windows} windows of {args.seq_len} bytes\n")
     print("| compensation | perplexity | logit MSE | share of it one per-vocab shift | perplexity without that "
           "shift | final norm input: rms | rms of its mean over positions | mean's share |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")

@@ -97,7 +97,7 @@ def compensate(pruning: "Pruning", pruner: "Pruner | list[Pruner]", kept: dict[i
     config = pruners[0].config
     mode = config.compensation
     stats = require_calibration(pruning.calibration, f"compensation {mode!r}")
-    skipped: dict[str, list[str]] = {"unseen": [], "gram": [], "bias": [], "mean_only": []}
+    skipped: dict[str, list[str]] = {"unseen": [], "gram": [], "bias": [], "normed": []}
     owners: dict[str, "Pruner"] = {}  # layer -> the pruner of the step whose channels it reads (for its notes)
     changes = [c for c in _consumer_changes(pruning, pruners, kept, stats, skipped["unseen"], owners) if c[2].any()]
     with _restored_on_error(pruning, changes, kept) as before:
@@ -107,8 +107,9 @@ def compensate(pruning: "Pruning", pruner: "Pruner | list[Pruner]", kept: dict[i
             moments = ((layer, keep, _dense_moments(layer, keep, mode), None) for layer, keep, _ in changes)
         for layer, keep, (cross, inner, taps, kept_taps), weight in moments:
             _refit(pruning, layer, keep, mode, cross, inner, taps, kept_taps, skipped, weight)
-    normed = set().union(*(g.writers for g in pruning.groups if g.normalized))
-    skipped["normed"] = [n for n in skipped.pop("mean_only") if n in normed]
+    if skipped["normed"]:  # every layer given its mean only: keep those whose output a norm layer normalises
+        normed = set().union(*(g.writers for g in pruning.groups if g.normalized))
+        skipped["normed"] = [n for n in skipped["normed"] if n in normed]
     for key, why in (("unseen", "saw no calibration input: their removed inputs are not compensated"),
                      ("gram", "have no input Gram matrix (more input features than calibrate()'s max_gram_features, "
                               "or calibrate(gram=False)): their removed inputs are compensated by their mean only"),
@@ -181,12 +182,13 @@ def _refit(pruning: "Pruning", layer: LayerStats, keep: np.ndarray, mode: str, c
         if mode == "least_squares":
             skipped["gram"].append(layer.module)
         refit = w[:, kept]
+    mean_only = mode == "bias" or cross is None
     if target is None:
-        if mode == "bias" or cross is None:
+        if mean_only:
             skipped["bias"].append(layer.module)
         return
-    if mode == "bias" or cross is None:
-        skipped["mean_only"].append(layer.module)
+    if mean_only:
+        skipped["normed"].append(layer.module)
     shift = torch.einsum("oit,it->o", w, taps) - torch.einsum("okt,kt->o", refit, kept_taps)
     tensor, sign = target
     tensor.add_((sign * shift).to(tensor.dtype).to(tensor.device))
