@@ -42,7 +42,7 @@ from fxprune.errors import ConfigError, PruningError
 from fxprune.pruners import Pruner, register_pruners
 
 __all__ = ["CalibratedPruner", "ActivationPruner", "WandaSPPruner", "FlapPruner", "refit_residual_scores",
-           "one_input_per_channel", "ROWS_PER_INPUT"]
+           "one_input_per_channel", "loss_weighted", "in_loss", "ROWS_PER_INPUT"]
 
 # Calibration rows (tokens, pixels) per input of a reading layer below which flap's residual ranking fits
 # the calibration batches more than the data: on the 14.4 M byte-level Llama (benchmarks/RESULTS.md) the FFN
@@ -117,6 +117,8 @@ class WandaSPPruner(CalibratedPruner):
 class FlapPruner(CalibratedPruner):
     """FLAP's fluctuation, standardised per group: the output error the compensation cannot restore."""
 
+    scores_in_loss = True  # with calibrate(loss=...), that error is weighed by the loss gradient at the output
+
     @property
     def scores_with_gram(self) -> bool:
         """Under ``least_squares`` the score is the re-fit's residual, which needs the consumers' Grams."""
@@ -129,7 +131,15 @@ class FlapPruner(CalibratedPruner):
 
     def calibrated_scores(self, group, stats):
         parts, marginal = [], []
-        for m, layer, w in self._consumers(group, stats):
+        consumers = list(self._consumers(group, stats))
+        weigh = in_loss([layer for _, layer, _ in consumers], stats)
+        if stats.loss and consumers and not weigh:
+            unseen = [layer.module for _, layer, _ in consumers if layer.grad_moment is None]
+            self._note(f"{group.describe()}: no loss gradient reached {', '.join(unseen)}: the group is scored "
+                       "by output error, not by loss")
+        for m, layer, w in consumers:
+            if weigh:
+                w = loss_weighted(w, layer)
             if self.scores_with_gram and layer.gram is not None and self.residual_scored(m):
                 self._note_few_rows(layer)
                 parts.append(refit_residual_scores(w, _covariance(layer, layer.module in stats.shifted), m.atoms,
@@ -160,6 +170,23 @@ class FlapPruner(CalibratedPruner):
     def normalise(self, score: np.ndarray) -> np.ndarray:
         std = score.std()
         return (score - score.mean()) / std if std > 0 else np.zeros_like(score)
+
+
+def loss_weighted(w: torch.Tensor, layer) -> torch.Tensor:
+    """``w`` (out, in, taps) with its outputs mixed so that a squared output error is an estimated loss increase
+    (the Kronecker-factored Fisher: ``d^T G d`` for an output error ``d``, ``G`` the loss gradient's second moment
+    at the layer's output): ``L^T w`` with ``L L^T = G``, or ``sqrt(diag G) w`` where only its diagonal was kept."""
+    g = layer.grad_moment
+    if g.dim() == 1:
+        return w * g.double().sqrt()[:, None, None]
+    vals, vecs = torch.linalg.eigh(g.double())
+    root = vecs * vals.clamp_min(0).sqrt()  # L with L L^T = G
+    return torch.einsum("op,oit->pit", root, w)
+
+
+def in_loss(layers, stats: CalibrationStats) -> bool:
+    """Whether a group read by ``layers`` is scored in loss: every one of them has the loss gradient's moments."""
+    return stats.loss and all(layer.grad_moment is not None for layer in layers)
 
 
 def _covariance(layer, centred: bool) -> torch.Tensor:

@@ -19,6 +19,12 @@ with ``compensation: least_squares`` on ``compensation_inputs: dense``, ``flap``
 more input features than ``max_gram_features`` (4096: 128 MB in float64). Compensation on pruned
 inputs (the default) does not use them: it measures its own moments at the pruning step, one wave
 of layers at a time, so with another criterion ``calibrate()`` then holds no matrix at all.
+
+``calibrate(batches, loss=fn)`` also backpropagates ``fn(output, batch)`` to the outputs of the layers that
+read pruned channels (only there: no parameter gradient is computed) and keeps the second moment of the
+loss gradient at each, ``E[g g^T]`` (its diagonal for outputs wider than ``max_gram_features``). ``flap``
+then measures an output error ``d`` as ``d^T E[g g^T] d``, the loss increase the Kronecker-factored Fisher
+predicts, instead of ``|d|^2``: outputs the loss does not read cost nothing.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import itertools
 import math
 import warnings
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import numpy as np
 import torch
@@ -39,8 +45,8 @@ import torch.utils._pytree as pytree
 from tqdm import tqdm
 
 from fxprune.adapters.hf_attention import is_transposed_linear
-from fxprune.adapters.torch_attention import (SEPARATE_PROJECTIONS, packed_in_projection, register_layer_hooks,
-                                              separate_projection)
+from fxprune.adapters.torch_attention import (SEPARATE_PROJECTIONS, owning_attention, packed_in_projection,
+                                              register_layer_hooks, separate_projection)
 from fxprune.batch_norms import reestimate_batch_norms
 from fxprune.errors import PruningError
 
@@ -75,6 +81,17 @@ class LayerStats:
     conv: nn.Module | None = None  # a conv consumer: its geometry, for what each kernel tap reads
     tap_rows: torch.Tensor | None = None  # output positions seen
     tap_sum: torch.Tensor | None = None  # (in, taps): the input each tap reads, summed over output positions
+    grad_rows: torch.Tensor | None = None  # output feature vectors whose loss gradient was seen (calibrate(loss=))
+    grad_sum_sq: torch.Tensor | None = None  # (out,): sum g^2 of the loss gradient at the layer's output
+    grad_gram_sum: torch.Tensor | None = None  # (out, out): sum g g^T, for outputs up to max_gram_features wide
+
+    @property
+    def grad_moment(self) -> torch.Tensor | None:
+        """The second moment of the loss gradient at the layer's output over its output feature vectors: ``E[g g^T]``
+        (out, out), or its diagonal ``E[g^2]`` (out,) for a wider output; None where no gradient was seen."""
+        if self.grad_rows is None or float(self.grad_rows) == 0:
+            return None
+        return _per_row(self.grad_sum_sq if self.grad_gram_sum is None else self.grad_gram_sum, self.grad_rows)
 
     @property
     def count(self) -> int:
@@ -120,7 +137,21 @@ class LayerStats:
 
     def _tensors(self) -> list[torch.Tensor]:
         out = [self.rows, self.sum, self.sum_sq, self.out_rows, self.out_sum, self.out_sum_sq]
-        return out + [t for t in (self.gram_sum, self.tap_rows, self.tap_sum) if t is not None]
+        return out + [t for t in (self.gram_sum, self.tap_rows, self.tap_sum, self.grad_rows, self.grad_sum_sq,
+                                  self.grad_gram_sum) if t is not None]
+
+    def _watch_gradient(self, watched: list[torch.Tensor], out) -> None:
+        """Have the loss gradient at the layer's output ``out`` added to the gradient moments in the backward pass."""
+        if isinstance(out, torch.Tensor) and out.requires_grad:
+            out.register_hook(self._add_gradient)
+            watched.append(out)
+
+    def _add_gradient(self, g: torch.Tensor) -> None:
+        rows = feature_rows(g, self.batched_dims, self.grad_sum_sq.numel())
+        self.grad_rows += rows.shape[0]
+        self.grad_sum_sq += rows.square().sum(0)
+        if self.grad_gram_sum is not None:
+            self.grad_gram_sum += rows.T @ rows
 
     def _add(self, x: torch.Tensor, out: bool) -> None:
         rows = feature_rows(x, self.batched_dims, (self.out_sum if out else self.sum).numel())
@@ -153,6 +184,7 @@ class CalibrationStats:
     missed: list[str] = field(default_factory=list)  # hooked layers whose forward never ran as a module
     max_gram_features: int = 4096  # the widest input a least-squares fit solves for (0: calibrate(gram=False))
     shifted: frozenset[str] = frozenset()  # layers whose output takes a bias shift (a bias, or a BatchNorm alone after)
+    loss: bool = False  # calibrate(loss=...) measured the loss gradient at the consumers' outputs
 
     def for_parameter(self, name: str) -> LayerStats | None:
         """The statistics of the layer whose weight is parameter ``name`` (None if it has none)."""
@@ -206,6 +238,13 @@ def _prunable_layer(model: nn.Module, name: str) -> tuple[nn.Module, str, str] |
     return module, attr, f"{name}.{attr}"
 
 
+def called_as_module(model: nn.Module, name: str) -> bool:
+    """Whether layer ``name``'s output is its own module's forward output (not an attention's projection, which
+    its attention module computes from the weight)."""
+    return separate_projection(model, name) is None and owning_attention(model, name) is None \
+        and not packed_in_projection(model.get_submodule(name))
+
+
 def _layer_kind(module: nn.Module, attr: str) -> tuple[int, int, int, int, int, int] | None:
     """(in_dim, out_dim, groups, batched_dims, in_features, out_features) of a prunable layer, else None."""
     if attr in SEPARATE_PROJECTIONS:  # (embed_dim, kdim or vdim): a Linear on the query, key or value
@@ -252,7 +291,7 @@ class Calibration:
 
     @torch.no_grad()
     def calibrate(self, batches: Iterable, progress: bool | None = None, gram: bool | None = None,
-                  max_gram_features: int = 4096) -> "Pruning":
+                  max_gram_features: int = 4096, loss: Callable | None = None) -> "Pruning":
         """Run ``pruning.model`` (eval mode, no grad) over ``batches`` and keep its layers' input statistics.
 
         Each batch is a tensor, a tuple of positional arguments or a dict of keyword arguments, of any
@@ -261,7 +300,13 @@ class Calibration:
         Gram matrices (what ``compensation: least_squares`` on dense inputs solves with, and ``flap`` under
         ``least_squares`` scores with); None collects them when a pruner asks for that, and False also turns
         the least-squares fit on pruned inputs off (the removed inputs are then compensated by their mean).
-        ``max_gram_features``: layers with wider inputs are compensated by their mean only (a fit solves a matrix of that side). Under ``torch.distributed`` the sums are all-reduced, so every rank
+        ``max_gram_features``: layers with wider inputs are compensated by their mean only (a fit solves a matrix of that side).
+        ``loss``: ``loss(output, batch)``, a scalar tensor (e.g. ``lambda out, batch: out.loss`` for a Hugging Face
+        model given ``labels`` in its batches). Each batch is then also backpropagated (no parameter gradient is
+        kept), and the layers that read pruned channels keep the second moment of the loss gradient at their output
+        (``E[g g^T]``, its diagonal for outputs wider than ``max_gram_features``): ``flap`` then measures the output
+        error it scores in loss (the Kronecker-factored Fisher, as in LLM Surgeon) instead of in squared outputs.
+        Under ``torch.distributed`` the sums are all-reduced, so every rank
         prunes from the statistics of all ranks' batches. Call it before ``prune()``: it measures the
         model as it is now. Returns the pruning object; the statistics are ``pruning.calibration``.
         """
@@ -275,14 +320,23 @@ class Calibration:
             raise ValueError(f"calibrate() got a one-pass iterator ({type(batches).__name__}), but compensation with "
                              "compensation_inputs 'pruned' runs the calibration batches again at each pruning step: "
                              "pass a list or a DataLoader, or set compensation_inputs: 'dense'")
-        layers, handles = self._hook_layers(gram, max_gram_features)
+        if loss is not None and not callable(loss):
+            raise TypeError(f"calibrate(loss=...) takes a callable loss(output, batch) -> scalar tensor, not "
+                            f"{type(loss).__name__}")
+        if loss is not None and not any(getattr(p, "scores_in_loss", False) for p in self.pruners):
+            raise ValueError("calibrate(loss=...) weighs the flap pruner's scores by the loss; none of this pruning's "
+                             f"pruners ({', '.join(sorted({p.name for p in self.pruners}))}) uses it: leave loss out")
+        watched: list[torch.Tensor] | None = [] if loss is not None else None
+        layers, handles = self._hook_layers(gram, max_gram_features, watched)
         seen = 0
         try:
-            with inference(self.model) as run:
+            with inference(self.model, grad=loss is not None) as run:
                 total = len(batches) if hasattr(batches, "__len__") else None
                 for batch in tqdm(batches, total=total, desc="calibration", leave=False,
                                   disable=True if progress is False else None):
-                    run(batch)
+                    out = run(batch)
+                    if loss is not None:
+                        _backward_to(loss(out, batch), watched)
                     seen += 1
         finally:
             for h in handles:
@@ -296,7 +350,8 @@ class Calibration:
                 for t in stats._tensors():
                     dist.all_reduce(t)
         for stats in unique:
-            for f in ("rows", "sum", "sum_sq", "out_rows", "out_sum", "out_sum_sq", "gram_sum", "tap_rows", "tap_sum"):
+            for f in ("rows", "sum", "sum_sq", "out_rows", "out_sum", "out_sum_sq", "gram_sum", "tap_rows", "tap_sum",
+                      "grad_rows", "grad_sum_sq", "grad_gram_sum"):
                 if getattr(stats, f) is not None:
                     setattr(stats, f, getattr(stats, f).cpu())
         missed = sorted(n for n, s in layers.items() if s.count == 0 and not _cross_attention(n, s, layers))
@@ -305,7 +360,7 @@ class Calibration:
                           "never ran as a module (a fused path, or a weight read directly by a parent module); "
                           "channels only they hold are scored by |W|", UserWarning,
                           stacklevel=2)
-        self.calibration = CalibrationStats(layers, seen, missed, solve_limit, self._shifted(layers))
+        self.calibration = CalibrationStats(layers, seen, missed, solve_limit, self._shifted(layers), loss is not None)
         self._calibration_batches = batches if replay else None  # compensation runs them again
         for pruner in self.pruners:
             pruner.calibration = self.calibration
@@ -316,8 +371,10 @@ class Calibration:
         from fxprune.compensation import bias_target
         return frozenset(name for name, s in layers.items() if bias_target(self, s) is not None)
 
-    def _hook_layers(self, gram: bool, max_gram_features: int):
-        """Accumulators and hooks for every prunable layer whose weight is a group member."""
+    def _hook_layers(self, gram: bool, max_gram_features: int, watched: list[torch.Tensor] | None = None):
+        """Accumulators and hooks for every prunable layer whose weight is a group member; with ``watched`` (a
+        list the outputs to backpropagate to are put in), the consumers of pruned channels that are modules called
+        as such also get the loss gradient's moments at their output."""
         members: set[str] = set()
         claimed: set[tuple[str, int]] = set()  # (layer, weight dim) of the members of the groups pruners own
         for g in self.groups:
@@ -356,6 +413,11 @@ class Calibration:
             layers[name] = by_object[id(weight)] = stats
             handles += register_layer_hooks(self.model, name, functools.partial(stats._add, out=False),
                                             functools.partial(stats._add, out=True))
+            if watched is not None and groups == 1 and (name, in_dim) in claimed and called_as_module(self.model, name):
+                stats.grad_rows, stats.grad_sum_sq = zeros(()), zeros(n_out)
+                stats.grad_gram_sum = zeros((n_out, n_out)) if n_out <= max_gram_features else None
+                handles.append(module.register_forward_hook(
+                    lambda _, args, out, stats=stats: stats._watch_gradient(watched, out)))
         return layers, handles
 
     def _calibration_state(self) -> dict | None:
@@ -366,7 +428,7 @@ class Calibration:
         layers = {name: {f.name: (getattr(s, f.name) is not None) if f.name == "conv" else getattr(s, f.name)
                          for f in fields(LayerStats)} for name, s in stats.layers.items()}
         return {"layers": layers, "batches": stats.batches, "missed": list(stats.missed),
-                "max_gram_features": stats.max_gram_features}
+                "max_gram_features": stats.max_gram_features, "loss": stats.loss}
 
     def _load_calibration_state(self, state: dict | None) -> None:
         """Statistics from ``_calibration_state``; a layer shared under two names gets one object again."""
@@ -382,7 +444,8 @@ class Calibration:
                     by_module[values["module"]] = LayerStats(**values)
                 layers[name] = by_module[values["module"]]
             self.calibration = CalibrationStats(layers, state["batches"], list(state["missed"]),
-                                                state.get("max_gram_features", 4096), self._shifted(layers))
+                                                state.get("max_gram_features", 4096), self._shifted(layers),
+                                                state.get("loss", False))
         self._calibration_batches = None  # not saved: compensation on pruned inputs needs calibrate() again
         for pruner in self.pruners:
             pruner.calibration = self.calibration
@@ -407,11 +470,14 @@ class Calibration:
 
 
 @contextlib.contextmanager
-def inference(model: nn.Module):
+def inference(model: nn.Module, grad: bool = False):
     """``run(batch)`` runs ``model`` in eval mode without grad on one calibration batch (a tensor, a tuple of
-    positional args or a dict of kwargs, moved to the model's device); training flags are restored after."""
+    positional args or a dict of kwargs, moved to the model's device); training flags are restored after.
+    ``grad``: with grad, every floating parameter requiring it meanwhile (so a frozen model's outputs can be
+    backpropagated; :func:`_backward_to` accumulates no parameter gradient)."""
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     modes = [(m, m.training) for m in model.modules()]
+    frozen = [p for p in model.parameters() if grad and p.is_floating_point() and not p.requires_grad]
     fastpath = torch.backends.mha.get_fastpath_enabled()
 
     def run(batch):
@@ -426,12 +492,29 @@ def inference(model: nn.Module):
     torch.backends.mha.set_fastpath_enabled(False)
     model.eval()
     try:
-        with torch.no_grad():
+        for p in frozen:
+            p.requires_grad_(True)
+        with torch.enable_grad() if grad else torch.no_grad():
             yield run
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
         for m, mode in modes:
             m.training = mode
+        for p in frozen:
+            p.requires_grad_(False)
+
+
+def _backward_to(value, watched: list[torch.Tensor]) -> None:
+    """Backpropagate a calibration loss to the watched layer outputs only (their hooks take the gradient; no
+    parameter's ``.grad`` changes), then forget them."""
+    if not (isinstance(value, torch.Tensor) and value.numel() == 1 and value.is_floating_point()):
+        raise TypeError(f"calibrate(loss=...) must return a scalar floating tensor, got "
+                        f"{tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__}")
+    try:
+        if watched and value.requires_grad:
+            torch.autograd.backward(value.reshape(()), inputs=list(watched))
+    finally:
+        watched.clear()
 
 
 def member_channel_sum(values: torch.Tensor | np.ndarray, atoms: np.ndarray, size: int) -> np.ndarray:

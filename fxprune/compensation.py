@@ -500,9 +500,11 @@ def _choose_again(pruning: "Pruning", group, selected: np.ndarray, before_step: 
     (:func:`fxprune.calibrated.refit_residual_scores`, the cheapest eliminated first). ``pairs``: the wave's
     moments, each over the inputs its layer keeps with this group as before the step. Where the scores are
     not finite (a singular fit), the selection's choice stands."""
-    from fxprune.calibrated import refit_residual_scores
+    from fxprune.calibrated import in_loss, loss_weighted, refit_residual_scores
 
     score = np.zeros(group.size)
+    weigh = in_loss([pair.layer for pair in pairs.values()
+                     if (_group_atoms(reads[pair.layer.module][1], group.index) >= 0).any()], pruning.calibration)
     for pair in pairs.values():
         atoms = _group_atoms(reads[pair.layer.module][1], group.index)
         if not (atoms >= 0).any():
@@ -517,6 +519,8 @@ def _choose_again(pruning: "Pruning", group, selected: np.ndarray, before_step: 
             return selected
         w = weight_out_in(before[pair.layer.weight], pair.layer).detach().double().cpu()
         candidates = pair.kept.cpu().numpy()
+        if weigh:
+            w = loss_weighted(w, pair.layer)
         score += refit_residual_scores(torch.einsum("oit,ik->okt", w, fit), inner, atoms[candidates], group.size)
     if not np.isfinite(score).all():
         return selected

@@ -464,13 +464,17 @@ def test_compensation_re_fits_multihead_attention_out_proj():
     assert refit.weight[:, ~mask].abs().max() == 0
 
 
+def _square_loss(out, batch):
+    return out.square().mean()
+
+
 def _ddp_worker(rank: int, world: int, rendezvous: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
-    _, pruning = _compile("MLP", pruning_type="wanda_sp")
-    pruning.calibrate(_batches((64,), n=4)[rank::world], progress=False, gram=True)
+    _, pruning = _compile("MLP", pruning_type="flap")
+    pruning.calibrate(_batches((64,), n=4)[rank::world], progress=False, gram=True, loss=_square_loss)
     s = pruning.calibration.for_parameter("fc2.weight")
     if rank == 0:
-        torch.save({"rows": s.rows, "mean_sq": s.mean_sq, "gram": s.gram}, out)
+        torch.save({"rows": s.rows, "mean_sq": s.mean_sq, "gram": s.gram, "grad": s.grad_moment}, out)
     dist.barrier()
     dist.destroy_process_group()
 
@@ -523,12 +527,14 @@ def test_statistics_are_summed_over_ranks(tmp_path):
     out = str(tmp_path / "stats.pt")
     mp.spawn(_ddp_worker, args=(2, str(tmp_path / "rendezvous"), out), nprocs=2, join=True)
     got = torch.load(out, weights_only=True)
-    _, pruning = _compile("MLP", pruning_type="wanda_sp")
-    pruning.calibrate(_batches((64,), n=4), progress=False, gram=True)
+    _, pruning = _compile("MLP", pruning_type="flap")
+    pruning.calibrate(_batches((64,), n=4), progress=False, gram=True, loss=_square_loss)
     s = pruning.calibration.for_parameter("fc2.weight")
     assert float(got["rows"]) == s.count
     torch.testing.assert_close(got["mean_sq"], s.mean_sq, atol=1e-12, rtol=1e-10)
     torch.testing.assert_close(got["gram"], s.gram, atol=1e-12, rtol=1e-10)
+    assert s.grad_moment is not None and float(s.grad_moment.abs().max()) > 0
+    torch.testing.assert_close(got["grad"], s.grad_moment, atol=1e-12, rtol=1e-10)
     assert np.isfinite(s.gram.numpy()).all()
 
 
@@ -1051,3 +1057,107 @@ def test_flap_chooses_each_groups_channels_on_the_inputs_the_earlier_layers_prun
             assert_compact_matches_masked(pruning, pruning.compact(), (batches[1],), **EXACT)
     assert removed["flap"] == {last["best"]}, (removed, last)
     assert removed["test_flap_dense_choice"] != removed["flap"]  # the dense statistics chose another channel
+
+
+# ----------------------------------------------------------------------------------------------------------
+# calibrate(loss=...): flap's output error measured in loss
+# ----------------------------------------------------------------------------------------------------------
+def _two_output_net():
+    """fc1's channels 0-2 reach only output 0 of fc2 and channels 3-5 only output 1; channels 3-5 are the larger."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2)).eval()
+    with torch.no_grad():
+        net[2].weight.zero_()
+        net[2].weight[0, :3] = torch.tensor([0.3, 0.2, 0.25])
+        net[2].weight[1, 3:] = torch.tensor([1.0, 1.2, 0.9])
+    return net
+
+
+def _first_output_loss(out, batch):
+    return out[:, 0].square().mean()
+
+
+def test_calibration_loss_gradient_moments_equal_a_direct_computation():
+    net = _two_output_net()
+    batches = _batches((8,), n=3, rows=5)
+    pruning = fxprune.compile(net, (batches[0],), {"pruning_type": "flap", "target_sparsity": 0.5, "round_to": 1})
+    pruning.calibrate(batches, progress=False, loss=_first_output_loss)
+    grads = []
+    for b in batches:
+        out = net(b)
+        out.register_hook(grads.append)
+        _first_output_loss(out, b).backward()
+    g = torch.cat(grads).double()
+    layer = pruning.calibration.layers["2"]
+    assert pruning.calibration.loss and layer.grad_moment.shape == (2, 2)
+    torch.testing.assert_close(layer.grad_moment, g.T @ g / len(g), atol=1e-12, rtol=1e-9)
+    assert all(p.grad is None for p in pruning.model.parameters())  # the backward pass kept no weight gradient
+    assert layer.gram is None and pruning.calibration.layers["0"].grad_moment is None  # fc1 reads no pruned channel
+
+
+@pytest.mark.parametrize("compensation", ["none", "least_squares"])
+def test_flap_with_a_calibration_loss_removes_the_channels_the_loss_does_not_see(compensation):
+    """Without a loss flap keeps the large channels 3-5; with a loss that reads output 0 only, they cost nothing."""
+    batches = _batches((8,), n=4, rows=32)
+    gone = {}
+    for loss in (None, _first_output_loss):
+        net = _two_output_net()
+        pruning = fxprune.compile(net, (batches[0],), {"pruning_type": "flap", "target_sparsity": 0.5, "round_to": 1,
+                                                        "compensation": compensation})
+        pruning.calibrate(batches, progress=False, loss=loss).prune()
+        gone[loss is None] = set(range(6)) - set(pruning.kept_channels[pruning.groups[0].index].tolist())
+        pruning.compact()
+    assert gone == {True: {0, 1, 2}, False: {3, 4, 5}}, gone
+
+
+def test_calibration_loss_leaves_a_frozen_model_frozen_and_is_saved(tmp_path):
+    net = _two_output_net().requires_grad_(False)
+    batches = _batches((8,), n=3, rows=16)
+    config = {"pruning_type": "flap", "target_sparsity": 0.5, "round_to": 1}
+    first = fxprune.compile(net, (batches[0],), config)
+    first.calibrate(batches, progress=False, loss=_first_output_loss)
+    assert not any(p.requires_grad for p in first.model.parameters())
+    assert first.calibration.layers["2"].grad_moment is not None
+    torch.save(first.state_dict(), tmp_path / "state.pt")
+    first.prune()
+    resumed = fxprune.compile(_two_output_net(), (batches[0],), config)
+    resumed.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
+    assert resumed.calibration.loss
+    resumed.prune()
+    assert all(np.array_equal(first.kept_channels[g], resumed.kept_channels[g]) for g in first.kept_channels)
+
+
+@pytest.mark.parametrize("loss, message", [
+    (1.0, "takes a callable loss"),
+    (lambda out, batch: out, r"must return a scalar floating tensor, got \(3, 2\)"),
+])
+def test_a_bad_calibration_loss_is_refused_and_collects_nothing(loss, message):
+    net = _two_output_net()
+    batches = _batches((8,), n=2, rows=3)
+    pruning = fxprune.compile(net, (batches[0],), {"pruning_type": "flap", "target_sparsity": 0.5, "round_to": 1})
+    with pytest.raises(TypeError, match=message):
+        pruning.calibrate(batches, progress=False, loss=loss)
+    assert pruning.calibration is None
+    assert all(p.requires_grad for p in pruning.model.parameters()) and torch.is_grad_enabled()
+
+
+def test_a_calibration_loss_no_pruner_uses_is_refused():
+    net = _two_output_net()
+    batches = _batches((8,), n=2, rows=3)
+    pruning = fxprune.compile(net, (batches[0],), {"pruning_type": "wanda_sp", "target_sparsity": 0.5})
+    with pytest.raises(ValueError, match=r"none of this pruning's pruners \(wanda_sp\) uses it"):
+        pruning.calibrate(batches, progress=False, loss=_first_output_loss)
+    assert pruning.calibration is None
+
+
+def test_flap_says_where_no_loss_gradient_reached_a_reader():
+    """nn.MultiheadAttention computes its out_proj from the weight, so no gradient is seen there: the heads are
+    scored by output error, and the note says so."""
+    _, pruning = _transformer({"pruning_type": "flap", "target_sparsity": 0.5})
+    pruning.calibrate(_batches((8, 32)), progress=False, loss=lambda out, batch: out.square().mean())
+    pruning.prune()
+    layers = pruning.calibration.layers
+    assert layers["encoder.layers.0.self_attn.out_proj"].grad_moment is None
+    assert layers["encoder.layers.0.linear2"].grad_moment is not None
+    notes = [n for n in pruning.pruners[0].notes if "no loss gradient reached" in n]
+    assert notes and all("out_proj" in n and "linear2" not in n for n in notes), pruning.pruners[0].notes
