@@ -1161,3 +1161,27 @@ def test_flap_says_where_no_loss_gradient_reached_a_reader():
     assert layers["encoder.layers.0.linear2"].grad_moment is not None
     notes = [n for n in pruning.pruners[0].notes if "no loss gradient reached" in n]
     assert notes and all("out_proj" in n and "linear2" not in n for n in notes), pruning.pruners[0].notes
+
+
+def test_a_hugging_face_causal_lm_calibrates_with_its_own_loss():
+    """Batches that carry ``labels`` and ``loss=lambda out, batch: out.loss``: every reader of the heads, the FFN
+    channels and the hidden size gets the loss gradient's moments (the LM head's too), and the pruned model
+    compacts exactly."""
+    model = _tiny_llama()
+    gen = torch.Generator().manual_seed(0)
+    ids = [torch.randint(0, 100, (2, 12), generator=gen) for _ in range(3)]
+    batches = [{"input_ids": x, "labels": x} for x in ids]
+    config = {"pruning_type": "flap", "compensation": "least_squares", "round_to": 1,
+              "pruners": [{"target_sparsity": 0.25}, {"target_sparsity": 0.25, "prune_hidden_size": True}]}
+    pruning = fxprune.compile(model, (ids[0],), config)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pruning.calibrate(batches, progress=False, loss=lambda out, batch: out.loss).prune()
+    assert not [w for w in caught if "no loss gradient" in str(w.message)]  # no group left scored by output error
+    layers = pruning.calibration.layers
+    for name in ("model.layers.0.self_attn.o_proj", "model.layers.1.mlp.down_proj", "model.layers.1.self_attn.q_proj",
+                 "lm_head"):
+        assert layers[name].grad_moment is not None and layers[name].grad_moment.dim() == 2, name
+    assert layers["lm_head"].grad_moment.shape == (100, 100)
+    assert all(p.grad is None for p in pruning.model.parameters())
+    assert_compact_matches_masked(pruning, pruning.compact(), (ids[1],), **EXACT)
