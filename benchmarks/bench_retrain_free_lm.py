@@ -21,6 +21,8 @@ What is measured and how:
    no training. Columns: each ratio of ``--ratios`` for heads + FFN channels, and ``--hidden-ratio``
    with the hidden size pruned too (a second pruner with ``prune_hidden_size: True`` at the same ratio; with
    the same compensation the two step together, so their layers are fitted in one sequence).
+   The ``flap_loss`` rows are ``flap`` pruned from ``calibrate(batches, loss=...)`` with the batch's own next-byte
+   NLL as the loss, so flap weighs output error by the loss gradient's second moment at each reading layer.
    Calibration: ``--calibration-windows`` random training windows. The statistics depend only on the
    dense model, the windows and which groups are pruned, so they are collected once per column kind
    (heads + FFN; + hidden) with ``pruning.calibrate(batches)`` (``gram=True`` with ``--compensation-inputs dense``) and handed to each fresh
@@ -80,6 +82,7 @@ import fxprune  # noqa: E402
 from fxprune.calibrated import FlapPruner, one_input_per_channel  # noqa: E402
 
 CRITERIA = ("magnitude", "activation", "wanda_sp", "flap")
+LOSS_ROW = "flap_loss"  # flap on statistics from calibrate(loss=next-byte NLL): a default row
 VARIANTS = ("flap_marginal_heads", "flap_dense_choice")  # opt-in rows (--criteria), pruners of this benchmark only
 COMPENSATIONS = ("none", "bias", "least_squares")
 
@@ -101,6 +104,12 @@ class FlapDenseChoice(FlapPruner):
 
     def reselects_on_pruned_inputs(self, member) -> bool:
         return False
+
+
+@fxprune.register_pruners(LOSS_ROW)
+class FlapWithLoss(FlapPruner):
+    """``flap`` itself; its row is pruned from ``calibrate(batches, loss=next_byte_loss)``'s statistics, so the
+    output error it scores is weighed by the loss gradient's second moment at each reading layer's output."""
 
 
 VOCAB = 256  # byte-level tokens
@@ -269,6 +278,16 @@ def use_statistics(pruning, stats, batches) -> None:
         pruner.calibration = stats
 
 
+def cfg_uses_loss(cfg: dict) -> bool:
+    return cfg.get("pruning_type") == LOSS_ROW
+
+
+def next_byte_loss(out, x: torch.Tensor) -> torch.Tensor:
+    """The mean next-byte NLL of a calibration batch: what ``calibrate(loss=...)`` backpropagates (--loss-weighted)."""
+    logits = logits_of(out)
+    return F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB).float(), x[:, 1:].reshape(-1))
+
+
 def group_widths(pruning, dense_cfg) -> dict:
     """Kept heads and FFN channels of layer 0 and the kept hidden size."""
     kept = {g.index: len(pruning.kept_channels[g.index]) for g in pruning.groups}
@@ -298,7 +317,7 @@ def _fx_run(dense, example, cfg, stats, val, args, compact_ppl, own_calibration)
         p = fxprune.compile(dense, example, cfg)
         if own_calibration is not None:
             tc = time.perf_counter()
-            p.calibrate(own_calibration, progress=False)
+            p.calibrate(own_calibration, progress=False, loss=next_byte_loss if cfg_uses_loss(cfg) else None)
             out["calibrate_s"] = time.perf_counter() - tc
         elif stats is not None:
             use_statistics(p, stats, args.calibration_batches)
@@ -474,22 +493,28 @@ def widths_table(columns: list[str], rows: dict, dense_params: int, cfg) -> str:
     return "\n".join(lines)
 
 
-def check_lines(rows: dict, columns: list[str], dense_ppl: float) -> list[str]:
-    """Whether flap + least_squares is the lowest of all rows (the peer's too) in every column, and whether its
-    perplexity rise over dense at the first ratio is at most a third of magnitude's."""
-    target = rows.get(("flap", "least_squares"))
+def check_lines(rows: dict, columns: list[str], dense_ppl: float, key=("flap", "least_squares")) -> list[str]:
+    """Whether ``key`` (flap + least_squares, or its row calibrated with the loss) is the lowest of all rows but the
+    other flap rows (the peer's too) in every column, and whether its perplexity rise over dense at the first ratio
+    is at most a third of magnitude's."""
+    name = f"{key[0]} + {key[1]}"
+    target = rows.get(key)
     if target is None:
-        return ["- flap + least_squares was not run."]
+        return [f"- {name} was not run."]
     out = []
     for c in columns:
-        valid = {k: _ppl(v.get(c)) for k, v in rows.items() if _ppl(v.get(c)) is not None}
-        best, t = min(valid, key=valid.get), valid.get(("flap", "least_squares"))
-        others = [v for k, v in valid.items() if k != ("flap", "least_squares")]
-        if best == ("flap", "least_squares"):
-            out.append(f"- {c}: flap + least_squares is the lowest: {t:.3f}"
+        valid = {k: _ppl(v.get(c)) for k, v in rows.items() if _ppl(v.get(c)) is not None
+                 and (k == key or not k[0].startswith("flap"))}
+        if key not in valid:
+            out.append(f"- {c}: {name} failed.")
+            continue
+        best, t = min(valid, key=valid.get), valid[key]
+        others = [v for k, v in valid.items() if k != key]
+        if best == key:
+            out.append(f"- {c}: {name} is the lowest: {t:.3f}"
                        + (f" (next lowest {min(others):.3f})." if others else "."))
         else:
-            out.append(f"- {c}: flap + least_squares is NOT the lowest: {t:.3f} against {valid[best]:.3f} for "
+            out.append(f"- {c}: {name} is NOT the lowest: {t:.3f} against {valid[best]:.3f} for "
                        f"{best[0]} + {best[1]} ({100 * (t / valid[best] - 1):+.1f}%).")
     first = columns[0]
     t = _ppl(target.get(first))
@@ -501,13 +526,13 @@ def check_lines(rows: dict, columns: list[str], dense_ppl: float) -> list[str]:
         if rise_m > 0:
             share = rise_t / rise_m
             verdict = "met" if share <= 1 / 3 else f"NOT met, {share / (1 / 3):.1f}x the allowed rise"
-            out.append(f"- {first}: perplexity rise over dense, flap + least_squares {rise_t:+.3f} vs magnitude + {comp} "
+            out.append(f"- {first}: perplexity rise over dense, {name} {rise_t:+.3f} vs magnitude + {comp} "
                        f"{rise_m:+.3f}: {share:.2f} of it (target at most 1/3 against magnitude + none: {verdict})."
                        if comp == "none" else
                        f"- {first}: against magnitude + {comp} ({rise_m:+.3f}) the rise is {share:.2f} of it.")
         else:
             out.append(f"- {first}: magnitude + {comp} does not raise the perplexity ({rise_m:+.3f}); "
-                       f"flap + least_squares {rise_t:+.3f}.")
+                       f"{name} {rise_t:+.3f}.")
     return out
 
 
@@ -537,7 +562,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.35, 0.5], help="heads + FFN pruning ratios")
     ap.add_argument("--hidden-ratio", type=float, default=0.2, help="ratio of the column that prunes the hidden size "
                     "too (heads, FFN and hidden at this ratio); negative: no such column")
-    ap.add_argument("--criteria", nargs="+", default=list(CRITERIA), choices=CRITERIA + VARIANTS)
+    ap.add_argument("--criteria", nargs="+", default=list(CRITERIA) + [LOSS_ROW], choices=CRITERIA + (LOSS_ROW,) + VARIANTS)
     ap.add_argument("--compensations", nargs="+", default=list(COMPENSATIONS), choices=COMPENSATIONS)
     ap.add_argument("--out", default=None, help="markdown file to write")
     ap.add_argument("--json", default=None, help="also write every measurement as JSON here")
@@ -605,17 +630,20 @@ def main(argv=None) -> None:
 
     # calibration statistics, once per column kind (which groups are pruned decides where Grams are kept)
     stats, calib_s = {}, {}
-    for hidden in sorted({h for _, h in columns.values()}):
-        ratio = next(r for r, h in columns.values() if h == hidden)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            p = fxprune.compile(model, example, fx_config("flap", "least_squares", ratio, hidden, args.round_to))
-            t0 = time.perf_counter()
-            p.calibrate(calib, progress=False, gram=True if args.compensation_inputs == "dense" else None)
-        calib_s[hidden] = time.perf_counter() - t0
-        stats[hidden] = p.calibration
-        print(f"calibration ({'heads + FFN + hidden' if hidden else 'heads + FFN'}): {calib_s[hidden]:.1f} s", flush=True)
-        del p
+    for loss in (False, True) if LOSS_ROW in args.criteria else (False,):
+        for hidden in sorted({h for _, h in columns.values()}):
+            ratio = next(r for r, h in columns.values() if h == hidden)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                p = fxprune.compile(model, example, fx_config("flap", "least_squares", ratio, hidden, args.round_to))
+                t0 = time.perf_counter()
+                p.calibrate(calib, progress=False, gram=True if args.compensation_inputs == "dense" else None,
+                            loss=next_byte_loss if loss else None)
+            calib_s[hidden, loss] = time.perf_counter() - t0
+            stats[hidden, loss] = p.calibration
+            print(f"calibration ({'heads + FFN + hidden' if hidden else 'heads + FFN'}{', with loss' if loss else ''}): "
+                  f"{calib_s[hidden, loss]:.1f} s", flush=True)
+            del p
 
     rows: dict[tuple[str, str], dict[str, dict]] = {}
     checks = []
@@ -625,7 +653,8 @@ def main(argv=None) -> None:
             for col, (ratio, hidden) in columns.items():
                 cfg = fx_config(criterion, compensation, ratio, hidden, args.round_to)
                 needs = criterion != "magnitude" or compensation != "none"
-                r = fx_run(model, example, cfg, stats[hidden] if needs else None, val_windows, args, key in compact_ppl)
+                r = fx_run(model, example, cfg, stats[hidden, cfg_uses_loss(cfg)] if needs else None, val_windows, args,
+                           key in compact_ppl)
                 rows.setdefault(key, {})[col] = r
                 if args.json:  # partial results survive an interrupted run
                     with open(args.json + ".partial", "w") as f:
@@ -705,7 +734,9 @@ def main(argv=None) -> None:
         f"({args.eval_windows * (args.seq_len - 1)} predicted bytes)",
         f"- calibration: {args.calibration_windows} random training windows of {args.seq_len} bytes (draw seed "
         f"{args.calibration_seed}) in batches of {args.calibration_batch}; `calibrate()` took "
-        + ", ".join(f"{s:.1f} s ({'heads + FFN + hidden' if h else 'heads + FFN'})" for h, s in calib_s.items())
+        + ", ".join(f"{s:.1f} s ({'heads + FFN + hidden' if h else 'heads + FFN'}"
+                    f"{', loss=next-byte NLL, for the ' + LOSS_ROW + ' rows' if loss else ''})"
+                    for (h, loss), s in calib_s.items())
         + "; these statistics are shared by every run of the same column kind. Check: "
         + "; ".join(f"{col} flap + least_squares with its own `calibrate()` ({s:.1f} s) gives perplexity {a:.6f}, "
                     f"with the shared statistics {b:.6f}" for _, col, a, b, s in checks),
@@ -739,7 +770,10 @@ def main(argv=None) -> None:
                 compact_lines.append(f"| {key[0]} + {key[1]} | {col} | {r['ppl']:.4f} | {r['compact_ppl']:.4f} | "
                                      f"{r['compact_max_abs_diff']:.1e} |")
     sections = [
-        "### Targets\n\n" + "\n".join(check_lines(rows, col_names, dense_ppl)),
+        "### Targets\n\nEach flap row against the rows of the other criteria and the peer:\n\n"
+        + "\n".join(check_lines(rows, col_names, dense_ppl)
+                     + (check_lines(rows, col_names, dense_ppl, (LOSS_ROW, "least_squares"))
+                        if (LOSS_ROW, "least_squares") in rows else [])),
         "### Widths and parameters\n\nEvery fxprune row of a column has these widths (local scope: each group loses "
         "the same count whatever the criterion); parameters of the compact model.\n\n" + widths_table(col_names, rows, dense_params, cfg),
         "### Compact model == masked model\n\n| run | column | masked ppl | compact ppl | max abs logit diff |\n"
