@@ -483,8 +483,10 @@ def perplexity_table(dense_ppl: float, columns: list[str], rows: dict) -> str:
 def widths_table(columns: list[str], rows: dict, dense_params: int, cfg) -> str:
     lines = ["| column | tool | heads per layer | FFN channels per layer | hidden | params M |", "|---|---|---:|---:|---:|---:|",
              f"| dense | – | {cfg.num_attention_heads} | {cfg.intermediate_size} | {cfg.hidden_size} | {dense_params / 1e6:.2f} |"]
+    fx_key = ("flap", "least_squares") if ("flap", "least_squares") in rows else \
+        next((k for k in rows if k[0] != "Torch-Pruning"), None)
     for c in columns:
-        for tool, key in (("fxprune", ("flap", "least_squares")), ("Torch-Pruning", ("Torch-Pruning", "magnitude"))):
+        for tool, key in (("fxprune", fx_key), ("Torch-Pruning", ("Torch-Pruning", "magnitude"))):
             r = rows.get(key, {}).get(c)
             if r is None or r.get("error"):
                 lines.append(f"| {c} | {tool} | – | – | – | – |")

@@ -176,11 +176,17 @@ def loss_weighted(w: torch.Tensor, layer) -> torch.Tensor:
     """``w`` (out, in, taps) with its outputs mixed so that a squared output error is an estimated loss increase
     (the Kronecker-factored Fisher: ``d^T G d`` for an output error ``d``, ``G`` the loss gradient's second moment
     at the layer's output): ``L^T w`` with ``L L^T = G``, or ``sqrt(diag G) w`` where only its diagonal was kept."""
-    g = layer.grad_moment
-    if g.dim() == 1:
-        return w * g.double().sqrt()[:, None, None]
-    vals, vecs = torch.linalg.eigh(g.double())
-    root = vecs * vals.clamp_min(0).sqrt()  # L with L L^T = G
+    root = layer.__dict__.get("_loss_root")  # one factorisation per layer, however many groups it reads
+    if root is None:
+        g = layer.grad_moment.double()
+        if g.dim() == 1:
+            root = g.sqrt()
+        else:
+            vals, vecs = torch.linalg.eigh(g)
+            root = vecs * vals.clamp_min(0).sqrt()  # L with L L^T = G
+        layer.__dict__["_loss_root"] = root
+    if root.dim() == 1:
+        return w * root[:, None, None]
     return torch.einsum("op,oit->pit", root, w)
 
 

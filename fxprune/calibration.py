@@ -81,15 +81,18 @@ class LayerStats:
     conv: nn.Module | None = None  # a conv consumer: its geometry, for what each kernel tap reads
     tap_rows: torch.Tensor | None = None  # output positions seen
     tap_sum: torch.Tensor | None = None  # (in, taps): the input each tap reads, summed over output positions
-    grad_rows: torch.Tensor | None = None  # output feature vectors whose loss gradient was seen (calibrate(loss=))
-    grad_sum_sq: torch.Tensor | None = None  # (out,): sum g^2 of the loss gradient at the layer's output
+    # calibrate(loss=...): output feature vectors of the calls watched (a call the loss does not reach counts, with
+    # a zero gradient), how many of those calls a gradient reached, and the gradient's sums at the layer's output
+    grad_rows: torch.Tensor | None = None
+    grad_calls: torch.Tensor | None = None
+    grad_sum_sq: torch.Tensor | None = None  # (out,): sum g^2
     grad_gram_sum: torch.Tensor | None = None  # (out, out): sum g g^T, for outputs up to max_gram_features wide
 
     @property
     def grad_moment(self) -> torch.Tensor | None:
         """The second moment of the loss gradient at the layer's output over its output feature vectors: ``E[g g^T]``
         (out, out), or its diagonal ``E[g^2]`` (out,) for a wider output; None where no gradient was seen."""
-        if self.grad_rows is None or float(self.grad_rows) == 0:
+        if self.grad_calls is None or float(self.grad_calls) == 0:
             return None
         return _per_row(self.grad_sum_sq if self.grad_gram_sum is None else self.grad_gram_sum, self.grad_rows)
 
@@ -137,18 +140,25 @@ class LayerStats:
 
     def _tensors(self) -> list[torch.Tensor]:
         out = [self.rows, self.sum, self.sum_sq, self.out_rows, self.out_sum, self.out_sum_sq]
-        return out + [t for t in (self.gram_sum, self.tap_rows, self.tap_sum, self.grad_rows, self.grad_sum_sq,
-                                  self.grad_gram_sum) if t is not None]
+        return out + [t for t in (self.gram_sum, self.tap_rows, self.tap_sum, self.grad_rows, self.grad_calls,
+                                  self.grad_sum_sq, self.grad_gram_sum) if t is not None]
 
-    def _watch_gradient(self, watched: list[torch.Tensor], out) -> None:
-        """Have the loss gradient at the layer's output ``out`` added to the gradient moments in the backward pass."""
-        if isinstance(out, torch.Tensor) and out.requires_grad:
-            out.register_hook(self._add_gradient)
-            watched.append(out)
+    def _watch_gradient(self, watched: list[torch.Tensor], out):
+        """Have the loss gradient at the layer's output ``out`` added to the gradient moments in the backward pass;
+        returns a copy for the model to go on with, so an op that then changes it in place (``ReLU(inplace=True)``,
+        ``+=``) does not bypass the output whose gradient is taken."""
+        if not (isinstance(out, torch.Tensor) and out.is_floating_point()):
+            return None
+        self.grad_rows += out.numel() // self.grad_sum_sq.numel()
+        if not out.requires_grad:
+            return None
+        out.register_hook(self._add_gradient)
+        watched.append(out)
+        return out.clone()
 
     def _add_gradient(self, g: torch.Tensor) -> None:
         rows = feature_rows(g, self.batched_dims, self.grad_sum_sq.numel())
-        self.grad_rows += rows.shape[0]
+        self.grad_calls += 1
         self.grad_sum_sq += rows.square().sum(0)
         if self.grad_gram_sum is not None:
             self.grad_gram_sum += rows.T @ rows
@@ -292,7 +302,7 @@ class Calibration:
     @torch.no_grad()
     def calibrate(self, batches: Iterable, progress: bool | None = None, gram: bool | None = None,
                   max_gram_features: int = 4096, loss: Callable | None = None) -> "Pruning":
-        """Run ``pruning.model`` (eval mode, no grad) over ``batches`` and keep its layers' input statistics.
+        """Run ``pruning.model`` (eval mode, no grad unless ``loss``) over ``batches`` and keep its layers' input statistics.
 
         Each batch is a tensor, a tuple of positional arguments or a dict of keyword arguments, of any
         batch shape the model takes; tensors are moved to the model's device. A tqdm bar shows on a
@@ -302,8 +312,10 @@ class Calibration:
         the least-squares fit on pruned inputs off (the removed inputs are then compensated by their mean).
         ``max_gram_features``: layers with wider inputs are compensated by their mean only (a fit solves a matrix of that side).
         ``loss``: ``loss(output, batch)``, a scalar tensor (e.g. ``lambda out, batch: out.loss`` for a Hugging Face
-        model given ``labels`` in its batches). Each batch is then also backpropagated (no parameter gradient is
-        kept), and the layers that read pruned channels keep the second moment of the loss gradient at their output
+        model given ``labels`` in its batches; ``batch`` is on the model's device; a sum over the batch's positions
+        weighs every position alike where batches differ in size, a mean weighs small batches more). Each batch is
+        then also backpropagated (to those outputs only: no parameter gradient is computed; memory as for a
+        training step), and the layers that read channels ``flap`` prunes keep the second moment of the loss gradient at their output
         (``E[g g^T]``, its diagonal for outputs wider than ``max_gram_features``): ``flap`` then measures the output
         error it scores in loss (the Kronecker-factored Fisher, as in LLM Surgeon) instead of in squared outputs.
         Under ``torch.distributed`` the sums are all-reduced, so every rank
@@ -334,9 +346,11 @@ class Calibration:
                 total = len(batches) if hasattr(batches, "__len__") else None
                 for batch in tqdm(batches, total=total, desc="calibration", leave=False,
                                   disable=True if progress is False else None):
-                    out = run(batch)
-                    if loss is not None:
-                        _backward_to(loss(out, batch), watched)
+                    if loss is None:
+                        run(batch)
+                    else:
+                        batch = run.to_device(batch)
+                        _backward_to(loss(run(batch), batch), watched)
                     seen += 1
         finally:
             for h in handles:
@@ -377,6 +391,8 @@ class Calibration:
         as such also get the loss gradient's moments at their output."""
         members: set[str] = set()
         claimed: set[tuple[str, int]] = set()  # (layer, weight dim) of the members of the groups pruners own
+        in_loss: set[tuple[str, int]] = set()  # those of the groups whose pruner scores in loss
+        loss_groups = {g.index for p in self.pruners if getattr(p, "scores_in_loss", False) for g in p.groups}
         for g in self.groups:
             for m in g.parameters:
                 module, _, attr = m.name.rpartition(".")
@@ -387,6 +403,8 @@ class Calibration:
                     members.add(layer)
                     if g.index in self._claimed:
                         claimed.add((layer, m.dim))
+                    if g.index in loss_groups:
+                        in_loss.add((layer, m.dim))
         layers: dict[str, LayerStats] = {}
         handles = []
         by_object: dict[int, LayerStats] = {}
@@ -413,8 +431,8 @@ class Calibration:
             layers[name] = by_object[id(weight)] = stats
             handles += register_layer_hooks(self.model, name, functools.partial(stats._add, out=False),
                                             functools.partial(stats._add, out=True))
-            if watched is not None and groups == 1 and (name, in_dim) in claimed and called_as_module(self.model, name):
-                stats.grad_rows, stats.grad_sum_sq = zeros(()), zeros(n_out)
+            if watched is not None and groups == 1 and (name, in_dim) in in_loss and called_as_module(self.model, name):
+                stats.grad_rows, stats.grad_calls, stats.grad_sum_sq = zeros(()), zeros(()), zeros(n_out)
                 stats.grad_gram_sum = zeros((n_out, n_out)) if n_out <= max_gram_features else None
                 handles.append(module.register_forward_hook(
                     lambda _, args, out, stats=stats: stats._watch_gradient(watched, out)))
@@ -472,22 +490,26 @@ class Calibration:
 @contextlib.contextmanager
 def inference(model: nn.Module, grad: bool = False):
     """``run(batch)`` runs ``model`` in eval mode without grad on one calibration batch (a tensor, a tuple of
-    positional args or a dict of kwargs, moved to the model's device); training flags are restored after.
-    ``grad``: with grad, every floating parameter requiring it meanwhile (so a frozen model's outputs can be
-    backpropagated; :func:`_backward_to` accumulates no parameter gradient)."""
+    positional args or a dict of kwargs, moved to the model's device by ``run.to_device``); training flags are
+    restored after. ``grad``: with grad instead, every floating parameter requiring it meanwhile (so a frozen
+    model's outputs can be backpropagated; :func:`_backward_to` writes no parameter gradient)."""
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     modes = [(m, m.training) for m in model.modules()]
     frozen = [p for p in model.parameters() if grad and p.is_floating_point() and not p.requires_grad]
     fastpath = torch.backends.mha.get_fastpath_enabled()
 
+    def to_device(batch):
+        return pytree.tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, batch)
+
     def run(batch):
-        batch = pytree.tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, batch)
+        batch = to_device(batch)
         if isinstance(batch, dict):
             return model(**batch)
         if isinstance(batch, (tuple, list)):
             return model(*batch)
         return model(batch)
 
+    run.to_device = to_device
     # the fused encoder-layer path skips the Linear modules, so their hooks would see nothing
     torch.backends.mha.set_fastpath_enabled(False)
     model.eval()
@@ -506,13 +528,18 @@ def inference(model: nn.Module, grad: bool = False):
 
 def _backward_to(value, watched: list[torch.Tensor]) -> None:
     """Backpropagate a calibration loss to the watched layer outputs only (their hooks take the gradient; no
-    parameter's ``.grad`` changes), then forget them."""
-    if not (isinstance(value, torch.Tensor) and value.numel() == 1 and value.is_floating_point()):
-        raise TypeError(f"calibrate(loss=...) must return a scalar floating tensor, got "
-                        f"{tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__}")
+    ``.grad`` is written), then forget them."""
     try:
-        if watched and value.requires_grad:
-            torch.autograd.backward(value.reshape(()), inputs=list(watched))
+        if not (isinstance(value, torch.Tensor) and value.numel() == 1 and value.is_floating_point()):
+            got = (f"a {value.dtype} tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor)
+                   else type(value).__name__)
+            hint = " (a Hugging Face model returns loss None without labels in its batches)" if value is None else ""
+            raise TypeError(f"calibrate(loss=...) must return a scalar floating tensor, got {got}{hint}")
+        if watched and not value.requires_grad:
+            raise ValueError("calibrate(loss=...) returned a loss that does not depend on the model's outputs with "
+                             "grad (computed from detached tensors or under torch.no_grad()): no gradient to measure")
+        if watched:
+            torch.autograd.grad(value.reshape(()), watched, allow_unused=True)
     finally:
         watched.clear()
 

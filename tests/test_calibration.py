@@ -1110,6 +1110,22 @@ def test_flap_with_a_calibration_loss_removes_the_channels_the_loss_does_not_see
     assert gone == {True: {0, 1, 2}, False: {3, 4, 5}}, gone
 
 
+def test_the_loss_gradient_is_taken_where_the_output_is_then_changed_in_place():
+    """fc2's output goes through ReLU(inplace=True): its moments still equal the gradient at fc2's own output."""
+    batches = _batches((8,), n=3, rows=5)
+    net = torch.nn.Sequential(*_two_output_net(), torch.nn.ReLU(inplace=True)).eval()
+    pruning = fxprune.compile(net, (batches[0],), {"pruning_type": "flap", "target_sparsity": 0.5, "round_to": 1})
+    pruning.calibrate(batches, progress=False, loss=lambda out, batch: out.sum(1).square().mean())
+    grads = []
+    reference = torch.nn.Sequential(*_two_output_net(), torch.nn.ReLU()).eval()
+    reference[2].register_forward_hook(lambda m, a, out: out.register_hook(grads.append) and None)
+    for b in batches:
+        reference(b).sum(1).square().mean().backward()
+    g = torch.cat(grads).double()
+    assert float(g.abs().max()) > 0
+    torch.testing.assert_close(pruning.calibration.layers["2"].grad_moment, g.T @ g / len(g), atol=1e-12, rtol=1e-9)
+
+
 def test_calibration_loss_leaves_a_frozen_model_frozen_and_is_saved(tmp_path):
     net = _two_output_net().requires_grad_(False)
     batches = _batches((8,), n=3, rows=16)
@@ -1127,15 +1143,17 @@ def test_calibration_loss_leaves_a_frozen_model_frozen_and_is_saved(tmp_path):
     assert all(np.array_equal(first.kept_channels[g], resumed.kept_channels[g]) for g in first.kept_channels)
 
 
-@pytest.mark.parametrize("loss, message", [
-    (1.0, "takes a callable loss"),
-    (lambda out, batch: out, r"must return a scalar floating tensor, got \(3, 2\)"),
+@pytest.mark.parametrize("loss, error, message", [
+    (1.0, TypeError, "takes a callable loss"),
+    (lambda out, batch: out, TypeError,
+     r"must return a scalar floating tensor, got a torch.float32 tensor of shape \(3, 2\)"),
+    (lambda out, batch: out.detach().sum(), ValueError, "does not depend on the model's outputs with grad"),
 ])
-def test_a_bad_calibration_loss_is_refused_and_collects_nothing(loss, message):
+def test_a_bad_calibration_loss_is_refused_and_collects_nothing(loss, error, message):
     net = _two_output_net()
     batches = _batches((8,), n=2, rows=3)
     pruning = fxprune.compile(net, (batches[0],), {"pruning_type": "flap", "target_sparsity": 0.5, "round_to": 1})
-    with pytest.raises(TypeError, match=message):
+    with pytest.raises(error, match=message):
         pruning.calibrate(batches, progress=False, loss=loss)
     assert pruning.calibration is None
     assert all(p.requires_grad for p in pruning.model.parameters()) and torch.is_grad_enabled()
