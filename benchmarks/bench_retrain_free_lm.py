@@ -564,7 +564,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.35, 0.5], help="heads + FFN pruning ratios")
     ap.add_argument("--hidden-ratio", type=float, default=0.2, help="ratio of the column that prunes the hidden size "
                     "too (heads, FFN and hidden at this ratio); negative: no such column")
-    ap.add_argument("--criteria", nargs="+", default=list(CRITERIA) + [LOSS_ROW], choices=CRITERIA + (LOSS_ROW,) + VARIANTS)
+    ap.add_argument("--criteria", nargs="+", default=list(CRITERIA) + [LOSS_ROW],
+                    choices=CRITERIA + (LOSS_ROW,) + VARIANTS)
     ap.add_argument("--compensations", nargs="+", default=list(COMPENSATIONS), choices=COMPENSATIONS)
     ap.add_argument("--out", default=None, help="markdown file to write")
     ap.add_argument("--json", default=None, help="also write every measurement as JSON here")
@@ -643,8 +644,8 @@ def main(argv=None) -> None:
                             loss=next_byte_loss if loss else None)
             calib_s[hidden, loss] = time.perf_counter() - t0
             stats[hidden, loss] = p.calibration
-            print(f"calibration ({'heads + FFN + hidden' if hidden else 'heads + FFN'}{', with loss' if loss else ''}): "
-                  f"{calib_s[hidden, loss]:.1f} s", flush=True)
+            kind = ("heads + FFN + hidden" if hidden else "heads + FFN") + (", with loss" if loss else "")
+            print(f"calibration ({kind}): {calib_s[hidden, loss]:.1f} s", flush=True)
             del p
 
     rows: dict[tuple[str, str], dict[str, dict]] = {}

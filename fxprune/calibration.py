@@ -302,7 +302,8 @@ class Calibration:
     @torch.no_grad()
     def calibrate(self, batches: Iterable, progress: bool | None = None, gram: bool | None = None,
                   max_gram_features: int = 4096, loss: Callable | None = None) -> "Pruning":
-        """Run ``pruning.model`` (eval mode, no grad unless ``loss``) over ``batches`` and keep its layers' input statistics.
+        """Run ``pruning.model`` (eval mode, no grad unless ``loss``) over ``batches`` and keep its layers' input
+        statistics.
 
         Each batch is a tensor, a tuple of positional arguments or a dict of keyword arguments, of any
         batch shape the model takes; tensors are moved to the model's device. A tqdm bar shows on a
@@ -310,15 +311,16 @@ class Calibration:
         Gram matrices (what ``compensation: least_squares`` on dense inputs solves with, and ``flap`` under
         ``least_squares`` scores with); None collects them when a pruner asks for that, and False also turns
         the least-squares fit on pruned inputs off (the removed inputs are then compensated by their mean).
-        ``max_gram_features``: layers with wider inputs are compensated by their mean only (a fit solves a matrix of that side).
-        ``loss``: ``loss(output, batch)``, a scalar tensor (e.g. ``lambda out, batch: out.loss`` for a Hugging Face
-        model given ``labels`` in its batches; ``batch`` is on the model's device; a sum over the batch's positions
-        weighs every position alike where batches differ in size, a mean weighs small batches more). Each batch is
-        then also backpropagated (to those outputs only: no parameter gradient is computed; memory as for a
-        training step), and the layers that read channels ``flap`` prunes keep the second moment of the loss gradient at their output
-        (``E[g g^T]``, its diagonal for outputs wider than ``max_gram_features``): ``flap`` then measures the output
-        error it scores in loss (the Kronecker-factored Fisher, as in LLM Surgeon) instead of in squared outputs.
-        Under ``torch.distributed`` the sums are all-reduced, so every rank
+        ``max_gram_features``: layers with wider inputs are compensated by their mean only (a fit solves a matrix
+        of that side). ``loss``: ``loss(output, batch)``, a scalar tensor (e.g. ``lambda out, batch: out.loss`` for
+        a Hugging Face model given ``labels`` in its batches; ``batch`` is on the model's device; a sum over the
+        batch's positions weighs every position alike where batches differ in size, a mean weighs small batches
+        more). Each batch is then also backpropagated, to the outputs of the layers that read the channels ``flap``
+        prunes (no parameter gradient is computed; memory as for a training step), and those layers keep the
+        second moment of the loss gradient at their output (``E[g g^T]``, its diagonal for outputs wider than
+        ``max_gram_features``): ``flap`` then measures the output error it scores in loss (the Kronecker-factored
+        Fisher, as in LLM Surgeon) instead of in squared outputs. Under ``torch.distributed`` the sums are
+        all-reduced, so every rank
         prunes from the statistics of all ranks' batches. Call it before ``prune()``: it measures the
         model as it is now. Returns the pruning object; the statistics are ``pruning.calibration``.
         """
@@ -365,7 +367,7 @@ class Calibration:
                     dist.all_reduce(t)
         for stats in unique:
             for f in ("rows", "sum", "sum_sq", "out_rows", "out_sum", "out_sum_sq", "gram_sum", "tap_rows", "tap_sum",
-                      "grad_rows", "grad_sum_sq", "grad_gram_sum"):
+                      "grad_rows", "grad_calls", "grad_sum_sq", "grad_gram_sum"):
                 if getattr(stats, f) is not None:
                     setattr(stats, f, getattr(stats, f).cpu())
         missed = sorted(n for n, s in layers.items() if s.count == 0 and not _cross_attention(n, s, layers))
