@@ -283,7 +283,7 @@ def cfg_uses_loss(cfg: dict) -> bool:
 
 
 def next_byte_loss(out, x: torch.Tensor) -> torch.Tensor:
-    """The mean next-byte NLL of a calibration batch: what ``calibrate(loss=...)`` backpropagates (--loss-weighted)."""
+    """The mean next-byte NLL of a calibration batch: what ``calibrate(loss=...)`` backpropagates (the flap_loss rows)."""
     logits = logits_of(out)
     return F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB).float(), x[:, 1:].reshape(-1))
 

@@ -138,10 +138,9 @@ class LayerStats:
     def is_producer(self, dim: int) -> bool:
         return dim == self.out_dim and self.out_rows > 0
 
-    def _tensors(self) -> list[torch.Tensor]:
-        out = [self.rows, self.sum, self.sum_sq, self.out_rows, self.out_sum, self.out_sum_sq]
-        return out + [t for t in (self.gram_sum, self.tap_rows, self.tap_sum, self.grad_rows, self.grad_calls,
-                                  self.grad_sum_sq, self.grad_gram_sum) if t is not None]
+    def _sums(self) -> list[str]:
+        """The names of the sums this layer holds (every tensor field, in field order: the same on every rank)."""
+        return [f.name for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)]
 
     def _watch_gradient(self, watched: list[torch.Tensor], out):
         """Have the loss gradient at the layer's output ``out`` added to the gradient moments in the backward pass;
@@ -363,13 +362,11 @@ class Calibration:
         unique = list({id(s): s for _, s in sorted(layers.items())}.values())  # a shared module's sums once
         if dist.is_available() and dist.is_initialized():
             for stats in unique:
-                for t in stats._tensors():
-                    dist.all_reduce(t)
+                for name in stats._sums():
+                    dist.all_reduce(getattr(stats, name))
         for stats in unique:
-            for f in ("rows", "sum", "sum_sq", "out_rows", "out_sum", "out_sum_sq", "gram_sum", "tap_rows", "tap_sum",
-                      "grad_rows", "grad_calls", "grad_sum_sq", "grad_gram_sum"):
-                if getattr(stats, f) is not None:
-                    setattr(stats, f, getattr(stats, f).cpu())
+            for name in stats._sums():
+                setattr(stats, name, getattr(stats, name).cpu())
         missed = sorted(n for n, s in layers.items() if s.count == 0 and not _cross_attention(n, s, layers))
         if missed:
             warnings.warn(f"calibration reached no input of {len(missed)} layers (e.g. {missed[0]}): their forward "

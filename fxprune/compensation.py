@@ -503,12 +503,10 @@ def _choose_again(pruning: "Pruning", group, selected: np.ndarray, before_step: 
     from fxprune.calibrated import in_loss, loss_weighted, refit_residual_scores
 
     score = np.zeros(group.size)
-    weigh = in_loss([pair.layer for pair in pairs.values()
-                     if (_group_atoms(reads[pair.layer.module][1], group.index) >= 0).any()], pruning.calibration)
-    for pair in pairs.values():
-        atoms = _group_atoms(reads[pair.layer.module][1], group.index)
-        if not (atoms >= 0).any():
-            continue
+    readers = [(pair, atoms) for pair in pairs.values()
+               if ((atoms := _group_atoms(reads[pair.layer.module][1], group.index)) >= 0).any()]
+    weigh = in_loss([pair.layer for pair, _ in readers], pruning.calibration)
+    for pair, atoms in readers:
         (cross, cross_c), (inner, inner_c), _, _ = pair.moments()
         if bias_target(pruning, pair.layer) is not None:
             cross, inner = cross_c, inner_c
