@@ -19,6 +19,7 @@ import fxprune
 from fxprune.norms import STATE, sync_norms, unpatch_norms
 from fxprune.passes.compact import space_keep
 from tests.checks import assert_compact_matches_masked, assert_onnx_matches, fresh_like, n_params
+from tests.models import ResNetBasic, _image
 
 
 IDS = (torch.randint(3, 100, (2, 16), generator=torch.Generator().manual_seed(0)),)
@@ -126,6 +127,18 @@ def test_without_the_flag_the_hidden_size_is_left_alone():
     assert "prune_hidden_size=True" in hidden.describe()
     assert not any(STATE in m.__dict__ for m in pruning.model.modules())
     assert pruning.sparsity == pytest.approx(0.5, abs=0.05)  # measured over the groups being pruned
+
+
+def test_the_report_says_the_hidden_size_was_left_out_and_which_key_adds_it():
+    model, x = _bert()
+    left = fxprune.compile(model.eval(), x, {"target_sparsity": 0.5}).prune().report()
+    note = [n for n in left.notes if "prune_hidden_size=True adds it" in n]
+    assert len(note) == 1 and note[0].startswith("1 group of 64 channels spanned by norm statistics"), left.notes
+    assert "LayerNorm" in note[0] and f"note: {note[0]}" in str(left)
+    asked = fxprune.compile(model.eval(), x, {"target_sparsity": 0.5, "prune_hidden_size": True}).prune().report()
+    assert not any("prune_hidden_size" in n for n in asked.notes), asked.notes
+    cnn = fxprune.compile(ResNetBasic().eval(), (_image(1, 3, 32, 32),), {"target_sparsity": 0.5}).prune().report()
+    assert not any("prune_hidden_size" in n for n in cnn.notes), cnn.notes  # no norm spans a conv net's channels
 
 
 def test_hidden_size_heads_and_ffn_together_export_to_onnx(tmp_path):
