@@ -10,7 +10,8 @@ with the same request (``MagnitudePruner(pruning_ratio=0.5, ignored_layers=[clas
 magnitude), both one-shot; dense, fxprune and peer ONNX files timed interleaved at 1 and 2 threads,
 batch 1. On models with a hidden size (ConvNeXt, BERT) the peer also prunes it, so "fxprune + hidden" adds
 the one key that puts it in fxprune's budget (``"prune_hidden_size": True``): the same request over the
-same channels, where fxprune's default leaves the hidden size alone (README, "Pruning the hidden size"). ideal = dense MACs / compact MACs (fxprune's counter for both). Speedups from the median
+same channels, where fxprune's default leaves the hidden size alone (README, "Pruning the hidden size").
+ideal = dense MACs / compact MACs (fxprune's counter for both). Speedups from the median
 and from the 10th percentile of the interleaved runs (the one fxprune's latency model uses: on a
 virtual machine the host slows runs for seconds at a time, and the median moves with it).
 

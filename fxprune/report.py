@@ -121,14 +121,15 @@ def build_report(pruning, params_before, params_after, macs_before, macs_after) 
 def _hidden_size_left_out(pruning) -> str | None:
     """Say that groups a norm spans (the hidden size) were left out because no pruner asked for them:
     a user comparing with a tool that prunes them by default should know it is one key away."""
-    if any(p.config.prune_hidden_size for p in pruning.pruners) or not pruning.groups:
+    if any(p.config.prune_hidden_size for p in pruning.pruners) or not any(
+            p.config.parsed_pattern.is_channel for p in pruning.pruners):
         return None
     spanned = [g for g in pruning.grouping.groups if g.normalized and g.restrictable]
     if not spanned:
         return None
     modules = sorted({site.module for g in spanned for site in g.norms})
     return (f"{len(spanned)} group{'s' if len(spanned) > 1 else ''} of {', '.join(str(g.size) for g in spanned[:4])}"
-            f"{', …' if len(spanned) > 4 else ''} channels spanned by norm statistics (the hidden size; "
-            f"{', '.join(modules[:2])}{', …' if len(modules) > 2 else ''}) "
+            f"{', …' if len(spanned) > 4 else ''} channels spanned by norm statistics (a transformer's hidden "
+            f"size; in {', '.join(modules[:2])}{', …' if len(modules) > 2 else ''}) "
             f"{'are' if len(spanned) > 1 else 'is'} not in the budget: prune_hidden_size=True adds "
             f"{'them' if len(spanned) > 1 else 'it'} (README, Pruning the hidden size)")
