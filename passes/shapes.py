@@ -21,7 +21,8 @@ from torch.export import Dim
 from torch.utils._sympy.numbers import int_oo
 
 __all__ = ["DYNAMIC_META", "default_dynamic_shapes", "bind_spec", "widen_size_one", "recorded_dims", "export_spec",
-           "to_export_arg", "var_keyword_names", "export_program", "flat_inputs", "dynamic_dims_of", "grown_inputs"]
+           "to_export_arg", "var_keyword_names", "export_program", "flat_inputs", "dynamic_dims_of", "dims_by_argument",
+           "grown_inputs"]
 
 DYNAMIC_META = "fxprune_dynamic_dims"
 
@@ -139,9 +140,23 @@ def dynamic_dims_of(module: torch.nn.Module) -> dict[str, dict[int, tuple]]:
     return dict(meta.get(DYNAMIC_META, {})) if isinstance(meta, dict) else {}
 
 
+def dims_by_argument(module: torch.nn.Module) -> dict[str, dict[int, tuple]]:
+    """:func:`dynamic_dims_of`, also keyed by ``forward``'s argument names.
+
+    The dims are recorded by placeholder name, and torch.export renames an argument that shadows
+    a builtin (``nn.Sequential``'s ``input`` becomes ``input_1``); the placeholder's target keeps
+    the argument's name, which is what a re-export binds and what the ONNX input is called.
+    """
+    dims = dynamic_dims_of(module)
+    if not dims:
+        return dims
+    renamed = {str(n.target): n.name for n in module.graph.nodes if n.op == "placeholder" and n.name in dims}
+    return {arg: dims[name] for arg, name in renamed.items()} | dims
+
+
 def export_spec(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
     """``(args_spec, kwargs_spec)`` that re-exports ``module`` with the dims its capture made dynamic, or None."""
-    dims = dynamic_dims_of(module)
+    dims = dims_by_argument(module)
     if not dims:
         return None
     made: dict[str, Dim] = {}

@@ -214,3 +214,15 @@ def test_onnx_of_the_dense_capture_is_dynamic_too(tmp_path):
     with torch.no_grad():
         ref = pruning.model(xb).numpy()
     np.testing.assert_allclose(session.run(None, {"x": xb.numpy()})[0], ref, atol=1e-4)
+
+
+def test_an_nn_sequential_keeps_its_dynamic_batch_in_the_pt2_and_onnx_files(tmp_path):
+    # torch.export names Sequential's `input` argument `input_1` in the graph; the re-export binds `input`
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3), nn.Flatten(), nn.Linear(16 * 6 * 6, 5))
+    x1 = torch.randn(1, 3, 10, 10)
+    pruning = fxprune.compile(model.eval(), (x1,), {"target_sparsity": 0.5})
+    small = pruning.prune().compact()
+    assert pruning.sparsity > 0.3
+    _check_at_shapes(pruning, small, tmp_path, [(3,), (8,)], lambda b: ((torch.randn(b, 3, 10, 10),), {}))
+    (axis, *_), = [i.shape for i in ort.InferenceSession(str(tmp_path / "small.onnx")).get_inputs()]
+    assert axis == "batch"
