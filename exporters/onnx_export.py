@@ -198,9 +198,10 @@ def _export(model, out_path, example_inputs, kwargs, dynamic_shapes, opset, atol
             ) -> OnnxExport:
     with _eval_mode(model), torch.no_grad():
         reference = model(*example_inputs, **kwargs) if check else None
+        # a program exported here keeps the recorded dynamic dims; the ONNX exporter turns them into axes
+        # (outside the quiet exporter: a recorded dim that binds to no argument is a warning the user must see)
+        program = export_program(model, example_inputs, kwargs, dynamic_shapes)
         with _quiet_exporter():
-            # a program exported here keeps the recorded dynamic dims; the ONNX exporter turns them into axes
-            program = export_program(model, example_inputs, kwargs, dynamic_shapes)
             torch.onnx.export(
                 program,
                 (),

@@ -14,6 +14,7 @@ graph inherits it, and ``save_compact`` / ``export_onnx`` rebuild the same
 from __future__ import annotations
 
 import inspect
+import warnings
 
 import torch
 import torch.utils._pytree as pytree
@@ -169,8 +170,14 @@ def export_spec(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tup
     try:
         names = list(inspect.signature(module.forward).bind(*args, **kwargs).arguments)
     except (TypeError, ValueError):
-        return None
+        names = []
     spec = {n: {d: dim(*v) for d, v in dims[n].items()} if n in dims else None for n in names}
+    if not any(spec.values()):  # never export the example's shapes in silence
+        warnings.warn(f"the dynamic dims recorded at capture ({', '.join(sorted(dims))}) match no argument of "
+                      f"{type(module).__name__}.forward ({', '.join(names) or 'the inputs do not bind'}), so this "
+                      "export accepts only the example's shapes; pass dynamic_shapes= to choose them", UserWarning,
+                      stacklevel=3)
+        return None
     return tuple(spec[n] for n in names[:len(args)]), {k: spec.get(k) for k in kwargs}
 
 

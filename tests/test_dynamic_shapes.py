@@ -226,3 +226,20 @@ def test_an_nn_sequential_keeps_its_dynamic_batch_in_the_pt2_and_onnx_files(tmp_
     _check_at_shapes(pruning, small, tmp_path, [(3,), (8,)], lambda b: ((torch.randn(b, 3, 10, 10),), {}))
     (axis, *_), = [i.shape for i in ort.InferenceSession(str(tmp_path / "small.onnx")).get_inputs()]
     assert axis == "batch"
+
+
+def test_dims_that_bind_to_no_argument_are_a_warning_not_a_silent_static_export(tmp_path):
+    class TupleInput(nn.Module):  # the capture's placeholders are xs_0 and xs_1; forward's argument is xs
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 4)
+
+        def forward(self, xs):
+            return self.b(torch.relu(self.a(xs[0] + xs[1])))
+
+    x = (torch.randn(1, 8), torch.randn(1, 8))
+    small = fxprune.compile(TupleInput().eval(), (x,), {"target_sparsity": 0.5}).prune().compact()
+    with pytest.warns(UserWarning, match=r"dynamic dims recorded at capture \(xs_0, xs_1\) match no argument of "
+                                         r"GraphModule.forward \(xs\), so this export accepts only the example's"):
+        fxprune.export_onnx(small, tmp_path / "small.onnx", (x,))
+    assert [i.shape for i in ort.InferenceSession(str(tmp_path / "small.onnx")).get_inputs()] == [[1, 8], [1, 8]]
