@@ -23,7 +23,7 @@ import torch
 from torch.utils._pytree import tree_leaves
 
 from fxprune.errors import FxPruneError
-from fxprune.passes.shapes import dims_by_argument, export_program
+from fxprune.passes.shapes import dynamic_dims_of, export_program
 from fxprune.progress import stages
 
 __all__ = ["OnnxExport", "OnnxExportError", "OnnxMismatchError", "check_exportable", "compare_outputs", "export_onnx",
@@ -214,7 +214,7 @@ def _export(model, out_path, example_inputs, kwargs, dynamic_shapes, opset, atol
             )
 
     next_stage()
-    _name_dynamic_axes(str(out_path), dims_by_argument(model))
+    _name_dynamic_axes(str(out_path), dynamic_dims_of(model))
     onnx.checker.check_model(str(out_path), full_check=True)
     proto = onnx.load(str(out_path), load_external_data=False)
     written_opset = _default_opset(proto)

@@ -22,8 +22,7 @@ from torch.export import Dim
 from torch.utils._sympy.numbers import int_oo
 
 __all__ = ["DYNAMIC_META", "default_dynamic_shapes", "bind_spec", "widen_size_one", "recorded_dims", "export_spec",
-           "to_export_arg", "var_keyword_names", "export_program", "flat_inputs", "dynamic_dims_of", "dims_by_argument",
-           "grown_inputs"]
+           "to_export_arg", "var_keyword_names", "export_program", "flat_inputs", "dynamic_dims_of", "grown_inputs"]
 
 DYNAMIC_META = "fxprune_dynamic_dims"
 
@@ -86,13 +85,17 @@ def widen_size_one(args: tuple, kwargs: dict, spec: tuple[tuple, dict]) -> tuple
 def recorded_dims(gm: torch.fx.GraphModule, range_constraints: dict) -> dict[str, dict[int, tuple]]:
     """Per input placeholder, its symbolic dims as ``{dim: (name, min, max)}`` (max None: unbounded).
 
-    Dims that share a symbol share a name, so equal sizes stay equal in every export.
+    Keyed by the placeholder's target, ``forward``'s argument name, which a re-export binds and the
+    ONNX input is called; its node name can differ (torch.export names ``nn.Sequential``'s ``input``
+    argument ``input_1``, away from the builtin). Dims that share a symbol share a name, so equal
+    sizes stay equal in every export.
     """
     names: dict = {}
     out: dict[str, dict[int, tuple]] = {}
     for node in gm.graph.nodes:
         if node.op != "placeholder" or not isinstance(node.meta.get("val"), torch.Tensor):
             continue
+        arg = str(node.target)
         for d, size in enumerate(node.meta["val"].shape):
             if not isinstance(size, torch.SymInt):
                 continue
@@ -100,11 +103,11 @@ def recorded_dims(gm: torch.fx.GraphModule, range_constraints: dict) -> dict[str
             if not expr.is_symbol:
                 continue  # a derived size (2*s0): left to torch.export to infer
             if expr not in names:
-                names[expr] = "batch" if d == 0 and "batch" not in names.values() else f"{node.name}_dim{d}"
+                names[expr] = "batch" if d == 0 and "batch" not in names.values() else f"{arg}_dim{d}"
             vr = range_constraints.get(expr)
             lo, hi = (_bound(vr.lower), _bound(vr.upper)) if vr is not None else (0, None)
             lo = lo or 0
-            out.setdefault(node.name, {})[d] = (names[expr], lo, hi)
+            out.setdefault(arg, {})[d] = (names[expr], lo, hi)
     return out
 
 
@@ -122,7 +125,7 @@ def grown_inputs(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tu
     pass at the example's shape and fail at this one.
     """
     dims = dynamic_dims_of(module)
-    names = [n.name for n in module.graph.nodes if n.op == "placeholder"] if dims else []
+    names = [str(n.target) for n in module.graph.nodes if n.op == "placeholder"] if dims else []
     leaves, spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
     if not dims or len(names) != len(leaves):
         return None
@@ -141,23 +144,9 @@ def dynamic_dims_of(module: torch.nn.Module) -> dict[str, dict[int, tuple]]:
     return dict(meta.get(DYNAMIC_META, {})) if isinstance(meta, dict) else {}
 
 
-def dims_by_argument(module: torch.nn.Module) -> dict[str, dict[int, tuple]]:
-    """:func:`dynamic_dims_of`, also keyed by ``forward``'s argument names.
-
-    The dims are recorded by placeholder name, and torch.export renames an argument that shadows
-    a builtin (``nn.Sequential``'s ``input`` becomes ``input_1``); the placeholder's target keeps
-    the argument's name, which is what a re-export binds and what the ONNX input is called.
-    """
-    dims = dynamic_dims_of(module)
-    if not dims:
-        return dims
-    renamed = {str(n.target): n.name for n in module.graph.nodes if n.op == "placeholder" and n.name in dims}
-    return {arg: dims[name] for arg, name in renamed.items()} | dims
-
-
 def export_spec(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
     """``(args_spec, kwargs_spec)`` that re-exports ``module`` with the dims its capture made dynamic, or None."""
-    dims = dims_by_argument(module)
+    dims = dynamic_dims_of(module)
     if not dims:
         return None
     made: dict[str, Dim] = {}
