@@ -71,17 +71,23 @@ def assign_pruners(model: torch.nn.Module, grouping: Grouping,
     return pruners, claimed
 
 
+def norm_spanned(grouping: Grouping) -> tuple[list[Group], str]:
+    """The groups that norm statistics span and that prune on request (``prune_hidden_size``), and the
+    first few norm modules that span them, as text."""
+    spanned = [g for g in grouping.groups if g.normalized and g.restrictable]
+    modules = sorted({site.module for g in spanned for site in g.norms})
+    return spanned, f"{', '.join(modules[:3])}{', …' if len(modules) > 3 else ''}"
+
+
 def why_nothing_prunable(grouping: Grouping, configs: list[PruningConfig]) -> str:
     """Why no channel group is open to any pruner: the groups that need a flag, or why every dim froze."""
     hidden = any(cfg.prune_hidden_size for cfg in configs)
-    spanned = [g for g in grouping.groups if g.normalized and g.restrictable]
+    spanned, where = norm_spanned(grouping)
     stuck = [g for g in grouping.groups if not g.restrictable]
     reasons = []
     if spanned and not hidden:
-        modules = sorted({site.module for g in spanned for site in g.norms})
         reasons.append(f"{len(spanned)} groups are spanned by statistics computed over their channels (in "
-                       f"{', '.join(modules[:3])}{', …' if len(modules) > 3 else ''}), so they are pruned only "
-                       "with prune_hidden_size=True")
+                       f"{where}), so they are pruned only with prune_hidden_size=True")
     if stuck:
         reasons.append(f"{len(stuck)} groups are spanned by statistics that cannot be restricted to kept channels "
                        f"({stuck[0].describe()})")

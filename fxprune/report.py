@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from fxprune.assignment import norm_spanned
 from fxprune.latency import setting
 from fxprune.passes.compact import space_keep
 from fxprune.passes.couplings import PARAM_PREFIX
@@ -124,12 +125,11 @@ def _hidden_size_left_out(pruning) -> str | None:
     if any(p.config.prune_hidden_size for p in pruning.pruners) or not any(
             p.config.parsed_pattern.is_channel for p in pruning.pruners):
         return None
-    spanned = [g for g in pruning.grouping.groups if g.normalized and g.restrictable]
+    spanned, where = norm_spanned(pruning.grouping)
     if not spanned:
         return None
-    modules = sorted({site.module for g in spanned for site in g.norms})
     return (f"{len(spanned)} group{'s' if len(spanned) > 1 else ''} of {', '.join(str(g.size) for g in spanned[:4])}"
             f"{', …' if len(spanned) > 4 else ''} channels spanned by norm statistics (a transformer's hidden "
-            f"size; in {', '.join(modules[:2])}{', …' if len(modules) > 2 else ''}) "
+            f"size; in {where}) "
             f"{'are' if len(spanned) > 1 else 'is'} not in the budget: prune_hidden_size=True adds "
             f"{'them' if len(spanned) > 1 else 'it'} (README, Pruning the hidden size)")
