@@ -334,6 +334,11 @@ def write_report(path: str | None, title: str, command: str, info: dict, details
         summary, "",
     ]
     text = "\n".join(header + ["\n\n".join(sections), ""])
+    emit(text, path)
+
+
+def emit(text: str, path: str | None) -> None:
+    """Print a report, and write it to ``path`` when one is given."""
     print(text)
     if path:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -23,6 +23,7 @@ import torch
 import transformers as T
 from torch.export import Dim
 
+import _measure
 import fxprune
 from fxprune.passes.macs import count_macs
 
@@ -91,10 +92,7 @@ def main() -> int:
               f"onnxruntime {__import__('onnxruntime').__version__}; median of {args.repeat} interleaved runs after 2 "
               f"warm-up runs; {time.time() - start:.0f} s in all.", ""]
     text = "\n".join(header + lines) + "\n"
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    _measure.emit(text, args.out)
     return 0
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import transformers
 
+import _measure
 import fxprune
 
 VARIANTS = {
@@ -74,10 +75,7 @@ def main() -> None:
                                 macs=macs, baseline="dense")
         lines += ["", f"## batch {batch}", "", res.to_markdown()]
     text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    _measure.emit(text, args.out)
 
 
 if __name__ == "__main__":

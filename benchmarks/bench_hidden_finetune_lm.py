@@ -25,6 +25,7 @@ Usage::
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import sys
@@ -93,8 +94,6 @@ def finetune(model, train: torch.Tensor, args, seed: int, pruning=None) -> float
 
 
 def run(dense, example, train, val, args, hidden: bool, schedule: str, seed: int) -> dict:
-    import copy
-
     ratio = args.hidden_ratio if hidden else args.ratio
     cfg = config(ratio, hidden, schedule, args.finetune_steps)
     out = {}
@@ -128,8 +127,6 @@ def main(argv=None) -> None:
     dense_ppl = lm.perplexity(dense, val_windows, args.eval_batch)
     dense_macs = count_macs(torch.export.export(dense, example, strict=False).module(), example)
     print(f"dense: {lm.n_params(dense) / 1e6:.2f} M params, perplexity {dense_ppl:.3f}", flush=True)
-
-    import copy
 
     results = {"dense": []}
     for seed in args.seeds:
@@ -177,10 +174,7 @@ def main(argv=None) -> None:
                      f"{cell(rows, 'ppl_compact')} |")
     lines += ["", f"Total wall time: {(time.perf_counter() - began) / 60:.1f} min"]
     text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    _measure.emit(text, args.out)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 import transformers
 
+import _measure
 import fxprune
 from fxprune.passes.macs import count_macs
 
@@ -201,10 +202,7 @@ def main() -> None:
             targets(name, args.targets, settings, cache, b)
     text = "\n".join(head + ([] if args.skip_same_request else a + [""]) + (b if args.targets else []) +
                      ["", f"Total wall time: {(time.perf_counter() - began) / 60:.1f} min"]) + "\n"
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    _measure.emit(text, args.out)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from datetime import datetime, timezone
 import numpy as np
 import torch
 
+import _measure
 import fxprune
 from fxprune.demo import DigitsCNN, accuracy, load_digits_split, train
 
@@ -110,10 +111,7 @@ def main() -> None:
     lines.append(f"| mean | {m[0]:.2%} | {m[1]:.2%} | {m[2]:.2f}x | {m[3]:.2f} | {m[4]:.2f} | {m[5]:.2%} | "
                  f"{m[6]:.2f}x | {m[7]:.2f} | {m[8]:.2f} | {m[9]:.2f}x |")
     text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    _measure.emit(text, args.out)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import torch
 import transformers as T
 from torch.export import Dim
 
+import _measure
 import fxprune
 
 CONFIG = {"target_sparsity": 0.5, "prune_domain": "local", "round_to": 8, "excluded_names": ["classifier"]}
@@ -54,10 +55,7 @@ def main() -> int:
                              f"{ms['compact static']:.1f} | {ms['compact dynamic']:.1f} |")
                 print(lines[-1], flush=True)
     text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    _measure.emit(text, args.out)
     return 0
 
 
