@@ -23,7 +23,7 @@ import torch
 from torch.utils._pytree import tree_leaves
 
 from fxprune.errors import FxPruneError
-from fxprune.passes.shapes import dynamic_dims_of, export_program
+from fxprune.passes.shapes import dynamic_dims_of, export_program, in_capture_order
 from fxprune.progress import stages
 
 __all__ = ["OnnxExport", "OnnxExportError", "OnnxMismatchError", "check_exportable", "compare_outputs", "export_onnx",
@@ -196,6 +196,7 @@ def export_onnx(
 
 def _export(model, out_path, example_inputs, kwargs, dynamic_shapes, opset, atol, check, inline, next_stage
             ) -> OnnxExport:
+    kwargs = in_capture_order(model, kwargs)  # the file's inputs, and the check's feed, in the captured order
     with _eval_mode(model), torch.no_grad():
         reference = model(*example_inputs, **kwargs) if check else None
         # a program exported here keeps the recorded dynamic dims; the ONNX exporter turns them into axes

@@ -22,7 +22,8 @@ from torch.export import Dim
 from torch.utils._sympy.numbers import int_oo
 
 __all__ = ["DYNAMIC_META", "default_dynamic_shapes", "bind_spec", "widen_size_one", "recorded_dims", "export_spec",
-           "to_export_arg", "var_keyword_names", "export_program", "flat_inputs", "dynamic_dims_of", "grown_inputs"]
+           "to_export_arg", "var_keyword_names", "export_program", "flat_inputs", "dynamic_dims_of", "grown_inputs",
+           "in_capture_order"]
 
 DYNAMIC_META = "fxprune_dynamic_dims"
 
@@ -126,7 +127,7 @@ def grown_inputs(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tu
     """
     dims = dynamic_dims_of(module)
     names = [str(n.target) for n in module.graph.nodes if n.op == "placeholder"] if dims else []
-    leaves, spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
+    leaves, spec = pytree.tree_flatten((tuple(args), in_capture_order(module, kwargs)))
     if not dims or len(names) != len(leaves):
         return None
     grown = []
@@ -138,6 +139,14 @@ def grown_inputs(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tu
     return pytree.tree_unflatten(grown, spec)
 
 
+def in_capture_order(module: torch.nn.Module, kwargs: dict) -> dict:
+    """``kwargs`` in the order of the captured graph's keyword placeholders (torch.export's input tree), so their
+    leaves pair with the placeholders whatever order the caller wrote them in; as given where there is no tree."""
+    in_spec = getattr(module, "_in_spec", None)
+    keys = list(in_spec.child(1).context or []) if in_spec is not None and in_spec.num_children == 2 else []
+    return {k: kwargs[k] for k in keys} if set(keys) == set(kwargs) else dict(kwargs)
+
+
 def dynamic_dims_of(module: torch.nn.Module) -> dict[str, dict[int, tuple]]:
     """What :func:`recorded_dims` stored on a captured (or compacted) graph module; {} for other modules."""
     meta = getattr(module, "meta", None)
@@ -145,7 +154,13 @@ def dynamic_dims_of(module: torch.nn.Module) -> dict[str, dict[int, tuple]]:
 
 
 def export_spec(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-    """``(args_spec, kwargs_spec)`` that re-exports ``module`` with the dims its capture made dynamic, or None."""
+    """``(args_spec, kwargs_spec)`` that re-exports ``module`` with the dims its capture made dynamic, or None.
+
+    A captured graph has one placeholder per tensor leaf of the inputs: a tuple or dict argument's
+    tensors are placeholders of their own (``pair_0``, ``inputs_mask``). Where the graph carries
+    torch.export's input tree, each leaf's dims go back to its place in that tree, so nested inputs
+    stay dynamic; otherwise dims are matched to ``forward``'s argument names.
+    """
     dims = dynamic_dims_of(module)
     if not dims:
         return None
@@ -156,11 +171,17 @@ def export_spec(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tup
             made[name] = Dim(name, min=lo, max=hi) if hi is not None else Dim(name, min=lo)
         return made[name]
 
+    def leaf(name):
+        return {d: dim(*v) for d, v in dims[name].items()} if name in dims else None
+
+    by_tree = _spec_by_input_tree(module, args, kwargs, leaf)
+    if by_tree is not None:
+        return by_tree
     try:
         names = list(inspect.signature(module.forward).bind(*args, **kwargs).arguments)
     except (TypeError, ValueError):
         names = []
-    spec = {n: {d: dim(*v) for d, v in dims[n].items()} if n in dims else None for n in names}
+    spec = {n: leaf(n) for n in names}
     if not any(spec.values()):  # never export the example's shapes in silence
         warnings.warn(f"the dynamic dims recorded at capture ({', '.join(sorted(dims))}) match no argument of "
                       f"{type(module).__name__}.forward ({', '.join(names) or 'the inputs do not bind'}), so this "
@@ -168,6 +189,24 @@ def export_spec(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tup
                       stacklevel=3)
         return None
     return tuple(spec[n] for n in names[:len(args)]), {k: spec.get(k) for k in kwargs}
+
+
+def _spec_by_input_tree(module: torch.nn.Module, args: tuple, kwargs: dict, leaf) -> tuple[tuple, dict] | None:
+    """The per-leaf specs put back in the structure of the inputs, through the input tree torch.export
+    left on the unlifted graph (``_in_spec``); None where that tree is missing or does not fit these inputs."""
+    in_spec = getattr(module, "_in_spec", None)
+    placeholders = [str(n.target) for n in module.graph.nodes if n.op == "placeholder"] \
+        if isinstance(module, torch.fx.GraphModule) else []
+    if in_spec is None or in_spec.num_leaves != len(placeholders):
+        return None
+    try:  # the inputs given here must have the captured structure (keyword order aside)
+        given = pytree.tree_structure((tuple(args), in_capture_order(module, kwargs)))
+    except Exception:  # noqa: BLE001 - an input pytree cannot flatten: fall back to argument names
+        return None
+    if given != in_spec:
+        return None
+    args_spec, kwargs_spec = pytree.tree_unflatten([leaf(name) for name in placeholders], in_spec)
+    return tuple(args_spec), {k: kwargs_spec[k] for k in kwargs}
 
 
 def to_export_arg(module: torch.nn.Module, spec: tuple[tuple, dict], args: tuple, kwargs: dict):

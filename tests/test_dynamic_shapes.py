@@ -139,6 +139,10 @@ def test_keyword_inputs_become_named_onnx_inputs_with_dynamic_axes(tmp_path):
     axes = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input}
     assert axes == {"input_ids": ["batch", "input_ids_dim1"], "attention_mask": ["batch", "input_ids_dim1"],
                     "token_type_ids": ["batch", "input_ids_dim1"]}
+    # keyword inputs written in another order than at capture pair with the same dims
+    fxprune.export_onnx(small, tmp_path / "bert_reordered.onnx", (ids,), dict(reversed(list(extra.items()))))
+    graph = onnx.load(str(tmp_path / "bert_reordered.onnx")).graph
+    assert {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input} == axes
 
     def padded(b, s):
         mask = torch.ones(b, s, dtype=torch.long)
@@ -228,18 +232,51 @@ def test_an_nn_sequential_keeps_its_dynamic_batch_in_the_pt2_and_onnx_files(tmp_
     assert axis == "batch"
 
 
-def test_dims_that_bind_to_no_argument_are_a_warning_not_a_silent_static_export(tmp_path):
-    class TupleInput(nn.Module):  # the capture's placeholders are xs_0 and xs_1; forward's argument is xs
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 4)
+class NestedInputs(nn.Module):
+    """Takes a tuple holding a tensor and a dict of tensors: the capture's placeholders are pair_0 and pair_1_z,
+    and forward's one argument is pair."""
 
-        def forward(self, xs):
-            return self.b(torch.relu(self.a(xs[0] + xs[1])))
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(8, 16), nn.Linear(16, 4), nn.Linear(8, 16)
 
-    x = (torch.randn(1, 8), torch.randn(1, 8))
-    small = fxprune.compile(TupleInput().eval(), (x,), {"target_sparsity": 0.5}).prune().compact()
-    with pytest.warns(UserWarning, match=r"dynamic dims recorded at capture \(xs_0, xs_1\) match no argument of "
-                                         r"GraphModule.forward \(xs\), so this export accepts only the example's"):
-        fxprune.export_onnx(small, tmp_path / "small.onnx", (x,))
+    def forward(self, pair):
+        x, extra = pair
+        return self.b(torch.relu(self.a(x)) + self.c(extra["z"]))
+
+
+def _nested(batch: int) -> tuple:
+    return ((torch.randn(batch, 8), {"z": torch.randn(batch, 8)}),)
+
+
+def test_tuple_and_dict_inputs_keep_their_dynamic_batch_in_the_pt2_and_onnx_files(tmp_path):
+    pruning = fxprune.compile(NestedInputs().eval(), _nested(1), {"target_sparsity": 0.5})
+    small = pruning.prune().compact()
+    assert pruning.sparsity > 0.3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "accepts only the example's shapes" warning
+        fxprune.save_compact(small, tmp_path / "small.pt2", _nested(1))
+        fxprune.export_onnx(small, tmp_path / "small.onnx", _nested(1))
+    session = ort.InferenceSession(str(tmp_path / "small.onnx"), providers=["CPUExecutionProvider"])
+    assert [(i.name, i.shape) for i in session.get_inputs()] == [("pair_0", ["batch", 8]), ("pair_1_z", ["batch", 8])]
+    loaded = fxprune.load_compact(tmp_path / "small.pt2")
+    for batch in (3, 8):
+        args = _nested(batch)
+        (x, extra), = args
+        with torch.no_grad():
+            ref = pruning.model(*args)
+            _close(ref, small(*args), f"compact at batch {batch}")
+            _close(ref, loaded(*args), f".pt2 at batch {batch}")
+        _close(ref, session.run(None, {"pair_0": x.numpy(), "pair_1_z": extra["z"].numpy()})[0],
+               f"ONNX at batch {batch}")
+
+
+def test_dims_that_bind_to_no_argument_are_a_warning_not_a_silent_static_export(tmp_path, monkeypatch):
+    # where the graph's input tree cannot place the dims (a graph without torch.export's input tree),
+    # they are matched by argument name; pair_0 and pair_1_z match none of forward's
+    small = fxprune.compile(NestedInputs().eval(), _nested(1), {"target_sparsity": 0.5}).prune().compact()
+    monkeypatch.setattr(fxprune.passes.shapes, "_spec_by_input_tree", lambda *a: None)
+    with pytest.warns(UserWarning, match=r"dynamic dims recorded at capture \(pair_0, pair_1_z\) match no argument "
+                                         r"of GraphModule.forward \(pair\), so this export accepts only the example"):
+        fxprune.export_onnx(small, tmp_path / "small.onnx", _nested(1))
     assert [i.shape for i in ort.InferenceSession(str(tmp_path / "small.onnx")).get_inputs()] == [[1, 8], [1, 8]]
