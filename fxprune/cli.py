@@ -28,7 +28,7 @@ _DEFAULT_TOKEN_RANGE = 100  # integer inputs of a model without an input embeddi
 
 _EXAMPLES = """\
 examples:
-  fxprune prune mymodels:build --input 1x3x224x224 --config '{"target_sparsity": 0.5, "round_to": 8}' --out pruned
+  fxprune prune mymodels:build --input 1x3x224x224 --config '{"target_sparsity": 0.5}' --out pruned
   fxprune prune mymodels:bert --input 1x128:int64 --config prune.yaml --out pruned-bert
   fxprune bench pruned/dense.onnx pruned/compact.onnx --threads 1 2 --batch 1 8 --plot latency.png
   fxprune explain mymodels:build --input 1x3x224x224
