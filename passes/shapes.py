@@ -246,7 +246,7 @@ def export_program(module: torch.nn.Module, args: tuple, kwargs: dict | None = N
     A captured or compact graph module re-exports with the dims recorded at capture, so
     its ``.pt2`` and ONNX file accept the same shapes as the graph itself.
     """
-    kwargs = dict(kwargs or {})
+    kwargs = in_capture_order(module, dict(kwargs or {}))
     if dynamic_shapes is not None:
         return torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
     spec = export_spec(module, args, kwargs)

@@ -151,6 +151,11 @@ def test_keyword_inputs_become_named_onnx_inputs_with_dynamic_axes(tmp_path):
                 {"attention_mask": mask, "token_type_ids": torch.zeros(b, s, dtype=torch.long)})
 
     _check_at_shapes(pruning, small, tmp_path, [(3, 37), (8, 128)], padded)
+    fxprune.save_compact(small, tmp_path / "bert_reordered.pt2", (ids,), dict(reversed(list(extra.items()))))
+    (xb,), kwb = padded(3, 37)
+    with torch.no_grad():
+        _close(pruning.model(xb, **kwb).logits, fxprune.load_compact(tmp_path / "bert_reordered.pt2")(xb, **kwb)[0],
+               ".pt2 exported with the keywords reordered, at (3, 37)")
     (x,), kw = padded(2, 20)
     with torch.no_grad():  # padding changes the output, so the checks above saw the mask
         assert (pruning.model(x, **kw).logits - pruning.model(x).logits).abs().max() > 1e-6
