@@ -672,6 +672,10 @@ def hf_models() -> dict[str, tuple[Callable[[], nn.Module], Callable[[], tuple]]
     from transformers import (
         ConvNextConfig,
         ConvNextModel,
+        EfficientNetConfig,
+        EfficientNetModel,
+        MobileNetV1Config,
+        MobileNetV1Model,
         MobileNetV2Config,
         MobileNetV2Model,
         ResNetConfig,
@@ -709,6 +713,16 @@ def hf_models() -> dict[str, tuple[Callable[[], nn.Module], Callable[[], tuple]]
         ),
         "hf_mobilenet_v2": (
             build(MobileNetV2Model, MobileNetV2Config, depth_multiplier=0.35, image_size=64),
+            pixels(64),
+        ),
+        "hf_mobilenet_v1": (
+            build(MobileNetV1Model, MobileNetV1Config, depth_multiplier=0.25, image_size=64),
+            pixels(64),
+        ),
+        # depthwise MBConv blocks with squeeze-and-excitation gates and SiLU; hidden_dim is the top conv's width
+        "hf_efficientnet": (
+            build(EfficientNetModel, EfficientNetConfig, width_coefficient=0.25, depth_coefficient=0.5,
+                  image_size=64, hidden_dim=320),
             pixels(64),
         ),
     }
