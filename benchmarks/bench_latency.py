@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -201,12 +200,10 @@ def main() -> None:
     settings = [tuple(int(v) for v in s.split("x")) for s in args.settings]
     cache = args.cache or tempfile.mkdtemp(prefix="fxprune-tables-")
     began = time.perf_counter()
-    import onnxruntime
-
     head = [f"# Latency targets and the same request ({datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC)", "",
             f"Command: `python benchmarks/bench_latency.py {' '.join(sys.argv[1:])}`", "",
-            f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; torch {torch.__version__}, "
-            f"onnxruntime {onnxruntime.__version__}, transformers {transformers.__version__}, fxprune {fxprune.__version__}",
+            "Machine: " + ", ".join(f"{k} = {v}" for k, v in _measure.machine().items())
+            + f", fxprune {fxprune.__version__}",
             ""]
     a = ["## (a) Same request: 50% channels, classifier excluded, each tool's defaults (batch 1); "
          "fxprune + hidden: the same with `prune_hidden_size: True`", "",
