@@ -8,7 +8,7 @@
 ``{"target_sparsity": 0.5, "excluded_names": ["classifier"]}``, and Torch-Pruning at its defaults
 with the same request (``MagnitudePruner(pruning_ratio=0.5, ignored_layers=[classifier])``, L2 group
 magnitude), both one-shot; dense, fxprune and peer ONNX files timed interleaved at 1 and 2 threads,
-batch 1. All three files have a dynamic batch, the format fxprune writes (a static file is 2-5% faster at
+batch 1. All three files have a dynamic batch, the format fxprune writes (a static file was 1-4% faster at
 batch 1 on ConvNeXt, for either tool's model; ``--peer-static`` adds the peer's static file). On models
 with a hidden size (ConvNeXt, BERT) the peer also prunes it, so "fxprune + hidden" adds the one key that
 puts it in fxprune's budget (``"prune_hidden_size": True``): the same request over the same channels,
