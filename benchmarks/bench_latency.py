@@ -108,7 +108,8 @@ def peer(model, x, tmp: str, static: bool = False) -> tuple[str, int] | tuple[st
 HIDDEN = ("convnext-tiny", "bert-base")  # models with groups that norm statistics span
 
 
-def same_request(name: str, repeat: int, lines: list[str], hidden: bool = True, peer_static: bool = False) -> None:
+def same_request(name: str, repeat: int, lines: list[str], hidden: bool = True, peer_static: bool = False,
+                 local: bool = False) -> None:
     model, x = build(name)
     tmp = tempfile.mkdtemp()
     request = {"target_sparsity": 0.5, "excluded_names": [classifier(model)]}
@@ -123,6 +124,11 @@ def same_request(name: str, repeat: int, lines: list[str], hidden: bool = True, 
         files["fxprune + hidden"] = fxprune.export_onnx(q.prune().compact(), os.path.join(tmp, "fx_hidden.onnx"),
                                                         (x,)).path
         macs["fxprune + hidden"] = q.report().macs_after
+    if local:
+        q = fxprune.compile(model, (x,), {**request, "prune_domain": "local"})
+        files["fxprune, local scope"] = fxprune.export_onnx(q.prune().compact(), os.path.join(tmp, "fx_local.onnx"),
+                                                            (x,)).path
+        macs["fxprune, local scope"] = q.report().macs_after
     got = peer(build(name)[0], x, tmp, static=peer_static)
     if isinstance(got, tuple):
         files["torch-pruning"], macs["torch-pruning"] = got[:2]
@@ -183,6 +189,8 @@ def main() -> None:
     ap.add_argument("--skip-same-request", action="store_true")
     ap.add_argument("--no-hidden", action="store_true",
                     help="(a) without the fxprune + hidden row on ConvNeXt and BERT")
+    ap.add_argument("--fx-local", action="store_true",
+                    help="(a) also times fxprune's same request with `prune_domain: local`")
     ap.add_argument("--peer-static", action="store_true",
                     help="(a) also times the peer's model exported at the example's fixed shapes (every other file "
                          "has a dynamic batch)")
@@ -216,7 +224,8 @@ def main() -> None:
          "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for name in args.models:
         if not args.skip_same_request:
-            same_request(name, args.repeat, a, hidden=not args.no_hidden, peer_static=args.peer_static)
+            same_request(name, args.repeat, a, hidden=not args.no_hidden, peer_static=args.peer_static,
+                         local=args.fx_local)
             print("\n".join(a[-8:]), flush=True)
         if args.targets:
             targets(name, args.targets, settings, cache, b)
