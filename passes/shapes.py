@@ -126,7 +126,7 @@ def grown_inputs(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tu
     pass at the example's shape and fail at this one.
     """
     dims = dynamic_dims_of(module)
-    names = [str(n.target) for n in module.graph.nodes if n.op == "placeholder"] if dims else []
+    names = _input_names(module) if dims else []
     leaves, spec = pytree.tree_flatten((tuple(args), in_capture_order(module, kwargs)))
     if not dims or len(names) != len(leaves):
         return None
@@ -137,6 +137,11 @@ def grown_inputs(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tu
                 t = torch.cat([t, t.narrow(d, 0, 1)], dim=d)
         grown.append(t)
     return pytree.tree_unflatten(grown, spec)
+
+
+def _input_names(module: torch.fx.GraphModule) -> list[str]:
+    """The graph's input placeholders in order, by target: the names :func:`recorded_dims` keys its dims by."""
+    return [str(n.target) for n in module.graph.nodes if n.op == "placeholder"]
 
 
 def in_capture_order(module: torch.nn.Module, kwargs: dict) -> dict:
@@ -195,8 +200,7 @@ def _spec_by_input_tree(module: torch.nn.Module, args: tuple, kwargs: dict, leaf
     """The per-leaf specs put back in the structure of the inputs, through the input tree torch.export
     left on the unlifted graph (``_in_spec``); None where that tree is missing or does not fit these inputs."""
     in_spec = getattr(module, "_in_spec", None)
-    placeholders = [str(n.target) for n in module.graph.nodes if n.op == "placeholder"] \
-        if isinstance(module, torch.fx.GraphModule) else []
+    placeholders = _input_names(module) if isinstance(module, torch.fx.GraphModule) else []
     if in_spec is None or in_spec.num_leaves != len(placeholders):
         return None
     try:  # the inputs given here must have the captured structure (keyword order aside)
