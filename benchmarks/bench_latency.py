@@ -108,10 +108,11 @@ def peer(model, x, tmp: str, static: bool = False) -> tuple[str, int] | tuple[st
 HIDDEN = ("convnext-tiny", "bert-base")  # models with groups that norm statistics span
 
 
-def same_request(name: str, repeat: int, lines: list[str], hidden: bool = True, peer_static: bool = False,
-                 local: bool = False) -> None:
+def request_files(name: str, tmp: str, hidden: bool = True, peer_static: bool = False,
+                  local: bool = False) -> tuple[dict, dict, torch.Tensor, str | None]:
+    """The same request's ONNX files in ``tmp`` (dense, fxprune, the asked variants, the peer), their MACs, the
+    example input, and why the peer could not run (None when it ran)."""
     model, x = build(name)
-    tmp = tempfile.mkdtemp()
     request = {"target_sparsity": 0.5, "excluded_names": [classifier(model)]}
     p = fxprune.compile(model, (x,), request)
     small = p.prune().compact()
@@ -119,23 +120,27 @@ def same_request(name: str, repeat: int, lines: list[str], hidden: bool = True, 
     files = {"dense": fxprune.export_onnx(p.captured.graph_module, os.path.join(tmp, "dense.onnx"), (x,)).path,
              "fxprune": fxprune.export_onnx(small, os.path.join(tmp, "fx.onnx"), (x,)).path}
     macs = {"dense": rep.macs_before, "fxprune": rep.macs_after}
-    if hidden and name in HIDDEN:
-        q = fxprune.compile(model, (x,), {**request, "prune_hidden_size": True})
-        files["fxprune + hidden"] = fxprune.export_onnx(q.prune().compact(), os.path.join(tmp, "fx_hidden.onnx"),
-                                                        (x,)).path
-        macs["fxprune + hidden"] = q.report().macs_after
+    variants = {"fxprune + hidden": ("fx_hidden", {"prune_hidden_size": True})} if hidden and name in HIDDEN else {}
     if local:
-        q = fxprune.compile(model, (x,), {**request, "prune_domain": "local"})
-        files["fxprune, local scope"] = fxprune.export_onnx(q.prune().compact(), os.path.join(tmp, "fx_local.onnx"),
-                                                            (x,)).path
-        macs["fxprune, local scope"] = q.report().macs_after
+        variants["fxprune, local scope"] = ("fx_local", {"prune_domain": "local"})
+    for label, (stem, extra) in variants.items():
+        q = fxprune.compile(model, (x,), {**request, **extra})
+        files[label] = fxprune.export_onnx(q.prune().compact(), os.path.join(tmp, f"{stem}.onnx"), (x,)).path
+        macs[label] = q.report().macs_after
     got = peer(build(name)[0], x, tmp, static=peer_static)
-    if isinstance(got, tuple):
-        files["torch-pruning"], macs["torch-pruning"] = got[:2]
-        if peer_static:
-            files["torch-pruning, static file"], macs["torch-pruning, static file"] = got[2], got[1]
-    else:
-        lines.append(f"- {name}: Torch-Pruning failed: {got}")
+    if not isinstance(got, tuple):
+        return files, macs, x, got
+    files["torch-pruning"], macs["torch-pruning"] = got[:2]
+    if peer_static:
+        files["torch-pruning, static file"], macs["torch-pruning, static file"] = got[2], got[1]
+    return files, macs, x, None
+
+
+def same_request(name: str, repeat: int, lines: list[str], hidden: bool = True, peer_static: bool = False,
+                 local: bool = False) -> None:
+    files, macs, x, failure = request_files(name, tempfile.mkdtemp(), hidden, peer_static, local)
+    if failure is not None:
+        lines.append(f"- {name}: Torch-Pruning failed: {failure}")
     res = fxprune.benchmark(files, threads=(1, 2), repeat=repeat, warmup=3, macs=macs, baseline="dense",
                             inputs={_input_name(files["dense"]): x.numpy()})
     p10 = {(r.label, r.threads): r.p10_ms for r in res.rows}

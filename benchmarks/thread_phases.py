@@ -24,7 +24,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _measure  # noqa: E402
 import bench_latency  # noqa: E402
 
-import fxprune  # noqa: E402
 
 
 def _cpu_ticks() -> tuple[int, int]:
@@ -32,22 +31,6 @@ def _cpu_ticks() -> tuple[int, int]:
     with open("/proc/stat") as f:
         fields = [int(v) for v in f.readline().split()[1:]]
     return sum(fields), fields[7] if len(fields) > 7 else 0
-
-
-def _files(name: str, tmp: str) -> tuple[dict, dict, np.ndarray]:
-    """The dense, fxprune and peer ONNX files of the same request, their MACs, and the input."""
-    model, x = bench_latency.build(name)
-    p = fxprune.compile(model, (x,), {"target_sparsity": 0.5, "excluded_names": ["classifier"]}, progress=False)
-    small = p.prune().compact()
-    rep = p.report()
-    files = {"dense": fxprune.export_onnx(p.captured.graph_module, os.path.join(tmp, "dense.onnx"), (x,),
-                                          progress=False).path,
-             "fxprune": fxprune.export_onnx(small, os.path.join(tmp, "fx.onnx"), (x,), progress=False).path}
-    macs = {"dense": rep.macs_before, "fxprune": rep.macs_after}
-    got = bench_latency.peer(bench_latency.build(name)[0], x, tmp)
-    if isinstance(got, tuple):
-        files["peer"], macs["peer"] = got
-    return files, macs, x.numpy()
 
 
 def _blocks(files: dict, x: np.ndarray, blocks: int, runs: int) -> list[dict]:
@@ -122,8 +105,10 @@ def main() -> None:
              "- machine: " + ", ".join(f"{k} = {v}" for k, v in _measure.machine().items()), ""]
     for name in args.models:
         tmp = tempfile.mkdtemp()
-        files, macs, x = _files(name, tmp)
-        lines += _summary(name, files, macs, _blocks(files, x, args.blocks, args.runs))
+        files, macs, x, failure = bench_latency.request_files(name, tmp, hidden=False)
+        if failure is not None:
+            lines.append(f"- {name}: Torch-Pruning failed: {failure}")
+        lines += _summary(name, files, macs, _blocks(files, x.numpy(), args.blocks, args.runs))
     lines.append(f"Total wall time: {(time.time() - start) / 60:.1f} min")
     _measure.emit("\n".join(lines), args.out)
 
