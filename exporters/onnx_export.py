@@ -23,6 +23,7 @@ import torch
 from torch.utils._pytree import tree_leaves
 
 from fxprune.errors import FxPruneError
+from fxprune.exporters.onnx_ops import translations_for
 from fxprune.passes.shapes import dynamic_dims_of, export_program, in_capture_order
 from fxprune.progress import stages
 
@@ -34,8 +35,8 @@ __all__ = ["OnnxExport", "OnnxExportError", "OnnxMismatchError", "check_exportab
 _INLINE_LIMIT_BYTES = 2 * 1024**3 - 64 * 1024**2
 
 # Loggers that print harmless noise during every export (missing torchvision
-# ops, opset auto-upgrade, version-converter tracebacks).
-_NOISY_LOGGERS = ("torch.onnx", "onnxscript")
+# ops, opset auto-upgrade, version-converter tracebacks, attributes given as empty lists).
+_NOISY_LOGGERS = ("torch.onnx", "onnxscript", "onnx_ir")
 
 
 class OnnxMismatchError(FxPruneError, RuntimeError):
@@ -208,6 +209,7 @@ def _export(model, out_path, example_inputs, kwargs, dynamic_shapes, opset, atol
                 (),
                 str(out_path),
                 dynamo=True,
+                custom_translation_table=translations_for(program) or None,
                 opset_version=opset,
                 external_data=not inline,
                 verbose=False,

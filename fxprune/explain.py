@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fxprune.passes.group import UNREAD, group_channels
-from fxprune.passes.ops import OPS, op_name
+from fxprune.passes.ops import lookup, op_name
 from fxprune.passes.trace import capture
 from fxprune.report import layer_of
 
@@ -91,5 +91,5 @@ def explain(model: torch.nn.Module, example_inputs: tuple, example_kwargs: dict 
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.meta.get("val") is None:
             continue  # nodes that return nothing (shape asserts) couple no channels
-        (out.ops_handled if node.target in OPS else out.ops_blocking)[op_name(node.target)] += 1
+        (out.ops_handled if lookup(node.target) else out.ops_blocking)[op_name(node.target)] += 1
     return out

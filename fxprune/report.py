@@ -33,7 +33,8 @@ def block_of(layer: str) -> str:
 
 @dataclass
 class LayerRow:
-    """Widths of one weight (2-D or more): dim 0 (out) and dim 1 (in), before and after pruning."""
+    """Widths of one weight (2-D or more), before and after pruning: dim 0 (out) and dim 1 (in), or dims 1 and 2
+    of a module's own 3-D tensor (stacked experts, ``[experts, out, in]``), whose row is named by the tensor."""
 
     name: str
     out_before: int
@@ -109,8 +110,13 @@ def build_report(pruning, params_before, params_after, macs_before, macs_after) 
     for name, p in pruning.model.named_parameters():
         if p.dim() < 2:
             continue
-        rows.append(LayerRow(layer_of(name), p.shape[0], width(name, 0, p.shape[0]), p.shape[1],
-                             width(name, 1, p.shape[1]), name))
+        label, out, into = layer_of(name), 0, 1
+        if not name.endswith("weight"):  # a module's own tensors, e.g. stacked experts' gate_up_proj and down_proj
+            label = name
+            if p.dim() == 3:  # [experts, out, in]: the widths of each expert's matrix
+                out, into = 1, 2
+        rows.append(LayerRow(label, p.shape[out], width(name, out, p.shape[out]), p.shape[into],
+                             width(name, into, p.shape[into]), name))
     notes = [n for p in pruning.pruners for n in p.notes]
     left_out = _hidden_size_left_out(pruning)
     if left_out:

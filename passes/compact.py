@@ -23,7 +23,7 @@ from torch.fx import GraphModule, Node
 from fxprune.errors import CompactionError
 from fxprune.passes.couplings import PARAM_PREFIX, value_key
 from fxprune.passes.group import Grouping
-from fxprune.passes.ops import OPS
+from fxprune.passes.ops import lookup
 from fxprune.passes.trace import source_line
 
 __all__ = ["space_keep", "compact_graph", "CompactGraphModule"]
@@ -127,7 +127,7 @@ def compact_graph(gm: GraphModule, grouping: Grouping, atom_kept: np.ndarray,
                 tensor = tensor.index_select(dim, torch.from_numpy(np.flatnonzero(mask)).to(tensor.device))
         done[id(original)] = _set_tensor(gm, name, tensor.clone())
     for node in list(gm.graph.nodes):
-        entry = OPS.get(node.target) if node.op == "call_function" else None
+        entry = lookup(node.target) if node.op == "call_function" else None
         if entry is not None and entry.rewrite is not None:
             entry.rewrite(node, size)
     gm.graph.lint()

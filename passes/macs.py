@@ -11,13 +11,13 @@ from __future__ import annotations
 import torch
 import torch.utils._pytree as pytree
 
-from fxprune.passes.ops import OPS
+from fxprune.passes.ops import lookup
 
 __all__ = ["count_macs", "macs_by_node", "count_params"]
 
 
 def _macs(target, args, out) -> int:
-    entry = OPS.get(target)
+    entry = lookup(target)
     return entry.macs(args, out) if entry is not None and entry.macs is not None else 0
 
 

@@ -6,7 +6,9 @@ exercise what the fixed models do not: RMSNorm written out (Qwen2, Mistral, Phi-
 ``(1 + weight)`` RMSNorm, learned positions (OPT), parallel attention/MLP blocks (GPT-NeoX,
 Falcon), Falcon's ``x @ weight.T`` linear, ALiBi (BLOOM), factorised embeddings (ALBERT,
 ELECTRA), relative-position attention (DeBERTa-v2), windowed attention with patch merging
-(Swin) and distillation tokens (DeiT).
+(Swin), distillation tokens (DeiT), and mixture-of-experts layers (Mixtral, Qwen3-MoE, Qwen2-MoE
+with its shared expert, OLMoE with q/k norms over all heads) under both the grouped matmul
+transformers picks when capturing and its batched-matmul implementation.
 """
 
 from __future__ import annotations
@@ -27,10 +29,20 @@ CONFIG = {"prune_domain": "local", "pruners": [{"target_sparsity": 0.5},
                                                {"target_sparsity": 0.25, "prune_hidden_size": True}]}
 
 
-def _causal(model_cls, config_cls, **kw):
+def _causal(model_cls, config_cls, experts: str | None = None, **kw):
     base = dict(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
                 use_cache=False)
-    return lambda: model_cls(config_cls(**{**base, **kw}))
+
+    def build():
+        config = config_cls(**{**base, **kw})
+        if experts is not None:
+            config._experts_implementation = experts
+        return model_cls(config)
+
+    return build
+
+
+MOE = dict(num_key_value_heads=2, num_experts_per_tok=2)
 
 
 MODELS = {
@@ -54,6 +66,14 @@ MODELS = {
         intermediate_size=128)), IDS),
     "deberta-v2": (lambda: T.DebertaV2ForSequenceClassification(T.DebertaV2Config(
         vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)), IDS),
+    "mixtral": (_causal(T.MixtralForCausalLM, T.MixtralConfig, num_local_experts=4, **MOE), IDS),
+    "mixtral-batched-mm": (_causal(T.MixtralForCausalLM, T.MixtralConfig, "batched_mm", num_local_experts=4, **MOE),
+                           IDS),
+    "qwen3-moe": (_causal(T.Qwen3MoeForCausalLM, T.Qwen3MoeConfig, head_dim=16, num_experts=4, moe_intermediate_size=32,
+                          **MOE), IDS),
+    "qwen2-moe": (_causal(T.Qwen2MoeForCausalLM, T.Qwen2MoeConfig, num_experts=4, moe_intermediate_size=32,
+                          shared_expert_intermediate_size=64, **MOE), IDS),
+    "olmoe": (_causal(T.OlmoeForCausalLM, T.OlmoeConfig, num_experts=4, **MOE), IDS),
     "swin": (lambda: T.SwinForImageClassification(T.SwinConfig(
         image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 4], window_size=4)), PIXELS),
     "deit": (lambda: T.DeiTForImageClassification(T.DeiTConfig(
@@ -78,3 +98,24 @@ def test_heads_ffn_and_hidden_size_compact_exactly(name, tmp_path):
     assert_compact_matches_masked(pruning, small, fresh, **EXACT)
     assert pruning.report().macs_ratio > 1.5
     assert_onnx_matches(fxprune.export_onnx(small, tmp_path / "small.onnx", x).path, small, fresh, **ONNX)
+
+
+@pytest.mark.parametrize("experts", ["grouped_mm", "batched_mm"])
+def test_expert_channels_go_from_every_expert_and_the_onnx_file_takes_other_batches(experts, tmp_path):
+    """Mixtral's stacked expert weights lose the same intermediate channels in every expert (the weights stay one
+    tensor); compact == masked and onnxruntime == compact at a batch the capture did not see."""
+    torch.manual_seed(0)
+    model = _causal(T.MixtralForCausalLM, T.MixtralConfig, experts, num_local_experts=4, **MOE)().eval()
+    pruning = fxprune.compile(model, IDS, {"target_sparsity": 0.5})
+    pruning.prune()
+    small = pruning.compact()
+    experts_of = dict(small.named_parameters())
+    for layer in range(2):
+        prefix = f"model.layers.{layer}.mlp.experts."
+        assert tuple(experts_of[prefix + "gate_up_proj"].shape) == (4, 128, 64)  # [experts, 2 x 64 kept, hidden]
+        assert tuple(experts_of[prefix + "down_proj"].shape) == (4, 64, 64)  # [experts, hidden, 64 kept]
+    row = next(r for r in pruning.report().layers if r.name == "model.layers.0.mlp.experts.gate_up_proj")
+    assert (row.out_before, row.out_after, row.in_before, row.in_after) == (256, 128, 64, 64)  # each expert's matrix
+    batch = (torch.randint(3, 100, (3, 16), generator=torch.Generator().manual_seed(1)),)
+    assert_compact_matches_masked(pruning, small, batch, **EXACT)
+    assert_onnx_matches(fxprune.export_onnx(small, tmp_path / "small.onnx", IDS).path, small, batch, **ONNX)

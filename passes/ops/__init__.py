@@ -15,6 +15,6 @@ coupling rule, the compaction rewrite and the MAC count of an op sit side by sid
 """
 
 from fxprune.passes.ops import conv, elementwise, indexing, layout, linear, norms, reductions  # noqa: F401 (register)
-from fxprune.passes.ops.registry import OPS, Op, apply_rule, op_name, register
+from fxprune.passes.ops.registry import OPS, Op, apply_rule, lookup, op_name, register
 
-__all__ = ["OPS", "Op", "apply_rule", "op_name", "register"]
+__all__ = ["OPS", "Op", "apply_rule", "lookup", "op_name", "register"]

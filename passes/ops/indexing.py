@@ -1,7 +1,8 @@
 """Indexing: slices, selections, unbind, items of multi-output ops, embedding lookups.
 
 A contiguous slice is elements ``start:end`` of its input (an offset map); a strided or
-data-dependent one freezes the sliced dim. ``select`` freezes the dim it picks from.
+data-dependent one freezes the sliced dim. ``select`` freezes the dim it picks from, and
+indexing by a tensor (``x[rows]``: tokens routed to experts) the dim its values pick from.
 An embedding's rows are the vocabulary (frozen) and its columns the channels. Capture
 fixes slice bounds, which compaction recounts over the kept channels.
 """
@@ -98,6 +99,30 @@ def _select(node: Node, c) -> None:
     for d in range(n):
         if d != dim:
             c.identity(x, d, node, d - (d > dim))
+
+
+@register(aten.index.Tensor)
+def _index(node: Node, c) -> None:
+    """``x[..., idx, ...]`` with one index tensor: the dims it picks from are frozen (their elements are chosen by
+    values), the dims it makes are frozen too (they are the index's), and the other dims pass through."""
+    x, indices = node.args[0], node.args[1]
+    picked = [k for k, t in enumerate(indices) if t is not None]
+    idx = indices[picked[0]] if len(picked) == 1 else None
+    val = idx.meta.get("val") if isinstance(idx, Node) else None
+    if val is None or not c.is_tensor(x) or not c.is_tensor(node):
+        c.freeze_all(node, "indexing by several index tensors or by a non-tensor")
+        return
+    k, n = picked[0], len(c.shape(x))
+    consumed, made = (val.dim(), 1) if val.dtype == torch.bool else (1, val.dim())
+    for d in range(n):
+        if d < k:
+            c.identity(x, d, node, d)
+        elif d < k + consumed:
+            c.freeze(x, d, "indexed by tensor values")
+        else:
+            c.identity(x, d, node, d - consumed + made)
+    for d in range(k, k + made):
+        c.freeze(node, d, "dims of an index tensor")
 
 
 @register(aten.unbind.int)

@@ -1,7 +1,8 @@
 """Shape and layout ops: views, reshapes, permutations, broadcasting, concatenation and splits.
 
 Each moves elements without mixing them, so channels map one to one: permutations
-relabel dims, cat/split/stack place inputs at offsets along a dim, flip reverses one. A
+relabel dims, cat/split/stack place inputs at offsets along a dim, flip reverses one,
+repeat_interleave repeats along one dim (frozen) and passes the others through. A
 reshape that keeps every dim couples at once; one that merges or splits dims is resolved
 by :mod:`fxprune.passes.reshape` after every other rule. Capture fixes view, reshape,
 expand and split sizes, which compaction recomputes (a size computed from dynamic dims is
@@ -152,6 +153,23 @@ def _stack(node: Node, c) -> None:
         for d in range(n - 1):
             c.identity(t, d, node, d + (d >= dim))
     c.freeze(node, dim, "stacking dim")
+
+
+@register(aten.repeat_interleave.self_int)
+def _repeat_interleave(node: Node, c) -> None:
+    """Each element repeated along one dim: that dim is frozen (its size is a multiple), the others pass through."""
+    x, dim = node.args[0], arg(node, 2, "dim")
+    if dim is None:
+        c.freeze_all(node, "repeat_interleave over the flattened tensor")
+        return
+    n = len(c.shape(x))
+    dim %= n
+    for d in range(n):
+        if d == dim:
+            c.freeze(x, d, "repeat_interleave repeats elements along this dim")
+            c.freeze(node, d, "repeat_interleave repeats elements along this dim")
+        else:
+            c.identity(x, d, node, d)
 
 
 @register(aten.flip.default)

@@ -4,7 +4,9 @@ A contraction couples the two operands' reduced dims only where a parameter sits
 one side (``x @ W``): masking the parameter makes removed channels contribute nothing.
 A product of two activations freezes its reduced dim, because a zeroed channel of one
 would still be multiplied by the other's. Attention passes heads through (grouped-query
-heads as blocks) and freezes the q.k contraction.
+heads as blocks) and freezes the q.k contraction. A grouped matmul (mixture-of-experts
+layers) multiplies each run of rows by its expert's matrix; the experts share the in and
+out channels of their stacked weight, so an expert channel goes from every expert at once.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ def _linear(node: Node, c) -> None:
 # its masked elements at zero (``x @ self.weight.T``)
 _LAYOUT = {aten.t.default, aten.numpy_T.default, aten.transpose.int, aten.permute.default, aten.view.default,
            aten.reshape.default, aten._to_copy.default, aten.to.dtype, aten.contiguous.default, aten.clone.default,
-           aten.alias.default}
+           aten.alias.default, aten.index.Tensor}  # index: the experts' weights picked per row (``w[expert_ids]``)
 
 
 def param_backed(value, c) -> bool:
@@ -98,6 +100,29 @@ def _addmm(node: Node, c) -> None:
     for i in range(1, len(bs) + 1):
         if bs[-i] == c.shape(node)[-i]:
             c.identity(bias, -i, node, -i)
+
+
+def _grouped_mm_macs(args, out) -> int:
+    return out.numel() * args[0].shape[-1]
+
+
+@register("transformers.grouped_mm_fallback.default", macs=_grouped_mm_macs)
+def _grouped_mm(node: Node, c) -> None:
+    """out[s] = x[s] @ w[e(s)], rows sorted by expert (Hugging Face MoE): x[0] = out[0], x[1] = w[1] is the
+    contraction, w[2] = out[1]; which expert a row takes is data, so the experts dim is frozen."""
+    x, w = node.args[0], node.args[1]
+    xs, ws = c.shape(x), c.shape(w)
+    if xs is None or ws is None or len(xs) != 2 or len(ws) != 3:
+        c.freeze_all(node, "grouped matmul other than [rows, in] x [experts, in, out]")
+        return
+    c.identity(x, 0, node, 0)
+    c.identity(w, 2, node, 1)
+    c.freeze(w, 0, "experts of a grouped matmul (each row's expert is data)")
+    if param_backed(w, c):
+        c.identity(x, 1, w, 1)
+    else:
+        c.freeze(x, 1, "grouped matmul with weights that are not parameters")
+        c.freeze(w, 1, "grouped matmul with weights that are not parameters")
 
 
 def _sdpa_macs(args, out) -> int:

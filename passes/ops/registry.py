@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from torch.fx import Node
 
-__all__ = ["Op", "OPS", "register", "apply_rule", "op_name"]
+__all__ = ["Op", "OPS", "register", "apply_rule", "lookup", "op_name"]
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,11 @@ OPS: dict = {}
 
 
 def register(*targets, rewrite: Callable | None = None, macs: Callable | None = None):
-    """Decorate a coupling rule: ``targets`` get it, with their compaction rewrite and MAC count."""
+    """Decorate a coupling rule: ``targets`` get it, with their compaction rewrite and MAC count.
+
+    A target is an op, or the name of a custom op that a library registers only once imported
+    (``"transformers.grouped_mm_fallback.default"``), so the table does not import that library.
+    """
 
     def add(couple):
         family = couple.__module__.rpartition(".")[2]
@@ -44,10 +48,16 @@ def register(*targets, rewrite: Callable | None = None, macs: Callable | None = 
     return add
 
 
+def lookup(target) -> Op | None:
+    """The entry of an op, registered as the op itself or by its name."""
+    entry = OPS.get(target)
+    return entry if entry is not None or not isinstance(target, torch._ops.OpOverload) else OPS.get(str(target))
+
+
 def apply_rule(node: Node, c) -> None:
     """Run the rule of one call_function node, or freeze what it touches if it has none."""
     c.node = node
-    entry = OPS.get(node.target)
+    entry = lookup(node.target)
     if entry is not None:
         entry.couple(node, c)
     elif c.output_keys(node):

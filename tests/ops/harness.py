@@ -25,7 +25,7 @@ import torch.nn as nn
 import fxprune
 from fxprune.passes.couplings import value_key
 from fxprune.passes.macs import macs_by_node
-from fxprune.passes.ops import OPS
+from fxprune.passes.ops import OPS, op_name
 
 __all__ = ["Case", "Family", "Block"]
 
@@ -116,7 +116,8 @@ class Family:
         for node in pruning.captured.graph_module.graph.nodes:
             stack = node.meta.get("nn_module_stack") or {}
             paths = [p for p, _ in stack.values()]
-            if node.op == "call_function" and node.target == case.target and f"cases.{index}" in paths:
+            named = node.target == case.target or op_name(node.target) == case.target  # a custom op registered by name
+            if node.op == "call_function" and named and f"cases.{index}" in paths:
                 found.append(node)
         if len(found) > case.nth:
             return found[case.nth]

@@ -20,6 +20,16 @@ def _embed(m, x):
     return m.b(m.e(tokens))
 
 
+def _rows(m, x):
+    """Rows picked by values (tokens routed to experts): the channels pass through."""
+    return m.b(m.a(x)[x[:, 0].argsort()])
+
+
+def _columns(m, x):
+    """Channels picked by values: the picked dim is frozen."""
+    return m.b(m.a(x)[:, (x[0].abs() * 4).long() % 16][:, :8])
+
+
 CASES = [
     Case(aten.slice.Tensor, lin(lambda m, h: h[:, 2:12], out=10), nth=1),  # nth=0 is the full slice of the batch
     Case(aten.slice.Tensor, lin(lambda m, h: h[:, ::2], out=8), nth=1, frozen="strided slice", rewrites=False),
@@ -31,6 +41,9 @@ CASES = [
     Case(aten.unbind.int, lin(lambda m, h: sum(h.view(-1, 2, 8).unbind(1)), out=8), dim=1, on_input=True,
          frozen="unbind splits this dim"),
     Case(operator.getitem, lin(lambda m, h: h.split(8, 1)[1], out=8), dim=1),
+    Case(aten.index.Tensor, lambda: Block(_rows, a=nn.Linear(8, 16), b=nn.Linear(16, 4)), dim=-1),
+    Case(aten.index.Tensor, lambda: Block(_columns, a=nn.Linear(8, 16), b=nn.Linear(8, 4)), dim=1, on_input=True,
+         frozen="indexed by tensor values"),
     Case(aten.embedding.default, lambda: Block(_embed, e=nn.Embedding(20, 16), b=nn.Linear(16, 4)), dim=-1),
 ]
 

@@ -58,6 +58,9 @@ CASES = [
     Case(aten.tensor_split.sections, pieces(lambda h: torch.tensor_split(h, 2, 1)), dim=(0, 1)),
     Case(aten.flip.default, lin(lambda m, h: h.flip(1))),
     Case(aten._assert_tensor_metadata.default, lin(lambda m, h: h.to(torch.float32).double()), dim=None),
+    Case(aten.repeat_interleave.self_int, lin(lambda m, h: h.unsqueeze(1).repeat_interleave(2, dim=1).sum(1))),
+    Case(aten.repeat_interleave.self_int, lin(lambda m, h: h.repeat_interleave(2, dim=1), out=32), dim=1,
+         frozen="repeat_interleave repeats"),
 ]
 
 FAMILY = Family(CASES, lambda batch: torch.randn(batch, 8))

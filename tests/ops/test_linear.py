@@ -1,8 +1,9 @@
-"""Linear layers, products against a parameter, and attention heads."""
+"""Linear layers, products against a parameter, attention heads and mixture-of-experts grouped matmuls."""
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import transformers.integrations.moe  # noqa: F401  (registers torch.ops.transformers.grouped_mm_fallback)
 
 from tests.ops.harness import Block, Case, Family
 
@@ -31,6 +32,14 @@ def _attention(m, x):
     return m.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, 2, 16))
 
 
+def _experts(m, x):
+    """Rows split in order among 3 experts, each row times its expert's [16, 12] matrix (Hugging Face MoE)."""
+    h = m.a(x)
+    expert = torch.arange(h.shape[0]) * 3 // h.shape[0]  # sorted: the rows of expert 0 first
+    offsets = torch.histc(expert.double(), bins=3, min=0, max=2).cumsum(0).int()
+    return m.b(F.relu(torch.ops.transformers.grouped_mm_fallback(h, m.w, offsets)))
+
+
 CASES = [
     Case(aten.linear.default, block(lambda m, x: m.b(F.relu(m.a(x))), a=nn.Linear(8, 16), b=nn.Linear(16, 4)),
          macs=2 * 16 * 8),
@@ -44,6 +53,8 @@ CASES = [
     Case(aten.scaled_dot_product_attention.default,
          block(_attention, q=nn.Linear(4, 16), k=nn.Linear(4, 16), v=nn.Linear(4, 16), o=nn.Linear(16, 4)),
          dim=1, macs=(2 * 4 * 2) * 2 * (4 + 4)),  # heads pruned whole
+    Case("transformers.grouped_mm_fallback.default",
+         block(_experts, a=nn.Linear(8, 16), w=weight(3, 16, 12), b=nn.Linear(12, 4)), macs=2 * 12 * 16),
 ]
 
 FAMILY = Family(CASES, lambda batch: torch.randn(batch, 8))
