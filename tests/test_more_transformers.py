@@ -8,7 +8,8 @@ Falcon), Falcon's ``x @ weight.T`` linear, ALiBi (BLOOM), factorised embeddings 
 ELECTRA), relative-position attention (DeBERTa-v2), windowed attention with patch merging
 (Swin), distillation tokens (DeiT), and mixture-of-experts layers (Mixtral, Qwen3-MoE, Qwen2-MoE
 with its shared expert, OLMoE with q/k norms over all heads) under both the grouped matmul
-transformers picks when capturing and its batched-matmul implementation.
+transformers picks when capturing and its batched-matmul implementation), and Mamba's selective
+scan (its inner channels: depthwise conv, per-channel state from a zero initial state).
 """
 
 from __future__ import annotations
@@ -74,6 +75,8 @@ MODELS = {
     "qwen2-moe": (_causal(T.Qwen2MoeForCausalLM, T.Qwen2MoeConfig, num_experts=4, moe_intermediate_size=32,
                           shared_expert_intermediate_size=64, **MOE), IDS),
     "olmoe": (_causal(T.OlmoeForCausalLM, T.OlmoeConfig, num_experts=4, **MOE), IDS),
+    "mamba": (lambda: T.MambaForCausalLM(T.MambaConfig(vocab_size=100, hidden_size=32, state_size=8, num_hidden_layers=2,
+                                                       expand=2, conv_kernel=4, use_cache=False)), IDS),
     "swin": (lambda: T.SwinForImageClassification(T.SwinConfig(
         image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 4], window_size=4)), PIXELS),
     "deit": (lambda: T.DeiTForImageClassification(T.DeiTConfig(

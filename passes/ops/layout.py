@@ -2,7 +2,8 @@
 
 Each moves elements without mixing them, so channels map one to one: permutations
 relabel dims, cat/split/stack place inputs at offsets along a dim, flip reverses one,
-repeat_interleave repeats along one dim (frozen) and passes the others through. A
+repeat_interleave repeats along one dim (frozen) and passes the others through; a tensor
+made from sizes (zeros, ones, full) has the channels of the ops that read it. A
 reshape that keeps every dim couples at once; one that merges or splits dims is resolved
 by :mod:`fxprune.passes.reshape` after every other rule. Capture fixes view, reshape,
 expand and split sizes, which compaction recomputes (a size computed from dynamic dims is
@@ -55,6 +56,21 @@ register(aten.view.default, aten.reshape.default, aten._unsafe_view.default, rew
 register(aten.unflatten.int, rewrite=_new_unflatten_sizes)(_reshape)
 register(aten.flatten.using_ints, aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.unsqueeze.default,
          aten.view_as.default, aten.reshape_as.default)(_reshape)
+
+
+def _new_factory_sizes(node: Node, size) -> None:
+    """A created tensor takes the kept sizes (its size list is the first argument, after ``self`` for new_*)."""
+    at = 1 if "new_" in str(node.target) else 0
+    sizes = [size.symbolic(node, i, s) if isinstance(s, Node) else size(node, i) for i, s in enumerate(node.args[at])]
+    node.args = (*node.args[:at], sizes, *node.args[at + 1:])
+
+
+@register(aten.zeros.default, aten.ones.default, aten.full.default, aten.new_zeros.default, aten.new_ones.default,
+          aten.new_full.default, rewrite=_new_factory_sizes)
+def _factory(node: Node, c) -> None:
+    """A tensor made from sizes and a constant (a scan's zero initial state): its dims are channels wherever the
+    ops that read it put them, and its sizes are rewritten to theirs. Nothing couples here; a new_* op's input
+    gives only its dtype and device."""
 
 
 @register(aten.expand.default, rewrite=_new_sizes)
@@ -139,8 +155,7 @@ def _split(node: Node, c) -> None:
 
 
 register(aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.split.sizes,
-         aten.unsafe_split.Tensor, rewrite=_split_sizes)(_split)
-register(aten.tensor_split.sections)(_split)
+         aten.unsafe_split.Tensor, aten.tensor_split.sections, aten.tensor_split.indices, rewrite=_split_sizes)(_split)
 
 
 @register(aten.stack.default)
