@@ -34,7 +34,8 @@ def block_of(layer: str) -> str:
 @dataclass
 class LayerRow:
     """Widths of one weight (2-D or more), before and after pruning: dim 0 (out) and dim 1 (in), or dims 1 and 2
-    of a module's own 3-D tensor (stacked experts, ``[experts, out, in]``), whose row is named by the tensor."""
+    of a module's own 3-D tensor (stacked experts, ``[experts, out, in]``; GPT-OSS stores ``[experts, in, out]``,
+    shown as stored), whose row is named by the tensor."""
 
     name: str
     out_before: int

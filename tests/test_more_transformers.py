@@ -7,9 +7,10 @@ exercise what the fixed models do not: RMSNorm written out (Qwen2, Mistral, Phi-
 Falcon), Falcon's ``x @ weight.T`` linear, ALiBi (BLOOM), factorised embeddings (ALBERT,
 ELECTRA), relative-position attention (DeBERTa-v2), windowed attention with patch merging
 (Swin), distillation tokens (DeiT), and mixture-of-experts layers (Mixtral, Qwen3-MoE, Qwen2-MoE
-with its shared expert, OLMoE with q/k norms over all heads) under both the grouped matmul
-transformers picks when capturing and its batched-matmul implementation), and Mamba's selective
-scan (its inner channels: depthwise conv, per-channel state from a zero initial state).
+with its shared expert, OLMoE with q/k norms over all heads, GPT-OSS with attention sinks, biased
+experts and gate/up projections stored interleaved; the grouped matmul transformers picks when
+capturing, and Mixtral also under its batched-matmul implementation), and Mamba's selective scan
+(its inner channels: depthwise conv, per-channel state from a zero initial state).
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ MODELS = {
     "qwen2-moe": (_causal(T.Qwen2MoeForCausalLM, T.Qwen2MoeConfig, num_experts=4, moe_intermediate_size=32,
                           shared_expert_intermediate_size=64, **MOE), IDS),
     "olmoe": (_causal(T.OlmoeForCausalLM, T.OlmoeConfig, num_experts=4, **MOE), IDS),
+    "gpt-oss": (_causal(T.GptOssForCausalLM, T.GptOssConfig, num_local_experts=4, head_dim=16, **MOE), IDS),
     "mamba": (lambda: T.MambaForCausalLM(T.MambaConfig(vocab_size=100, hidden_size=32, state_size=8, num_hidden_layers=2,
                                                        expand=2, conv_kernel=4, use_cache=False)), IDS),
     "swin": (lambda: T.SwinForImageClassification(T.SwinConfig(

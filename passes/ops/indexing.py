@@ -1,6 +1,6 @@
 """Indexing: slices, selections, unbind, items of multi-output ops, embedding lookups.
 
-A contiguous slice is elements ``start:end`` of its input (an offset map); a strided or
+A slice is elements ``start:end:step`` of its input (an offset or strided map); a
 data-dependent one freezes the sliced dim. ``select`` freezes the dim it picks from, and
 indexing by a tensor (``x[rows]``: tokens routed to experts) the dim its values pick from.
 An embedding's rows are the vocabulary (frozen) and its columns the channels. Capture
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import operator
 
+import numpy as np
 import torch
 from torch.fx import Node
 
@@ -22,7 +23,9 @@ aten = torch.ops.aten
 
 
 def _new_slice_bounds(node: Node, size) -> None:
-    """The bounds count only the kept channels before and inside the slice."""
+    """The bounds count only the kept channels before and inside the slice. A strided slice picks the kept
+    channels it read at their new places: a slice again where they are evenly spaced (interleaved gate and up
+    projections lose channels in pairs), else an index_select of those places."""
     x = node.args[0]
     n = len(size.shapes[value_key(x)])
     dim = arg(node, 1, "dim", 0) % n
@@ -30,13 +33,30 @@ def _new_slice_bounds(node: Node, size) -> None:
     if mask is None:
         return
     start, end, step = slice_bounds(node, len(mask))
-    new_start = int(mask[:start].sum())
-    node.args, node.kwargs = (x, dim, new_start, new_start + int(mask[start:end].sum()), step), {}
+    if step == 1:
+        new_start = int(mask[:start].sum())
+        node.args, node.kwargs = (x, dim, new_start, new_start + int(mask[start:end].sum()), step), {}
+        return
+    read = np.arange(start, end, step)
+    places = (np.cumsum(mask) - 1)[read[mask[read]]]
+    gaps = np.unique(np.diff(places))
+    if len(places) == 0 or len(gaps) <= 1:
+        first = int(places[0]) if len(places) else 0
+        new_step = int(gaps[0]) if len(gaps) else 1
+        node.args, node.kwargs = (x, dim, first, first + new_step * (len(places) - 1) + 1 if len(places) else 0,
+                                  new_step), {}
+        return
+    module = node.graph.owning_module
+    name = f"_fxprune_places_{node.name}"
+    module.register_buffer(name, torch.from_numpy(places.astype(np.int64)), persistent=False)
+    with node.graph.inserting_before(node):
+        index = node.graph.get_attr(name)
+    node.target, node.args, node.kwargs = aten.index_select.default, (x, dim, index), {}
 
 
 @register(aten.slice.Tensor, rewrite=_new_slice_bounds)
 def _slice(node: Node, c) -> None:
-    """A contiguous slice is an offset map; strided or data-dependent bounds freeze the dim."""
+    """A slice is an offset map (a strided one, for a step); data-dependent bounds freeze the dim."""
     x = node.args[0]
     n = len(c.shape(x))
     dim = arg(node, 1, "dim", 0) % n
@@ -51,11 +71,9 @@ def _slice(node: Node, c) -> None:
     for d in range(n):
         if d != dim:
             c.identity(x, d, node, d)
-        elif step == 1:
-            c.offset(node, d, x, d, start)
-        else:
-            c.freeze(x, d, "strided slice")
-            c.freeze(node, d, "strided slice")
+        else:  # element i is element start + i * step of the input
+            picked = np.arange(c.shape(node)[d])
+            c.pairs(node, d, x, d, picked, start + step * picked)
 
 
 def _narrow_to_slice(node: Node, size) -> None:

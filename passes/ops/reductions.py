@@ -41,6 +41,20 @@ def _reduce_dims(node: Node, c, dims) -> None:
             j += 1
 
 
+@register(aten.max.dim, aten.min.dim)
+def _reduce_with_indices(node: Node, c) -> None:
+    """``max(x, dim)``: values and indices over one dim, which is frozen; the other dims pass through to both."""
+    x = node.args[0]
+    n = len(c.shape(x))
+    dim = arg(node, 1, "dim") % n
+    keep = bool(arg(node, 2, "keepdim", False))
+    c.freeze(x, dim, "max/min over this dim")
+    for out in c.output_keys(node):
+        for d in range(n):
+            if d != dim:
+                c.identity(x, d, out, d - (d > dim and not keep))
+
+
 @register(aten.linalg_vector_norm.default)
 def _vector_norm(node: Node, c) -> None:
     """``linalg_vector_norm(x, ord, dim, keepdim)``: a reduction over ``dim`` (all dims when None)."""

@@ -25,6 +25,11 @@ def _rows(m, x):
     return m.b(m.a(x)[x[:, 0].argsort()])
 
 
+def _halves(m, x):
+    h = m.a(x)
+    return m.b(h[:, ::2]) + m.c(h[:, 1::2])
+
+
 def _columns(m, x):
     """Channels picked by values: the picked dim is frozen."""
     return m.b(m.a(x)[:, (x[0].abs() * 4).long() % 16][:, :8])
@@ -32,7 +37,11 @@ def _columns(m, x):
 
 CASES = [
     Case(aten.slice.Tensor, lin(lambda m, h: h[:, 2:12], out=10), nth=1),  # nth=0 is the full slice of the batch
-    Case(aten.slice.Tensor, lin(lambda m, h: h[:, ::2], out=8), nth=1, frozen="strided slice", rewrites=False),
+    # interleaved halves multiplied (gate and up projections stored alternately): channels 2j and 2j+1 go together,
+    # so the kept ones stay evenly spaced and the compact slice is strided again
+    Case(aten.slice.Tensor, lin(lambda m, h: h[:, ::2] * h[:, 1::2], out=8), nth=1),
+    # even and odd channels read by different layers: the kept even ones are not evenly spaced, an index_select
+    Case(aten.slice.Tensor, lambda: Block(_halves, a=nn.Linear(8, 16), b=nn.Linear(8, 4), c=nn.Linear(8, 4)), nth=1),
     Case(aten.narrow.default, lin(lambda m, h: h.narrow(1, 2, 10), out=10)),
     Case(aten.select.int, lin(lambda m, h: torch.stack([h, -h, 2 * h], 1)[:, 1]), dim=1),
     Case(aten.select.int, lin(lambda m, h: h[:, 3:4].expand(-1, 16) + h[:, 3, None]), dim=1, on_input=True,
