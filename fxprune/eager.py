@@ -100,10 +100,12 @@ def compact_eager(masked: nn.Module, keep: dict[tuple[str, int], np.ndarray], co
     original_config = copy.deepcopy(getattr(model, "config", None))
     before = {name: {a: getattr(m, a) for a in ("out_channels", "groups", "num_channels", "num_groups")
                      if hasattr(m, a)} for name, m in model.named_modules()}
+    shapes = {name: hf_attention.tensor_shapes(m) for name, m in model.named_modules()}
     _slice_tensors(model, keep)
     _resize_norms(model)
     for name, module in model.named_modules():
         _update_attributes(module, before[name])
+        hf_attention.update_widths(module, shapes[name])
     try:
         compare(model)
     except CompactionError:

@@ -42,6 +42,24 @@ def _resnet():
                                                          embedding_size=16, num_labels=5))
 
 
+def _mixtral():
+    return T.MixtralForCausalLM(T.MixtralConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                                num_key_value_heads=2, intermediate_size=128, vocab_size=100,
+                                                use_cache=False, num_local_experts=4, num_experts_per_tok=2))
+
+
+def _gpt_oss():
+    return T.GptOssForCausalLM(T.GptOssConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                              num_key_value_heads=2, head_dim=16, intermediate_size=128,
+                                              vocab_size=100, use_cache=False, num_local_experts=4,
+                                              num_experts_per_tok=2))
+
+
+def _mamba():
+    return T.MambaForCausalLM(T.MambaConfig(vocab_size=100, hidden_size=32, state_size=8, num_hidden_layers=2,
+                                            expand=2, conv_kernel=4, use_cache=False))
+
+
 def _first(out) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out[0]
 
@@ -69,6 +87,17 @@ def test_uniform_layers_give_a_checkpoint_that_reloads(build, x, tmp_path):
     assert sum(p.numel() for p in back.parameters()) < sum(p.numel() for p in model.parameters())
     for cls in repeated_blocks(pruning.groups):  # every repeated block kept the same width
         assert len({int(pruning.kept_channels[g].size) for g in cls}) == 1
+
+
+@pytest.mark.parametrize("build", [_mixtral, _gpt_oss, _mamba], ids=["mixtral", "gpt-oss", "mamba"])
+def test_experts_and_mamba_reload_with_the_hidden_size_pruned(build, tmp_path):
+    """Mixtral's config leaves head_dim None (fewer heads must not shrink it), its router reshapes to
+    ``(-1, self.hidden_dim)`` and Mamba's mixer splits by ``time_step_rank``: each follows the compact weights."""
+    model = build()
+    config = {**UNIFORM, "prune_hidden_size": True}
+    _, small, back = _round_trip(model, IDS, config, tmp_path)
+    assert back.config.hidden_size == small.config.hidden_size < model.config.hidden_size
+    assert sum(p.numel() for p in back.parameters()) < sum(p.numel() for p in model.parameters())
 
 
 def test_bert_reloads_when_only_its_ffn_is_pruned(tmp_path):

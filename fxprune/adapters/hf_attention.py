@@ -20,19 +20,27 @@ must match the sliced weights. Every name this takes on trust is here:
   ``GPT2Attention`` has ``num_heads`` but no separate query projection to read it from,
   and its forward splits the fused ``c_attn`` by a stored ``split_size``: pruned GPT-2
   heads make ``compact_eager`` refuse, and ``compact()`` is the way for them.
+- Widths kept in int attributes ``hidden_dim``, ``hidden_size``, ``intermediate_dim``,
+  ``intermediate_size`` and Mamba's ``time_step_rank`` by modules that own their tensors or
+  wrap plain layers (a mixture-of-experts router reshapes to ``(-1, self.hidden_dim)``; Mamba's
+  mixer splits ``x_proj``'s output by ``time_step_rank`` and the state size): such an attribute
+  that held the old size of a changed dim of the module's or its children's tensors takes the
+  new size, where that size had one new value.
 """
 
 from __future__ import annotations
 
 import torch.nn as nn
 
-__all__ = ["update_layer", "update_heads", "head_attributes", "head_attribute_values", "is_transposed_linear"]
+__all__ = ["update_layer", "update_heads", "update_widths", "head_attributes", "head_attribute_values",
+           "is_transposed_linear", "tensor_shapes"]
 
 HEAD_COUNTS = ("num_heads", "num_attention_heads", "n_head")
 HEAD_SIZES = ("head_dim", "attention_head_size")
 QUERY = ("q_proj", "query", "q")
 KEY = ("k_proj", "key", "k")
 HEAD_ATTRIBUTES = (*HEAD_COUNTS, *HEAD_SIZES, "all_head_size", "num_key_value_heads", "num_key_value_groups")
+WIDTHS = ("hidden_dim", "hidden_size", "intermediate_dim", "intermediate_size", "time_step_rank")
 
 
 def is_transposed_linear(module: nn.Module) -> bool:
@@ -44,6 +52,27 @@ def update_layer(module: nn.Module) -> None:
     """A Hugging Face layer that no ``torch.nn`` class covers: its size attributes follow its weight."""
     if is_transposed_linear(module):
         module.nf = module.weight.shape[1]
+
+
+def tensor_shapes(module: nn.Module) -> dict[str, tuple]:
+    """Shapes of the module's own parameters and those of its direct children, by their name in the module."""
+    own = [(n, p) for n, p in module.named_parameters(recurse=False)]
+    for child_name, child in module.named_children():
+        own += [(f"{child_name}.{n}", p) for n, p in child.named_parameters(recurse=False)]
+    return {n: tuple(p.shape) for n, p in own}
+
+
+def update_widths(module: nn.Module, before: dict[str, tuple]) -> None:
+    """Width attributes (``WIDTHS``) that held the old size of a changed dim take its new size."""
+    new_sizes: dict[int, set] = {}
+    for name, shape in tensor_shapes(module).items():
+        for old, new in zip(before.get(name, shape), shape):
+            if old != new:
+                new_sizes.setdefault(old, set()).add(new)
+    for attr in WIDTHS:
+        value = getattr(module, attr, None)
+        if isinstance(value, int) and not isinstance(value, bool) and len(new_sizes.get(value, ())) == 1:
+            setattr(module, attr, next(iter(new_sizes[value])))
 
 
 def update_heads(module: nn.Module) -> None:

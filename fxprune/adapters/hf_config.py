@@ -26,7 +26,7 @@ from fxprune.errors import CompactionError
 __all__ = ["ConfigFit", "fit_config", "attach_config", "refuse_save_pretrained"]
 
 # fields that look like widths; others (dropout, eps, vocabulary, positions, image geometry) never change here
-_WIDTH = re.compile(r"size|dim|head|embd|inner|ffn|channels|hidden|width|features")
+_WIDTH = re.compile(r"size|dim|head|embd|inner|ffn|channels|hidden|width|features|rank")
 _NOT_WIDTH = re.compile(r"vocab|position|image_size|patch_size|num_channels|window|stride|labels|layers|id$|eps")
 
 
@@ -91,9 +91,11 @@ def fit_config(model: torch.nn.Module, original_config, agrees, hints: dict | No
     cls = type(model)
     target = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     base_config = copy.deepcopy(original_config)
-    if not hasattr(base_config, "head_dim") and isinstance(getattr(base_config, "num_attention_heads", None), int) \
+    if getattr(base_config, "head_dim", None) is None and isinstance(getattr(base_config, "num_attention_heads", None),
+                                                                     int) \
             and isinstance(getattr(base_config, "hidden_size", None), int):
-        base_config.head_dim = base_config.hidden_size // base_config.num_attention_heads  # read by some classes
+        # read by some classes, and None in some configs (Mixtral): fewer heads must not shrink the head size
+        base_config.head_dim = base_config.hidden_size // base_config.num_attention_heads
     base = _shapes(cls, base_config)
     if base is None or set(base) != set(target):
         return ConfigFit(None, problems=[f"{cls.__name__} does not rebuild from its config with the same weights"])
