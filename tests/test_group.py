@@ -313,3 +313,26 @@ def test_activation_matmul_still_freezes_next_to_a_transposed_weight():
     p = _compile(MatmulTransposedWeight(mix=True), torch.randn(2, 5, 8))
     assert _group_of(p, "w1", 0)[0] is None
     assert "matmul of two activations" in p.grouping.blocked[("w1", 0)]
+
+
+class EinsumAttention(nn.Module):
+    """Heads written as einsums: q.k and attention.v contract activations, the projections a parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = (nn.Parameter(torch.randn(4, 8, 16) * 0.3) for _ in range(3))  # [heads, head_dim, in]
+        self.o = nn.Parameter(torch.randn(16, 4, 8) * 0.3)  # [out, heads, head_dim]
+
+    def forward(self, x):  # x: [batch, tokens, 16]
+        q, k, v = (torch.einsum("...ti,hdi->...htd", x, w) for w in (self.q, self.k, self.v))
+        attention = torch.einsum("bhtd,bhsd->bhts", q, k).softmax(-1)
+        return torch.einsum("bhtd,ohd->bto", torch.einsum("bhts,bhsd->bhtd", attention, v), self.o)
+
+
+def test_einsum_heads_prune_and_its_activation_contractions_freeze():
+    p = _compile(EinsumAttention(), torch.randn(2, 5, 16))
+    heads, _ = _group_of(p, "q", 0)
+    assert heads is not None and _group_of(p, "k", 0)[0] is heads and _group_of(p, "v", 0)[0] is heads
+    assert _group_of(p, "o", 1)[0] is heads  # the output projection reads every head
+    assert "einsum sums over this dim without a parameter" in p.grouping.blocked[("q", 1)]  # q.k contracts head_dim
+    _exact(p)

@@ -7,9 +7,12 @@ would still be multiplied by the other's. Attention passes heads through (groupe
 heads as blocks) and freezes the q.k contraction. A grouped matmul (mixture-of-experts
 layers) multiplies each run of rows by its expert's matrix; the experts share the in and
 out channels of their stacked weight, so an expert channel goes from every expert at once.
+An einsum is read letter by letter: kept letters pass through, summed ones contract.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch.fx import Node
@@ -123,6 +126,67 @@ def _grouped_mm(node: Node, c) -> None:
     else:
         c.freeze(x, 1, "grouped matmul with weights that are not parameters")
         c.freeze(w, 1, "grouped matmul with weights that are not parameters")
+
+
+def _einsum_letters(equation: str, ranks: list[int]) -> tuple[list[str], str] | None:
+    """Each operand's letters and the output's, ``...`` spelled out as letters of its own; None if not parsable."""
+    equation = equation.replace(" ", "")
+    inputs, _, output = equation.partition("->")
+    terms = inputs.split(",")
+    if len(terms) != len(ranks) or not _:
+        return None
+    spare = [chr(c) for c in range(0x100, 0x100 + 64)]  # letters no equation uses, for the ellipsis dims
+    widest = max((r - len(t.replace("...", "")) for t, r in zip(terms, ranks) if "..." in t), default=0)
+    ellipsis = "".join(spare[:widest])
+
+    def spell(term: str, rank: int | None) -> str:
+        if "..." not in term:
+            return term
+        n = widest if rank is None else rank - len(term.replace("...", ""))
+        return term.replace("...", ellipsis[len(ellipsis) - n:])  # broadcast from the right
+
+    letters = [spell(t, r) for t, r in zip(terms, ranks)]
+    if any(len(t) != r for t, r in zip(letters, ranks)):
+        return None
+    return letters, spell(output, None)
+
+
+def _einsum_macs(args, out) -> int:
+    equation, operands = args[0], args[1]
+    parsed = _einsum_letters(equation, [t.dim() for t in operands])
+    if parsed is None:
+        return 0
+    sizes = {}
+    for letters, t in zip(parsed[0], operands):
+        sizes.update({c: max(sizes.get(c, 1), n) for c, n in zip(letters, t.shape)})
+    return math.prod(sizes.values()) if len(operands) > 1 else 0
+
+
+@register(aten.einsum.default, macs=_einsum_macs)
+def _einsum(node: Node, c) -> None:
+    """A letter in the output passes through from every operand that has it; a letter summed away is a
+    contraction, prunable only between two operands one of which is a parameter (as in a matmul)."""
+    equation, operands = node.args[0], list(node.args[1])
+    shapes = [c.shape(t) for t in operands]
+    parsed = _einsum_letters(equation, [len(s) if s is not None else -1 for s in shapes])
+    if parsed is None or any(len(set(t)) != len(t) for t in parsed[0]):
+        c.freeze_all(node, "einsum with a repeated index or an equation not read")
+        return
+    letters, output = parsed
+    where: dict[str, list] = {}
+    for t, term in zip(operands, letters):
+        for d, letter in enumerate(term):
+            where.setdefault(letter, []).append((t, d))
+    for letter, places in where.items():
+        if letter in output:
+            for t, d in places:
+                c.identity(t, d, node, output.index(letter))
+        elif len(places) == 2 and any(param_backed(t, c) for t, _ in places):
+            (a, da), (b, db) = places
+            c.identity(a, da, b, db)
+        else:
+            for t, d in places:
+                c.freeze(t, d, "einsum sums over this dim without a parameter on one side")
 
 
 def _sdpa_macs(args, out) -> int:

@@ -53,6 +53,11 @@ CASES = [
     Case(aten.scaled_dot_product_attention.default,
          block(_attention, q=nn.Linear(4, 16), k=nn.Linear(4, 16), v=nn.Linear(4, 16), o=nn.Linear(16, 4)),
          dim=1, macs=(2 * 4 * 2) * 2 * (4 + 4)),  # heads pruned whole
+    Case(aten.einsum.default, block(lambda m, x: m.b(F.relu(torch.einsum("bi,ij->bj", m.a(x), m.w))), a=nn.Linear(8, 16),
+                                   w=weight(16, 12), b=nn.Linear(12, 4)), macs=2 * 16 * 12),
+    # an ellipsis for the leading dims, the weight stored (out, in)
+    Case(aten.einsum.default, block(lambda m, x: m.b(F.relu(torch.einsum("...i,ji->...j", m.a(x), m.w))),
+                                   a=nn.Linear(8, 16), w=weight(12, 16), b=nn.Linear(12, 4)), macs=2 * 16 * 12),
     Case("transformers.grouped_mm_fallback.default",
          block(_experts, a=nn.Linear(8, 16), w=weight(3, 16, 12), b=nn.Linear(12, 4)), macs=2 * 12 * 16),
 ]
