@@ -19,7 +19,7 @@ from fxprune.compaction import Compaction
 from fxprune.config import PruningConfig, parse_config
 from fxprune.masking import Masking
 from fxprune.passes.group import Group, Grouping, group_channels
-from fxprune.passes.trace import Captured, capture
+from fxprune.passes.trace import RANDOM_ADVICE, Captured, capture, random_ops
 from fxprune.progress import stages
 
 __all__ = ["compile", "Pruning"]
@@ -70,6 +70,7 @@ def compile(model: torch.nn.Module, example_inputs: tuple, config: dict | Prunin
         next_stage()
         grouping = group_channels(captured.graph_module)
     _warn_dynamic_freezes(grouping, {n for n, _ in work.named_parameters(remove_duplicate=False)})
+    _warn_random(captured.graph_module)
     return Pruning(work, captured, grouping, configs)
 
 
@@ -92,6 +93,14 @@ def _warn_dynamic_freezes(grouping: Grouping, parameters: set[str]) -> None:
                       f"(e.g. {name}[{dim}]: {reason}); pass dynamic_shapes={{}} to capture at the example's "
                       "shapes and prune them, at the cost of a compact model fixed to those shapes",
                       UserWarning, stacklevel=3)
+
+
+def _warn_random(graph_module) -> None:
+    """A forward that draws random numbers cannot be checked: compact() compares two runs on the example."""
+    drawn = random_ops(graph_module)
+    if drawn:
+        warnings.warn(f"{RANDOM_ADVICE.format(ops=', '.join(drawn[:3]))}; compact() compares the compact model with "
+                      "the masked one on the example, which fails until then", UserWarning, stacklevel=3)
 
 
 class Pruning(Masking, Compaction, Calibration):

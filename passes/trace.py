@@ -22,7 +22,7 @@ from fxprune.errors import CaptureError, ExampleInputsError
 from fxprune.passes.shapes import (DYNAMIC_META, bind_spec, default_dynamic_shapes, recorded_dims, to_export_arg,
                                    var_keyword_names, widen_size_one)
 
-__all__ = ["Captured", "capture", "user_frame", "source_line"]
+__all__ = ["Captured", "capture", "user_frame", "source_line", "random_ops", "RANDOM_ADVICE"]
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -228,3 +228,25 @@ def _shapes(inputs, kwargs=None) -> str:
         return f"Tensor{tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
 
     return ", ".join([one(x) for x in inputs] + [f"{k}={one(v)}" for k, v in (kwargs or {}).items()])
+
+RANDOM_ADVICE = ("forward draws random numbers ({ops}), so two runs on the same input differ: make the random "
+                 "tensor an input of forward (some models take one, e.g. noise=...)")
+
+
+def random_ops(graph_module: torch.fx.GraphModule) -> list[str]:
+    """The ops in the graph that draw random numbers (PyTorch tags them ``nondeterministic_seeded``), each with
+    its source line: a model with one computes something new on every run, so no two runs can be compared."""
+    found = []
+    for node in graph_module.graph.nodes:
+        target = node.target
+        if node.op == "call_function" and isinstance(target, torch._ops.OpOverload) \
+                and torch.Tag.nondeterministic_seeded in target.tags and not _off(node):
+            found.append(f"{target} at {source_line(node)}")
+    return found
+
+
+def _off(node: torch.fx.Node) -> bool:
+    """A dropout (or attention with dropout) captured in eval mode: probability 0 or ``train=False``."""
+    given = {a.name: node.args[i] if i < len(node.args) else node.kwargs.get(a.name, a.default_value)
+             for i, a in enumerate(node.target._schema.arguments)}
+    return given.get("train") is False or given.get("p") == 0 or given.get("dropout_p") == 0

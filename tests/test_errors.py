@@ -171,3 +171,33 @@ def test_compile_takes_a_module(mlp):
     _, x = mlp
     with pytest.raises(TypeError, match="fxprune.compile takes a torch.nn.Module, got str"):
         fxprune.compile("not a model", x)
+
+
+class _Noisy(nn.Module):
+    """Adds noise it draws itself, like ViTMAE's patch shuffle: no two runs agree."""
+
+    def __init__(self, draws: bool):
+        super().__init__()
+        self.draws = draws
+        self.a, self.drop, self.b = nn.Linear(8, 16), nn.Dropout(0.5), nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = self.drop(torch.relu(self.a(x)))  # dropout in eval mode: deterministic, not reported
+        return self.b(h * (1 + torch.rand(h.shape[0], 1)) if self.draws else h)  # noise per sample
+
+
+def test_a_forward_that_draws_random_numbers_is_named_at_compile_and_at_compact():
+    x = (torch.randn(2, 8),)
+    with pytest.warns(UserWarning, match=r"forward draws random numbers \(aten\.rand\.default at test_errors"):
+        pruning = fxprune.compile(_Noisy(draws=True), x, {"target_sparsity": 0.5})
+    with pytest.raises(fxprune.CompactionError, match=r"differs from the masked model.*forward draws random numbers"
+                                                      r".*make the random tensor an input"):
+        pruning.prune().compact()
+
+
+def test_eval_mode_dropout_is_not_taken_for_randomness():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        fxprune.compile(_Noisy(draws=False), (torch.randn(2, 8),), {"target_sparsity": 0.5}).prune().compact()

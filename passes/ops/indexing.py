@@ -121,26 +121,49 @@ def _select(node: Node, c) -> None:
 
 @register(aten.index.Tensor)
 def _index(node: Node, c) -> None:
-    """``x[..., idx, ...]`` with one index tensor: the dims it picks from are frozen (their elements are chosen by
-    values), the dims it makes are frozen too (they are the index's), and the other dims pass through."""
-    x, indices = node.args[0], node.args[1]
-    picked = [k for k, t in enumerate(indices) if t is not None]
-    idx = indices[picked[0]] if len(picked) == 1 else None
-    val = idx.meta.get("val") if isinstance(idx, Node) else None
-    if val is None or not c.is_tensor(x) or not c.is_tensor(node):
-        c.freeze_all(node, "indexing by several index tensors or by a non-tensor")
+    """``x[..., idx, ...]``: the dims index tensors pick from are frozen (their elements are chosen by values), the
+    dims the indices make are frozen too (they are the indices'), and the other dims pass through. Several index
+    tensors broadcast together (``h[arange(b), eos]``); apart, their dims go first, as in PyTorch."""
+    x, indices = node.args[0], list(node.args[1])
+    vals = {k: t.meta.get("val") for k, t in enumerate(indices) if isinstance(t, Node)}
+    if not vals or len(vals) != sum(t is not None for t in indices) or any(v is None for v in vals.values()) \
+            or (len(vals) > 1 and any(v.dtype == torch.bool for v in vals.values())) \
+            or not c.is_tensor(x) or not c.is_tensor(node):
+        c.freeze_all(node, "indexing by a boolean mask among other indices, or by a non-tensor")
         return
-    k, n = picked[0], len(c.shape(x))
-    consumed, made = (val.dim(), 1) if val.dtype == torch.bool else (1, val.dim())
+    picked = sorted(vals)
+    n, out_n = len(c.shape(x)), len(c.shape(node))
+    consumed = vals[picked[0]].dim() if len(picked) == 1 and vals[picked[0]].dtype == torch.bool else 1
+    taken = set(range(picked[0], picked[0] + consumed)) if consumed > 1 else set(picked)
+    made = out_n - (n - len(taken))  # the broadcast index dims
+    first = picked[0] if picked == list(range(picked[0], picked[-1] + 1)) else 0  # where those dims go
+    j = 0
     for d in range(n):
-        if d < k:
-            c.identity(x, d, node, d)
-        elif d < k + consumed:
+        if d in taken:
             c.freeze(x, d, "indexed by tensor values")
-        else:
-            c.identity(x, d, node, d - consumed + made)
-    for d in range(k, k + made):
+            continue
+        if j == first:
+            j += made
+        c.identity(x, d, node, j)
+        j += 1
+    for d in range(first, first + made):
         c.freeze(node, d, "dims of an index tensor")
+
+
+@register(aten.gather.default)
+def _gather(node: Node, c) -> None:
+    """``gather(x, dim, index)`` moves elements along ``dim`` only: there they are chosen by values (frozen);
+    every other dim passes through, from x and from the index (which has the output's shape)."""
+    x, index = node.args[0], node.args[2]
+    n = len(c.shape(x))
+    dim = node.args[1] % n
+    for d in range(n):
+        if d == dim:
+            c.freeze(x, d, "gathered by tensor values")
+            c.freeze(node, d, "gathered by tensor values")
+        else:
+            c.identity(x, d, node, d)
+            c.identity(index, d, node, d)
 
 
 @register(aten.unbind.int)

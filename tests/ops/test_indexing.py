@@ -25,6 +25,19 @@ def _rows(m, x):
     return m.b(m.a(x)[x[:, 0].argsort()])
 
 
+def _pairs(m, x):
+    """One row of each sample, chosen by values (CLIP's end-of-text token): two index tensors together."""
+    h = torch.stack([m.a(x), -m.a(x)], 1)  # [B, 2, 16]
+    return m.b(h[torch.arange(h.shape[0]), (x[:, 0] > 0).long()])
+
+
+def _gathered(m, x):
+    """Rows gathered by an index that is expanded along the channels (ViTMAE's kept patches)."""
+    h = m.a(x)[:, None].expand(-1, 3, -1)  # [B, 3, 16]
+    index = (x[:, :2].abs() * 3).long().clamp(max=2)[:, :, None].expand(-1, -1, 16)
+    return m.b(torch.gather(h, 1, index).sum(1))
+
+
 def _halves(m, x):
     h = m.a(x)
     return m.b(h[:, ::2]) + m.c(h[:, 1::2])
@@ -53,6 +66,8 @@ CASES = [
     Case(aten.index.Tensor, lambda: Block(_rows, a=nn.Linear(8, 16), b=nn.Linear(16, 4)), dim=-1),
     Case(aten.index.Tensor, lambda: Block(_columns, a=nn.Linear(8, 16), b=nn.Linear(8, 4)), dim=1, on_input=True,
          frozen="indexed by tensor values"),
+    Case(aten.index.Tensor, lambda: Block(_pairs, a=nn.Linear(8, 16), b=nn.Linear(16, 4)), dim=-1),
+    Case(aten.gather.default, lambda: Block(_gathered, a=nn.Linear(8, 16), b=nn.Linear(16, 4)), dim=-1),
     Case(aten.embedding.default, lambda: Block(_embed, e=nn.Embedding(20, 16), b=nn.Linear(16, 4)), dim=-1),
 ]
 
