@@ -139,6 +139,15 @@ class Couplings:
         n = self._shape_of(coarse)[dc % len(self._shape_of(coarse))]
         self.pairs(coarse, dc, fine, df, np.repeat(np.arange(n), factor), np.arange(n * factor))
 
+    def pass_except(self, a, b, frozen: set[int], reason: str) -> None:
+        """Every dim of ``a`` is the same dim of ``b`` (same rank), except ``frozen``, frozen on both."""
+        for d in range(len(self._shape_of(a))):
+            if d in frozen:
+                self.freeze(a, d, reason)
+                self.freeze(b, d, reason)
+            else:
+                self.identity(a, d, b, d)
+
     def freeze(self, arg, dim: int | None = None, reason: str = "") -> None:
         """Mark one dim (or all dims) of a value as not prunable, with the reason."""
         key = value_key(arg) if not isinstance(arg, str) else arg

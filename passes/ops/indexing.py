@@ -155,15 +155,9 @@ def _gather(node: Node, c) -> None:
     """``gather(x, dim, index)`` moves elements along ``dim`` only: there they are chosen by values (frozen);
     every other dim passes through, from x and from the index (which has the output's shape)."""
     x, index = node.args[0], node.args[2]
-    n = len(c.shape(x))
-    dim = node.args[1] % n
-    for d in range(n):
-        if d == dim:
-            c.freeze(x, d, "gathered by tensor values")
-            c.freeze(node, d, "gathered by tensor values")
-        else:
-            c.identity(x, d, node, d)
-            c.identity(index, d, node, d)
+    dim = node.args[1] % len(c.shape(x))
+    c.pass_except(x, node, {dim}, "gathered by tensor values")
+    c.pass_except(index, node, {dim}, "gathered by tensor values")
 
 
 @register(aten.unbind.int)

@@ -177,14 +177,7 @@ def _repeat_interleave(node: Node, c) -> None:
     if dim is None:
         c.freeze_all(node, "repeat_interleave over the flattened tensor")
         return
-    n = len(c.shape(x))
-    dim %= n
-    for d in range(n):
-        if d == dim:
-            c.freeze(x, d, "repeat_interleave repeats elements along this dim")
-            c.freeze(node, d, "repeat_interleave repeats elements along this dim")
-        else:
-            c.identity(x, d, node, d)
+    c.pass_except(x, node, {dim % len(c.shape(x))}, "repeat_interleave repeats elements along this dim")
 
 
 @register(aten.flip.default)

@@ -109,10 +109,4 @@ def _pad(node: Node, c) -> None:
     """Padded dims are frozen; the rest pass through."""
     x, pad = node.args[0], node.args[1]
     n = len(c.shape(x))
-    padded = {n - 1 - i // 2 for i, p in enumerate(pad) if p != 0}
-    for d in range(n):
-        if d in padded:
-            c.freeze(x, d, "padded dim")
-            c.freeze(node, d, "padded dim")
-        else:
-            c.identity(x, d, node, d)
+    c.pass_except(x, node, {n - 1 - i // 2 for i, p in enumerate(pad) if p != 0}, "padded dim")
