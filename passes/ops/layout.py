@@ -2,7 +2,8 @@
 
 Each moves elements without mixing them, so channels map one to one: permutations
 relabel dims, cat/split/stack place inputs at offsets along a dim, flip reverses one,
-repeat_interleave repeats along one dim (frozen) and passes the others through; a tensor
+repeat_interleave repeats along one dim (frozen) and passes the others through, repeat tiles
+(a channel goes from every copy); a tensor
 made from sizes (zeros, ones, full) has the channels of the ops that read it. A
 reshape that keeps every dim couples at once; one that merges or splits dims is resolved
 by :mod:`fxprune.passes.reshape` after every other rule. Capture fixes view, reshape,
@@ -178,6 +179,26 @@ def _repeat_interleave(node: Node, c) -> None:
         c.freeze_all(node, "repeat_interleave over the flattened tensor")
         return
     c.pass_except(x, node, {dim % len(c.shape(x))}, "repeat_interleave repeats elements along this dim")
+
+
+@register(aten.repeat.default)
+def _repeat(node: Node, c) -> None:
+    """``x.repeat(r0, r1, ...)`` tiles x: element i of a tiled dim is element i % n of x, so a channel goes from
+    every copy at once; leading dims the repeats add are new (frozen). The repeats themselves need no rewrite."""
+    x, repeats = node.args[0], list(node.args[1])
+    n, out_n = len(c.shape(x)), len(c.shape(node))
+    for d in range(out_n - n):
+        c.freeze(node, d, "dim added by repeat")
+    for d in range(n):
+        o, size = out_n - n + d, c.shape(x)[d]
+        if repeats[o] == 1:
+            c.identity(x, d, node, o)
+        elif isinstance(repeats[o], int) and size is not None and not c.is_dynamic(x, d):
+            tiled = np.arange(size * repeats[o])
+            c.pairs(node, o, x, d, tiled, tiled % size)
+        else:
+            c.freeze(x, d, "repeat of a dynamic dim")
+            c.freeze(node, o, "repeat of a dynamic dim")
 
 
 @register(aten.flip.default)

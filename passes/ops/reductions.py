@@ -99,7 +99,8 @@ register(aten.max_pool1d.default, aten.avg_pool1d.default, aten.adaptive_avg_poo
          aten.adaptive_max_pool1d.default)(_window(1))
 register(aten.max_pool2d.default, aten.avg_pool2d.default, aten.adaptive_avg_pool2d.default,
          aten.adaptive_max_pool2d.default, aten.max_pool2d_with_indices.default,
-         aten.upsample_nearest2d.vec, aten.upsample_bilinear2d.vec, aten._adaptive_avg_pool2d.default)(_window(2))
+         aten.upsample_nearest2d.vec, aten.upsample_bilinear2d.vec, aten.upsample_bicubic2d.vec,
+         aten._adaptive_avg_pool2d.default)(_window(2))
 register(aten.max_pool3d.default, aten.avg_pool3d.default, aten.adaptive_avg_pool3d.default,
          aten.adaptive_max_pool3d.default)(_window(3))
 

@@ -65,6 +65,8 @@ CASES = [
     Case(aten.tensor_split.indices, pieces(lambda h: torch.tensor_split(h, [4], 1)), dim=(1, 1)),
     Case(aten.flip.default, lin(lambda m, h: h.flip(1))),
     Case(aten._assert_tensor_metadata.default, lin(lambda m, h: h.to(torch.float32).double()), dim=None),
+    Case(aten.repeat.default, lin(lambda m, h: h.repeat(1, 2), out=32)),  # two copies of the channels, side by side
+    Case(aten.repeat.default, lin(lambda m, h: h.repeat(3, 1, 1).sum(0))),  # a leading dim added
     Case(aten.repeat_interleave.self_int, lin(lambda m, h: h.unsqueeze(1).repeat_interleave(2, dim=1).sum(1))),
     Case(aten.repeat_interleave.self_int, lin(lambda m, h: h.repeat_interleave(2, dim=1), out=32), dim=1,
          frozen="repeat_interleave repeats"),

@@ -61,6 +61,7 @@ CASES = [
          dim=(0, 1)),
     Case(aten.upsample_nearest2d.vec, spatial(lambda h: F.interpolate(h, scale_factor=2.0, mode="nearest")), dim=1),
     Case(aten.upsample_bilinear2d.vec, spatial(lambda h: F.interpolate(h, scale_factor=2.0, mode="bilinear")), dim=1),
+    Case(aten.upsample_bicubic2d.vec, spatial(lambda h: F.interpolate(h, scale_factor=2.0, mode="bicubic")), dim=1),
     Case(aten._adaptive_avg_pool2d.default, spatial(lambda h: aten._adaptive_avg_pool2d(h, [2, 2])), dim=1),
     Case(aten.max_pool3d.default, spatial(lambda h: F.max_pool3d(h, (1, 2, 2)), 3), dim=1),
     Case(aten.avg_pool3d.default, spatial(lambda h: F.avg_pool3d(h, (1, 2, 2)), 3), dim=1),
