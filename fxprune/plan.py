@@ -7,6 +7,7 @@ layout is fingerprinted so a plan never lands on a different architecture.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 
 from fxprune.errors import PruningError
+from fxprune.passes.ops.registry import LIBRARIES
 from fxprune.passes.shapes import export_program
 
 __all__ = ["plan_of", "save_plan", "load_plan", "apply_plan", "save_compact", "load_compact"]
@@ -99,14 +101,27 @@ def load_compact(path: str | os.PathLike) -> torch.nn.Module:
     if not os.path.isfile(name):
         raise FileNotFoundError(f"{name}: no such file; write one with fxprune.save_compact(model, path, "
                                 "example_inputs)")
-    with _held_log("torch.export") as held:
-        try:
-            return torch.export.load(name).module()
-        except Exception as err:
-            cause = next((r.exc_info[1] for r in reversed(held.records) if r.exc_info), err)
-            raise PruningError(f"{name} cannot be loaded: truncated or not a .pt2 written by save_compact "
-                               f"({type(cause).__name__}: {_first_sentence(cause)}); save it again with "
-                               "fxprune.save_compact") from err
+    for attempt in range(2):
+        with _held_log("torch.export") as held:
+            try:
+                return torch.export.load(name).module()
+            except Exception as err:
+                cause = next((r.exc_info[1] for r in reversed(held.records) if r.exc_info), err)
+                op = re.search(r"torch\.ops\.(\w+)\.(\w+)", str(cause))
+                if op is None:
+                    raise PruningError(f"{name} cannot be loaded: truncated or not a .pt2 written by save_compact "
+                                       f"({type(cause).__name__}: {_first_sentence(cause)}); save it again with "
+                                       "fxprune.save_compact") from err
+                library = LIBRARIES.get(op.group(1))
+                if attempt == 0 and library is not None:  # a library the graph's ops come from: load it, retry
+                    try:
+                        importlib.import_module(library)
+                        continue
+                    except ImportError:
+                        pass
+                raise PruningError(f"{name} uses the custom op {op.group(0)}, which nothing imported in this "
+                                   f"process defines: import {library or 'the library that defines it'} "
+                                   "first, then load it again") from err
 
 
 def _first_sentence(err: BaseException) -> str:

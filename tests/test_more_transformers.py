@@ -20,7 +20,7 @@ import torch
 import transformers as T
 
 import fxprune
-from tests.checks import assert_compact_matches_masked, assert_onnx_matches, fresh_like
+from tests.checks import assert_compact_matches_masked, assert_onnx_matches, fresh_like, tensors
 
 IDS = (torch.randint(3, 100, (1, 16), generator=torch.Generator().manual_seed(0)),)
 PIXELS = (torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)),)
@@ -124,3 +124,24 @@ def test_expert_channels_go_from_every_expert_and_the_onnx_file_takes_other_batc
     batch = (torch.randint(3, 100, (3, 16), generator=torch.Generator().manual_seed(1)),)
     assert_compact_matches_masked(pruning, small, batch, **EXACT)
     assert_onnx_matches(fxprune.export_onnx(small, tmp_path / "small.onnx", IDS).path, small, batch, **ONNX)
+
+
+def test_a_saved_mixture_of_experts_loads_in_a_process_that_never_imported_transformers(tmp_path):
+    """The .pt2 holds transformers' grouped-matmul op; load_compact imports the module that defines it."""
+    import subprocess
+    import sys
+
+    torch.manual_seed(0)
+    model = _causal(T.MixtralForCausalLM, T.MixtralConfig, num_local_experts=4, **MOE)().eval()
+    small = fxprune.compile(model, IDS, {"target_sparsity": 0.5}).prune().compact()
+    fxprune.save_compact(small, tmp_path / "small.pt2", IDS)
+    batch = torch.randint(3, 100, (3, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.save((batch, tensors(small(batch))[0]), tmp_path / "reference.pt")
+    code = ("import sys, torch, fxprune; batch, want = torch.load(sys.argv[1] + '/reference.pt'); "
+            "assert 'transformers' not in sys.modules; loaded = fxprune.load_compact(sys.argv[1] + '/small.pt2'); "
+            "got = loaded(batch); got = got[0] if isinstance(got, (tuple, list)) else got; "
+            "got = got if isinstance(got, torch.Tensor) else got.logits; "
+            "torch.testing.assert_close(got.detach(), want, atol=1e-6, rtol=1e-5); print('same')")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "same" in done.stdout, done.stderr[-2000:]

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from torch.fx import Node
 
-__all__ = ["Op", "OPS", "register", "apply_rule", "lookup", "op_name"]
+__all__ = ["Op", "OPS", "LIBRARIES", "register", "apply_rule", "lookup", "op_name"]
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,10 @@ class Op:
 
 
 OPS: dict = {}
+
+# the module that registers the custom ops of a namespace the table names (a .pt2 holding one loads only
+# once that module is imported)
+LIBRARIES = {"transformers": "transformers.integrations.moe"}
 
 
 def register(*targets, rewrite: Callable | None = None, macs: Callable | None = None):
