@@ -108,20 +108,21 @@ def load_compact(path: str | os.PathLike) -> torch.nn.Module:
             except Exception as err:
                 cause = next((r.exc_info[1] for r in reversed(held.records) if r.exc_info), err)
                 op = re.search(r"torch\.ops\.(\w+)\.(\w+)", str(cause))
-                if op is None:
-                    raise PruningError(f"{name} cannot be loaded: truncated or not a .pt2 written by save_compact "
-                                       f"({type(cause).__name__}: {_first_sentence(cause)}); save it again with "
-                                       "fxprune.save_compact") from err
-                library = LIBRARIES.get(op.group(1))
-                if attempt == 0 and library is not None:  # a library the graph's ops come from: load it, retry
+                custom = op is not None and op.group(1) not in ("aten", "prims") and attempt == 0
+                library = LIBRARIES.get(op.group(1)) if custom else None
+                if library is not None:  # a library the graph's ops come from: import it and read again
                     try:
                         importlib.import_module(library)
                         continue
                     except ImportError:
                         pass
-                raise PruningError(f"{name} uses the custom op {op.group(0)}, which nothing imported in this "
-                                   f"process defines: import {library or 'the library that defines it'} "
-                                   "first, then load it again") from err
+                if custom:
+                    raise PruningError(f"{name} uses the custom op {op.group(0)}, which nothing imported in this "
+                                       f"process defines: import {library or 'the library that defines it'} "
+                                       "first, then load it again") from err
+                raise PruningError(f"{name} cannot be loaded: truncated or not a .pt2 written by save_compact "
+                                   f"({type(cause).__name__}: {_first_sentence(cause)}); save it again with "
+                                   "fxprune.save_compact") from err
 
 
 def _first_sentence(err: BaseException) -> str:

@@ -131,7 +131,9 @@ def compact_graph(gm: GraphModule, grouping: Grouping, atom_kept: np.ndarray,
         if entry is not None and entry.rewrite is not None:
             entry.rewrite(node, size)
     gm.graph.lint()
+    transient = set(gm._non_persistent_buffers_set)  # e.g. a strided slice's places: not state, rebuilt each time
     gm = CompactGraphModule(gm, gm.graph, meta=gm.meta)
+    gm._non_persistent_buffers_set.update(name for name in transient if name in gm._buffers)
     gm.meta["fxprune_expected_shapes"] = {k: size.shape(k) for k in grouping.shapes
                                           if not k.startswith(PARAM_PREFIX)}
     return gm

@@ -336,3 +336,21 @@ def test_einsum_heads_prune_and_its_activation_contractions_freeze():
     assert _group_of(p, "o", 1)[0] is heads  # the output projection reads every head
     assert "einsum sums over this dim without a parameter" in p.grouping.blocked[("q", 1)]  # q.k contracts head_dim
     _exact(p)
+
+
+class IndexFromChannels(nn.Module):
+    """A lookup whose index is computed from the channels: pruning them would shrink the index, not the output."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.table = nn.Linear(8, 16), nn.Linear(16, 4), nn.Parameter(torch.randn(2, 4))
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.b(h) + self.table[(h > 0).long()].sum((1, 2))[:, None]
+
+
+def test_channels_used_as_an_index_are_frozen():
+    p = _compile(IndexFromChannels(), torch.randn(3, 8))
+    assert "used as an index" in p.grouping.blocked[("a.weight", 0)]
+    assert _group_of(p, "b.weight", 1)[0] is None

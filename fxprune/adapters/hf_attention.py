@@ -25,7 +25,8 @@ must match the sliced weights. Every name this takes on trust is here:
   wrap plain layers (a mixture-of-experts router reshapes to ``(-1, self.hidden_dim)``; Mamba's
   mixer splits ``x_proj``'s output by ``time_step_rank`` and the state size): such an attribute
   that held the old size of a changed dim of the module's or its children's tensors takes the
-  new size, where that size had one new value.
+  new size, where that size had one new value and no unchanged dim has it (sizes are matched by
+  value, so an ambiguous one is left, and the check against the masked model says so).
 """
 
 from __future__ import annotations
@@ -65,13 +66,17 @@ def tensor_shapes(module: nn.Module) -> dict[str, tuple]:
 def update_widths(module: nn.Module, before: dict[str, tuple]) -> None:
     """Width attributes (``WIDTHS``) that held the old size of a changed dim take its new size."""
     new_sizes: dict[int, set] = {}
+    kept = set()  # sizes some dim still has: an attribute holding one of them may be that dim's (left alone)
     for name, shape in tensor_shapes(module).items():
         for old, new in zip(before.get(name, shape), shape):
             if old != new:
                 new_sizes.setdefault(old, set()).add(new)
+            else:
+                kept.add(old)
     for attr in WIDTHS:
         value = getattr(module, attr, None)
-        if isinstance(value, int) and not isinstance(value, bool) and len(new_sizes.get(value, ())) == 1:
+        if isinstance(value, int) and not isinstance(value, bool) and len(new_sizes.get(value, ())) == 1 \
+                and value not in kept:
             setattr(module, attr, next(iter(new_sizes[value])))
 
 

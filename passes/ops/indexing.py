@@ -48,7 +48,8 @@ def _new_slice_bounds(node: Node, size) -> None:
         return
     module = node.graph.owning_module
     name = f"_fxprune_places_{node.name}"
-    module.register_buffer(name, torch.from_numpy(places.astype(np.int64)), persistent=False)
+    device = x.meta["val"].device if "val" in x.meta else None
+    module.register_buffer(name, torch.from_numpy(places.astype(np.int64)).to(device), persistent=False)
     with node.graph.inserting_before(node):
         index = node.graph.get_attr(name)
     node.target, node.args, node.kwargs = aten.index_select.default, (x, dim, index), {}
@@ -148,6 +149,8 @@ def _index(node: Node, c) -> None:
         j += 1
     for d in range(first, first + made):
         c.freeze(node, d, "dims of an index tensor")
+    for t in vals:  # an index computed from channels would shrink with them while the output would not
+        c.freeze(indices[t], None, "used as an index")
 
 
 @register(aten.gather.default)
@@ -155,6 +158,9 @@ def _gather(node: Node, c) -> None:
     """``gather(x, dim, index)`` moves elements along ``dim`` only: there they are chosen by values (frozen);
     every other dim passes through, from x and from the index (which has the output's shape)."""
     x, index = node.args[0], node.args[2]
+    if not c.shape(x):
+        c.freeze_all(node, "gather from a 0-d tensor")
+        return
     dim = node.args[1] % len(c.shape(x))
     c.pass_except(x, node, {dim}, "gathered by tensor values")
     c.pass_except(index, node, {dim}, "gathered by tensor values")

@@ -2,8 +2,8 @@
 
 Each moves elements without mixing them, so channels map one to one: permutations
 relabel dims, cat/split/stack place inputs at offsets along a dim, flip reverses one,
-repeat_interleave repeats along one dim (frozen) and passes the others through, repeat tiles
-(a channel goes from every copy); a tensor
+repeat_interleave repeats each channel in place and repeat tiles them (a channel goes with
+its copies); a tensor
 made from sizes (zeros, ones, full) has the channels of the ops that read it. A
 reshape that keeps every dim couples at once; one that merges or splits dims is resolved
 by :mod:`fxprune.passes.reshape` after every other rule. Capture fixes view, reshape,
@@ -27,11 +27,12 @@ aten = torch.ops.aten
 
 
 def _new_sizes(node: Node, size) -> None:
-    """Sizes become the new output sizes; -1 stays, and sizes computed from dynamic dims are scaled."""
-    sizes = list(node.args[1])
+    """Sizes become the new output sizes; -1 stays, and sizes computed from dynamic dims are scaled. The size
+    list is the first argument of a factory (``zeros``), the second of an op on a tensor (``view``, ``new_zeros``)."""
+    at = 1 if node.target._schema.arguments[0].name == "self" else 0
     new = [size.symbolic(node, i, s) if isinstance(s, Node) else s if s == -1 else size(node, i)
-           for i, s in enumerate(sizes)]
-    node.args = (node.args[0], new, *node.args[2:])
+           for i, s in enumerate(node.args[at])]
+    node.args = (*node.args[:at], new, *node.args[at + 1:])
 
 
 def _new_unflatten_sizes(node: Node, size) -> None:
@@ -59,15 +60,8 @@ register(aten.flatten.using_ints, aten.squeeze.dim, aten.squeeze.dims, aten.sque
          aten.view_as.default, aten.reshape_as.default)(_reshape)
 
 
-def _new_factory_sizes(node: Node, size) -> None:
-    """A created tensor takes the kept sizes (its size list is the first argument, after ``self`` for new_*)."""
-    at = 1 if "new_" in str(node.target) else 0
-    sizes = [size.symbolic(node, i, s) if isinstance(s, Node) else size(node, i) for i, s in enumerate(node.args[at])]
-    node.args = (*node.args[:at], sizes, *node.args[at + 1:])
-
-
 @register(aten.zeros.default, aten.ones.default, aten.full.default, aten.new_zeros.default, aten.new_ones.default,
-          aten.new_full.default, rewrite=_new_factory_sizes)
+          aten.new_full.default, rewrite=_new_sizes)
 def _factory(node: Node, c) -> None:
     """A tensor made from sizes and a constant (a scan's zero initial state): its dims are channels wherever the
     ops that read it put them, and its sizes are rewritten to theirs. Nothing couples here; a new_* op's input
@@ -129,6 +123,8 @@ def _split_sizes(node: Node, size) -> None:
     """Pieces may now differ in size, so every split becomes split_with_sizes."""
     x = node.args[0]
     dim = arg(node, 2, "dim", 0) % len(size.shapes[value_key(x)])
+    if size.keep.get((value_key(x), dim)) is None:
+        return  # the split dim keeps every element: the pieces are as captured
     i, new = 0, []
     while f"{node.name}#{i}" in size.shapes:
         new.append(size(f"{node.name}#{i}", dim))
@@ -156,7 +152,17 @@ def _split(node: Node, c) -> None:
 
 
 register(aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.split.sizes,
-         aten.unsafe_split.Tensor, aten.tensor_split.sections, aten.tensor_split.indices, rewrite=_split_sizes)(_split)
+         aten.unsafe_split.Tensor, aten.tensor_split.sections, rewrite=_split_sizes)(_split)
+
+
+@register(aten.tensor_split.indices, rewrite=_split_sizes)
+def _split_at(node: Node, c) -> None:
+    """Pieces between sorted indices are consecutive slices; unsorted ones overlap or come out empty (frozen)."""
+    indices = list(node.args[1])
+    if not all(isinstance(i, int) and i >= 0 for i in indices) or indices != sorted(indices):
+        c.freeze_all(node, "tensor_split at unsorted or negative indices")
+        return
+    _split(node, c)
 
 
 @register(aten.stack.default)
@@ -171,14 +177,25 @@ def _stack(node: Node, c) -> None:
     c.freeze(node, dim, "stacking dim")
 
 
-@register(aten.repeat_interleave.self_int)
+def _new_output_size(node: Node, size) -> None:
+    """A given ``output_size`` is the repeated dim's new size."""
+    if isinstance(node.kwargs.get("output_size"), int):
+        node.kwargs = {**node.kwargs, "output_size": size(node, arg(node, 2, "dim"))}
+
+
+@register(aten.repeat_interleave.self_int, rewrite=_new_output_size)
 def _repeat_interleave(node: Node, c) -> None:
-    """Each element repeated along one dim: that dim is frozen (its size is a multiple), the others pass through."""
-    x, dim = node.args[0], arg(node, 2, "dim")
-    if dim is None:
-        c.freeze_all(node, "repeat_interleave over the flattened tensor")
+    """Each element repeated ``r`` times along one dim: element i of x is elements ``i*r:(i+1)*r`` of the output
+    (a block map, so a channel goes with its copies); the other dims pass through."""
+    x, repeats, dim = node.args[0], node.args[1], arg(node, 2, "dim")
+    if dim is None or not isinstance(repeats, int) or c.is_dynamic(x, dim):
+        c.freeze_all(node, "repeat_interleave over the flattened tensor, a dynamic dim or a repeat count")
         return
-    c.pass_except(x, node, {dim % len(c.shape(x))}, "repeat_interleave repeats elements along this dim")
+    dim %= len(c.shape(x))
+    for d in range(len(c.shape(x))):
+        if d != dim:
+            c.identity(x, d, node, d)
+    c.block(x, dim, node, dim, repeats)
 
 
 @register(aten.repeat.default)

@@ -46,6 +46,9 @@ def _reduce_with_indices(node: Node, c) -> None:
     """``max(x, dim)``: values and indices over one dim, which is frozen; the other dims pass through to both."""
     x = node.args[0]
     n = len(c.shape(x))
+    if n == 0:
+        c.freeze_all(node, "max/min of a 0-d tensor")
+        return
     dim = arg(node, 1, "dim") % n
     keep = bool(arg(node, 2, "keepdim", False))
     c.freeze(x, dim, "max/min over this dim")

@@ -38,6 +38,12 @@ def _gathered(m, x):
     return m.b(torch.gather(h, 1, index).sum(1))
 
 
+def _looked_up(m, x):
+    """An index computed from the channels themselves: the index is frozen, so the channels it reads are too."""
+    h = m.a(x)
+    return m.b(h) + m.t[(h > 0).long()].sum((1, 2))[:, None]
+
+
 def _halves(m, x):
     h = m.a(x)
     return m.b(h[:, ::2]) + m.c(h[:, 1::2])
@@ -67,6 +73,11 @@ CASES = [
     Case(aten.index.Tensor, lambda: Block(_columns, a=nn.Linear(8, 16), b=nn.Linear(8, 4)), dim=1, on_input=True,
          frozen="indexed by tensor values"),
     Case(aten.index.Tensor, lambda: Block(_pairs, a=nn.Linear(8, 16), b=nn.Linear(16, 4)), dim=-1),
+    Case(aten.index.Tensor, lambda: Block(_looked_up, a=nn.Linear(8, 16), b=nn.Linear(16, 4),
+                                          t=nn.Parameter(torch.randn(2, 4))), dim=1,
+         frozen="dims of an index tensor"),  # tests/test_group.py checks the channels it reads are frozen
+    # a strided slice from a negative start to past the end
+    Case(aten.slice.Tensor, lin(lambda m, h: h[:, -15:100:3] * 2, out=5), nth=1),
     Case(aten.gather.default, lambda: Block(_gathered, a=nn.Linear(8, 16), b=nn.Linear(16, 4)), dim=-1),
     Case(aten.embedding.default, lambda: Block(_embed, e=nn.Embedding(20, 16), b=nn.Linear(16, 4)), dim=-1),
 ]
@@ -74,3 +85,9 @@ CASES = [
 FAMILY = Family(CASES, lambda batch: torch.randn(batch, 8))
 
 test_op, test_compact_equals_masked = FAMILY.tests()
+
+
+def test_a_strided_slice_read_by_places_keeps_them_out_of_the_state_dict():
+    _, compact = FAMILY.run()
+    assert any(n.target == aten.index_select.default for n in compact.graph.nodes)
+    assert not [k for k in compact.state_dict() if "_fxprune_places" in k]

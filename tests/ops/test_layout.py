@@ -67,9 +67,14 @@ CASES = [
     Case(aten._assert_tensor_metadata.default, lin(lambda m, h: h.to(torch.float32).double()), dim=None),
     Case(aten.repeat.default, lin(lambda m, h: h.repeat(1, 2), out=32)),  # two copies of the channels, side by side
     Case(aten.repeat.default, lin(lambda m, h: h.repeat(3, 1, 1).sum(0))),  # a leading dim added
-    Case(aten.repeat_interleave.self_int, lin(lambda m, h: h.unsqueeze(1).repeat_interleave(2, dim=1).sum(1))),
+    Case(aten.repeat_interleave.self_int, lin(lambda m, h: h.unsqueeze(1).repeat_interleave(2, dim=1).sum(1)),
+         rewrites=False),
     Case(aten.repeat_interleave.self_int, lin(lambda m, h: h.repeat_interleave(2, dim=1), out=32), dim=1,
-         frozen="repeat_interleave repeats"),
+         rewrites=False),  # each channel next to its copy: they go together
+    Case(aten.repeat_interleave.self_int, lin(lambda m, h: torch.repeat_interleave(h, 2, dim=1, output_size=32),
+                                               out=32), dim=1),
+    Case(aten.tensor_split.indices, pieces(lambda h: torch.tensor_split(h, [12, 4], 1)[::2]), dim=(0, 1),
+         frozen="unsorted", rewrites=False),  # pieces h[:, :12], h[:, 12:4] (empty) and h[:, 4:] overlap
 ]
 
 FAMILY = Family(CASES, lambda batch: torch.randn(batch, 8))

@@ -37,6 +37,7 @@ CASES = [
     Case(aten.min.dim, pooled(lambda h: h.flatten(2).min(2, keepdim=True).values[..., 0]), dim=(0, 1)),
     Case(aten.max.dim, pooled(lambda h: h.amax((2, 3)) * h.max(1).values.mean((1, 2))[:, None]), dim=1,
          frozen="max/min over this dim", on_input=True),  # a max over channels freezes them
+    Case(aten.max.dim, pooled(lambda h: h.amax((2, 3)) * h.sum().max(0).values), dim=None),  # 0-d: compiles
     Case(aten.mean.dim, pooled(lambda h: h.mean((1, 2, 3))[:, None] * h.amax((2, 3))), dim=1,
          frozen="reduction over this dim", on_input=True),  # a mean over channels freezes them
     Case(aten.mean.default, pooled(lambda h: h.amax((2, 3)) + h.mean()), dim=1, frozen="reduction over all dims",
