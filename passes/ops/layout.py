@@ -188,10 +188,13 @@ def _repeat_interleave(node: Node, c) -> None:
     """Each element repeated ``r`` times along one dim: element i of x is elements ``i*r:(i+1)*r`` of the output
     (a block map, so a channel goes with its copies); the other dims pass through."""
     x, repeats, dim = node.args[0], node.args[1], arg(node, 2, "dim")
-    if dim is None or not isinstance(repeats, int) or c.is_dynamic(x, dim):
-        c.freeze_all(node, "repeat_interleave over the flattened tensor, a dynamic dim or a repeat count")
+    if dim is None:
+        c.freeze_all(node, "repeat_interleave over the flattened tensor")
         return
     dim %= len(c.shape(x))
+    if not isinstance(repeats, int) or c.is_dynamic(x, dim):  # tokens repeated per expert: only that dim stops
+        c.pass_except(x, node, {dim}, "repeat_interleave along a dynamic dim or by a computed count")
+        return
     for d in range(len(c.shape(x))):
         if d != dim:
             c.identity(x, d, node, d)

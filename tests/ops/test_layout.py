@@ -71,6 +71,8 @@ CASES = [
          rewrites=False),
     Case(aten.repeat_interleave.self_int, lin(lambda m, h: h.repeat_interleave(2, dim=1), out=32), dim=1,
          rewrites=False),  # each channel next to its copy: they go together
+    # rows (the dynamic batch) repeated, as tokens are per expert: the channels still pass
+    Case(aten.repeat_interleave.self_int, lin(lambda m, h: h.repeat_interleave(2, dim=0)[::2]), rewrites=False),
     Case(aten.repeat_interleave.self_int, lin(lambda m, h: torch.repeat_interleave(h, 2, dim=1, output_size=32),
                                                out=32), dim=1),
     Case(aten.tensor_split.indices, pieces(lambda h: torch.tensor_split(h, [12, 4], 1)[::2]), dim=(0, 1),
