@@ -14,9 +14,9 @@ from typing import Callable
 
 import torch
 
-__all__ = ["translations_for"]
+from fxprune.passes.ops.linear import GROUPED_MM
 
-_GROUPED_MM = "transformers.grouped_mm_fallback.default"
+__all__ = ["translations_for"]
 
 
 def _grouped_mm(x, w, offs):
@@ -48,6 +48,6 @@ def translations_for(program: torch.export.ExportedProgram) -> dict[object, Call
     table = {}
     for node in program.graph_module.graph.nodes:
         if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload) \
-                and str(node.target) == _GROUPED_MM:
+                and str(node.target) == GROUPED_MM:
             table[node.target] = _grouped_mm
     return table

@@ -20,7 +20,10 @@ from torch.fx import Node
 from fxprune.passes.ops.arguments import arg
 from fxprune.passes.ops.registry import register
 
-__all__ = ["param_backed"]
+__all__ = ["param_backed", "GROUPED_MM"]
+
+# transformers registers it when its MoE code is imported; the table names it, so nothing here imports transformers
+GROUPED_MM = "transformers.grouped_mm_fallback.default"
 
 aten = torch.ops.aten
 
@@ -109,7 +112,7 @@ def _grouped_mm_macs(args, out) -> int:
     return out.numel() * args[0].shape[-1]
 
 
-@register("transformers.grouped_mm_fallback.default", macs=_grouped_mm_macs)
+@register(GROUPED_MM, macs=_grouped_mm_macs)
 def _grouped_mm(node: Node, c) -> None:
     """out[s] = x[s] @ w[e(s)], rows sorted by expert (Hugging Face MoE): x[0] = out[0], x[1] = w[1] is the
     contraction, w[2] = out[1]; which expert a row takes is data, so the experts dim is frozen."""
