@@ -19,7 +19,7 @@ from fxprune.compaction import Compaction
 from fxprune.config import PruningConfig, parse_config
 from fxprune.masking import Masking
 from fxprune.passes.group import Group, Grouping, group_channels
-from fxprune.passes.trace import RANDOM_ADVICE, Captured, capture, random_ops
+from fxprune.passes.trace import Captured, capture, random_advice
 from fxprune.progress import stages
 
 __all__ = ["compile", "Pruning"]
@@ -97,10 +97,10 @@ def _warn_dynamic_freezes(grouping: Grouping, parameters: set[str]) -> None:
 
 def _warn_random(graph_module) -> None:
     """A forward that draws random numbers cannot be checked: compact() compares two runs on the example."""
-    drawn = random_ops(graph_module)
-    if drawn:
-        warnings.warn(f"{RANDOM_ADVICE.format(ops=', '.join(drawn[:3]))}; compact() compares the compact model with "
-                      "the masked one on the example, which fails until then", UserWarning, stacklevel=3)
+    advice = random_advice(graph_module)
+    if advice:
+        warnings.warn(f"{advice}; compact() compares the compact model with the masked one on the example, which "
+                      "fails until then", UserWarning, stacklevel=3)
 
 
 class Pruning(Masking, Compaction, Calibration):

@@ -20,7 +20,7 @@ from fxprune.errors import CompactionError, ConfigError, PruningError
 from fxprune.passes.compact import check_shapes, compact_graph, space_keep
 from fxprune.passes.macs import count_macs, count_params
 from fxprune.passes.shapes import flat_inputs, grown_inputs
-from fxprune.passes.trace import RANDOM_ADVICE, random_ops
+from fxprune.passes.trace import random_advice
 from fxprune.progress import stages
 from fxprune.report import Report, build_report
 
@@ -109,10 +109,9 @@ class Compaction:
                 err = float((r.double() - o.double()).abs().max()) if r.numel() else 0.0
                 scale = max(1.0, float(r.abs().max())) if r.numel() else 1.0
                 if not err <= atol * scale:
-                    drawn = random_ops(self.captured.graph_module)
+                    advice = random_advice(self.captured.graph_module)
                     raise CompactionError(f"output {i}: compact model differs from the masked model by {err:.3g} "
-                                          f"(tolerance {atol * scale:.3g})"
-                                          + (f"; {RANDOM_ADVICE.format(ops=', '.join(drawn[:3]))}" if drawn else ""))
+                                          f"(tolerance {atol * scale:.3g})" + (f"; {advice}" if advice else ""))
                 worst = max(worst, err)
         return worst
 

@@ -22,7 +22,7 @@ from fxprune.errors import CaptureError, ExampleInputsError
 from fxprune.passes.shapes import (DYNAMIC_META, bind_spec, default_dynamic_shapes, recorded_dims, to_export_arg,
                                    var_keyword_names, widen_size_one)
 
-__all__ = ["Captured", "capture", "user_frame", "source_line", "random_ops", "RANDOM_ADVICE"]
+__all__ = ["Captured", "capture", "user_frame", "source_line", "random_ops", "random_advice"]
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -229,8 +229,13 @@ def _shapes(inputs, kwargs=None) -> str:
 
     return ", ".join([one(x) for x in inputs] + [f"{k}={one(v)}" for k, v in (kwargs or {}).items()])
 
-RANDOM_ADVICE = ("forward draws random numbers ({ops}), so two runs on the same input differ: make the random "
-                 "tensor an input of forward (some models take one, e.g. noise=...)")
+def random_advice(graph_module: torch.fx.GraphModule) -> str | None:
+    """What to say of a graph that draws random numbers (None where it draws none)."""
+    drawn = random_ops(graph_module)
+    if not drawn:
+        return None
+    return (f"forward draws random numbers ({', '.join(drawn[:3])}), so two runs on the same input differ: make "
+            "the random tensor an input of forward (some models take one, e.g. noise=...)")
 
 
 def random_ops(graph_module: torch.fx.GraphModule) -> list[str]:
